@@ -1,0 +1,1 @@
+"""bearerbridge: an OAuth 2.0 authorization server and SASL authority for non-HTTP protocols."""

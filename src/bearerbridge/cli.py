@@ -1,0 +1,231 @@
+"""`bearerbridge`: the operator's command line for users, clients and tokens.
+
+It opens the same database as the service (applying migrations first) and works
+on it directly; the service does not need to be running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import secrets
+import sys
+from typing import Callable
+from urllib.parse import urlsplit
+
+from . import config as configuration
+from .bootstrap import open_store
+from .crypto import hash_password, new_secret
+from .models import Client, is_loopback_redirect
+from .oauth import issue_token
+from .store import SqlStore, StoreError
+
+GRANTS = ("authorization_code", "refresh_token", "client_credentials")
+
+
+class CommandError(Exception):
+    """A refused command; printed without a traceback, exit status 1."""
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise CommandError("the passwords differ")
+    if not password:
+        raise CommandError("an empty password is not allowed")
+    return password
+
+
+def _check_redirect_uri(uri: str) -> str:
+    """Absolute, no fragment (RFC 6749 §3.1.2); http only to loopback (RFC 8252 §7.3)."""
+    parts = urlsplit(uri)
+    if not parts.scheme or parts.fragment or (parts.scheme in ("http", "https") and not parts.netloc):
+        raise CommandError(f"redirect URI {uri!r}: must be absolute and have no fragment")
+    if parts.scheme == "http" and not (is_loopback_redirect(uri) or parts.hostname == "localhost"):
+        raise CommandError(f"redirect URI {uri!r}: plain http is allowed only to 127.0.0.1, [::1] or localhost")
+    return uri
+
+
+# -- users ----------------------------------------------------------------------------------
+
+def user_add(store: SqlStore, args) -> str:
+    password = hash_password(_read_password(args.password_stdin))
+    user = store.add_user(args.name, args.email, password)
+    return f"added user {user.username}"
+
+
+def user_passwd(store: SqlStore, args) -> str:
+    store.set_password(args.name, hash_password(_read_password(args.password_stdin)))
+    return f"password of {args.name} changed"
+
+
+def user_disable(store: SqlStore, args) -> str:
+    store.set_disabled(args.name, True)
+    return f"disabled {args.name}: its tokens no longer work"
+
+
+def user_enable(store: SqlStore, args) -> str:
+    store.set_disabled(args.name, False)
+    return f"enabled {args.name}"
+
+
+def user_list(store: SqlStore, args) -> str:
+    return "\n".join(f"{u.username}\t{u.email or '-'}\t{'disabled' if u.disabled else 'enabled'}"
+                     for u in store.list_users())
+
+
+# -- clients --------------------------------------------------------------------------------
+
+def client_create(store: SqlStore, args, config: configuration.Config) -> str:
+    grants = tuple(dict.fromkeys(args.grant or (
+        ["client_credentials"] if not args.redirect_uri and not args.public
+        else ["authorization_code", "refresh_token"])))
+    if args.public and "client_credentials" in grants:
+        raise CommandError("a public client cannot use client_credentials (it has no secret)")
+    if "authorization_code" in grants and not args.redirect_uri:
+        raise CommandError("the authorization_code grant needs at least one --redirect-uri")
+    if args.scope is None and "client_credentials" in grants:
+        raise CommandError("name the scopes a client_credentials client may get with --scope")
+    scopes = args.scope.split() if args.scope is not None else list(config.scopes)
+    unknown = [s for s in scopes if s not in config.scopes]
+    if unknown or not scopes:
+        raise CommandError(f"unknown scope(s) {' '.join(unknown)}; known: {' '.join(config.scopes)}")
+    client = Client(client_id=secrets.token_urlsafe(16), name=args.name,
+                    redirect_uris=tuple(_check_redirect_uri(u) for u in args.redirect_uri or ()),
+                    scope=" ".join(scopes), grant_types=grants, public=args.public)
+    secret = None if args.public else new_secret()
+    store.add_client(client, secret)
+    if args.json:
+        return json.dumps({"client_id": client.client_id, "client_secret": secret, "name": client.name,
+                           "redirect_uris": list(client.redirect_uris), "scope": client.scope,
+                           "grant_types": list(grants), "public": client.public})
+    lines = [f"client_id: {client.client_id}"]
+    if secret:
+        lines.append(f"client_secret: {secret}")
+        lines.append("(the secret is shown only now; bearerbridge keeps only a hash of it)")
+    return "\n".join(lines)
+
+
+def _describe(client: Client) -> dict:
+    return {"client_id": client.client_id, "name": client.name, "public": client.public,
+            "redirect_uris": list(client.redirect_uris), "scope": client.scope,
+            "grant_types": list(client.grant_types)}
+
+
+def client_list(store: SqlStore, args) -> str:
+    return "\n".join(f"{c.client_id}\t{c.name}\t{'public' if c.public else 'confidential'}\t{c.scope}"
+                     for c in store.list_clients())
+
+
+def client_show(store: SqlStore, args) -> str:
+    client = store.get_client(args.id)
+    if client is None:
+        raise CommandError(f"no client {args.id!r}")
+    return json.dumps(_describe(client), indent=2)
+
+
+def client_delete(store: SqlStore, args) -> str:
+    if not store.delete_client(args.id):
+        raise CommandError(f"no client {args.id!r}")
+    return f"deleted client {args.id} with its codes, tokens and consents"
+
+
+# -- tokens ---------------------------------------------------------------------------------
+
+def token_issue(store: SqlStore, args, config: configuration.Config) -> str:
+    try:
+        token = issue_token(store, config, args.user, args.client, args.scope.split(), args.ttl)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    return json.dumps(token) if args.json else token["access_token"]
+
+
+def token_revoke(store: SqlStore, args) -> str:
+    if args.user:
+        user = store.get_user_by_name(args.user)
+        if user is None:
+            raise CommandError(f"no user {args.user!r}")
+        return f"revoked {store.revoke_for_user(user.id)} token(s) of {args.user}"
+    if args.client:
+        return f"revoked {store.revoke_for_client(args.client)} token(s) of client {args.client}"
+    token = store.find_access_token(args.token) or store.find_refresh_token(args.token)
+    if token is None:
+        raise CommandError("no such token")
+    return f"revoked {store.revoke_family(token.family)} token(s)"
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="bearerbridge", description=__doc__.splitlines()[0])
+    top.add_argument("--config", help=f"the TOML config (default: ${configuration.ENV_VAR}, else built-in defaults)")
+    nouns = top.add_subparsers(dest="noun", required=True)
+
+    def verb(noun, name: str, func: Callable, help: str):
+        p = noun.add_parser(name, help=help)
+        p.set_defaults(func=func)
+        return p
+
+    user = nouns.add_parser("user", help="manage users").add_subparsers(dest="verb", required=True)
+    for name, func, help in (("add", user_add, "add a user"), ("passwd", user_passwd, "set a user's password")):
+        p = verb(user, name, func, help)
+        p.add_argument("name")
+        if name == "add":
+            p.add_argument("--email")
+        p.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
+    verb(user, "disable", user_disable, "disable a user (its tokens stop working)").add_argument("name")
+    verb(user, "enable", user_enable, "enable a disabled user").add_argument("name")
+    verb(user, "list", user_list, "list users")
+
+    client = nouns.add_parser("client", help="manage OAuth clients").add_subparsers(dest="verb", required=True)
+    p = verb(client, "create", client_create, "register a client; prints its id and secret")
+    p.add_argument("--name", required=True, help="shown to users on the consent page")
+    p.add_argument("--redirect-uri", action="append", help="an exact redirect URI (repeat for several)")
+    p.add_argument("--scope", help="the scopes it may ask for (default: all, except for client_credentials)")
+    p.add_argument("--public", action="store_true", help="a public client (no secret; must use PKCE)")
+    p.add_argument("--grant", action="append", choices=GRANTS,
+                   help="a grant it may use (default: authorization_code and refresh_token with a redirect URI, "
+                        "else client_credentials)")
+    p.add_argument("--json", action="store_true")
+    verb(client, "list", client_list, "list clients")
+    verb(client, "show", client_show, "show one client").add_argument("id")
+    verb(client, "delete", client_delete, "delete a client with its tokens").add_argument("id")
+
+    token = nouns.add_parser("token", help="issue and revoke tokens").add_subparsers(dest="verb", required=True)
+    p = verb(token, "issue", token_issue, "issue an access token for testing a service")
+    p.add_argument("--user", required=True)
+    p.add_argument("--client", required=True)
+    p.add_argument("--scope", required=True)
+    p.add_argument("--ttl", type=int, help="lifetime in seconds (default: [tokens] access_ttl)")
+    p.add_argument("--json", action="store_true", help="print the token response object")
+    p = verb(token, "revoke", token_revoke, "revoke a token and its grant, or all of a user's or client's")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("token", nargs="?")
+    which.add_argument("--user")
+    which.add_argument("--client")
+
+    db = nouns.add_parser("db", help="the database").add_subparsers(dest="verb", required=True)
+    verb(db, "upgrade", lambda store, args: "the schema is up to date", "apply migrations")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = configuration.load(args.config)
+        store = open_store(config)
+        with store.transaction():
+            needs_config = args.func in (client_create, token_issue)
+            output = args.func(store, args, config) if needs_config else args.func(store, args)
+    except (CommandError, StoreError, configuration.ConfigError) as e:
+        print(f"bearerbridge: {e}", file=sys.stderr)
+        return 1
+    if output:
+        print(output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

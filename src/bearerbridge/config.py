@@ -1,0 +1,173 @@
+"""Settings: frozen dataclasses read from a TOML file (see conf/bearerbridge.toml).
+
+Every section is a dataclass whose field names are the TOML keys, so the file, the
+defaults and the validation cannot drift apart. An unknown key or a value of the
+wrong kind raises `ConfigError` naming the key, and the service refuses to start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+ENV_VAR = "BEARERBRIDGE_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    issuer: str = "http://127.0.0.1:8080"
+    site_name: str = "bearerbridge"
+    # A random key created on first start; it keys the token hashes and signs cookies,
+    # so every instance sharing a database must read the same file.
+    secret_key_file: str = "var/secret.key"
+    session_ttl: int = 12 * 3600
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = "sqlite:///var/bearerbridge.db"
+    threads: int = 4
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    access_ttl: int = 3600
+    refresh_ttl: int = 30 * 24 * 3600
+    code_ttl: int = 600
+
+
+DEFAULT_SCOPES: Mapping[str, str] = types.MappingProxyType({
+    "imap": "Read and manage your mail (IMAP)",
+    "smtp": "Send mail as you (SMTP)",
+    "xmpp": "Chat as you (XMPP)",
+    "webdav:read": "Read your files (WebDAV)",
+    "webdav:write": "Change and delete your files (WebDAV)",
+    "metrics": "Read the service's metrics",
+})
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    tokens: TokenSettings = field(default_factory=TokenSettings)
+    scopes: Mapping[str, str] = field(default_factory=lambda: DEFAULT_SCOPES)
+
+    @property
+    def https(self) -> bool:
+        return self.server.issuer.startswith("https://")
+
+
+def _check_value(where: str, kind: Any, value: Any) -> Any:
+    """Return `value` converted to `kind`, or raise ConfigError naming `where`."""
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
+        return value
+    if kind is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
+        return value
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{where}: expected a non-empty list of strings, got {value!r}")
+        return tuple(_check_value(f"{where}[{i}]", str, item) for i, item in enumerate(value))
+    raise TypeError(f"no rule for {kind!r}")  # a programming error: a new field type
+
+
+def _section(cls: type, name: str, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}]: expected a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"[{name}] {key}: unknown key (known: {', '.join(sorted(known))})")
+        values[key] = _check_value(f"[{name}] {key}", hints[key], value)
+    return cls(**values)
+
+
+def _scopes(table: Any) -> Mapping[str, str]:
+    if not isinstance(table, dict) or not table:
+        raise ConfigError("[scopes]: expected a table of name = \"description\"")
+    for name, description in table.items():
+        if not name or any(c in name for c in ' "\\') or not name.isprintable():
+            raise ConfigError(f"[scopes] {name!r}: a scope name has no spaces, quotes or backslashes")
+        _check_value(f"[scopes] {name}", str, description)
+    return types.MappingProxyType(dict(table))
+
+
+def parse(data: Mapping[str, Any]) -> Config:
+    """Build a Config from parsed TOML, refusing unknown sections and keys."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    values: dict[str, Any] = {}
+    for name, table in data.items():
+        if name not in sections:
+            raise ConfigError(f"[{name}]: unknown section (known: {', '.join(sorted(sections))})")
+        values[name] = _scopes(table) if name == "scopes" else _section(hints[name], name, table)
+    config = Config(**values)
+    issuer = urlsplit(config.server.issuer)
+    if issuer.scheme not in ("http", "https") or not issuer.netloc or issuer.query or issuer.fragment:
+        raise ConfigError(f"[server] issuer: expected an http(s) URL without query, got {config.server.issuer!r}")
+    if issuer.scheme == "http" and issuer.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError("[server] issuer: plain http is allowed only on loopback; use https")
+    if issuer.path not in ("", "/"):
+        raise ConfigError("[server] issuer: a path in the issuer is not supported; serve bearerbridge at the root")
+    return config
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read the config from `path`, else from $BEARERBRIDGE_CONFIG, else use the defaults."""
+    path = path or os.environ.get(ENV_VAR)
+    if not path:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return parse(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def secret_key(config: Config) -> bytes:
+    """Read the server's secret key, creating it (mode 0600) on first use."""
+    path = Path(config.server.secret_key_file)
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    except ValueError:
+        raise ConfigError(f"[server] secret_key_file: {path} does not hold a hex key") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = os.urandom(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process created it first: use theirs
+        return secret_key(config)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex() + "\n")
+    return key

@@ -1,0 +1,71 @@
+"""Keyed hashing of long random secrets, signed values for cookies and forms, passwords.
+
+Client secrets, tokens and codes carry 256 bits of randomness, so a fast keyed hash
+(HMAC-SHA-256) protects them at rest; slow password hashing (argon2id) is for the
+low-entropy passwords people choose.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+_passwords = PasswordHasher()  # argon2id with the library's current recommended parameters
+
+# A hash to verify against when the user does not exist, so that the answer takes as
+# long as for a real user and does not reveal which names exist.
+_DUMMY_HASH = _passwords.hash(secrets.token_urlsafe(16))
+
+
+def new_secret() -> str:
+    """A fresh token, code or client secret: 256 bits, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_password(password: str) -> str:
+    return _passwords.hash(password)
+
+
+def check_password(password_hash: str | None, password: str) -> bool:
+    """True when `password` matches; constant-ish time when there is no hash."""
+    try:
+        return _passwords.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+class Keyring:
+    """Everything keyed by the server's secret: secret digests and signed values."""
+
+    def __init__(self, key: bytes) -> None:
+        # Separate subkeys so a digest can never be replayed as a signature.
+        self._digest_key = hmac.digest(key, b"bearerbridge digest", "sha256")
+        self._sign_key = hmac.digest(key, b"bearerbridge sign", "sha256")
+
+    def digest(self, secret: str) -> str:
+        """The stored form of a token, code or client secret."""
+        return hmac.new(self._digest_key, secret.encode(), hashlib.sha256).hexdigest()
+
+    def _mac(self, purpose: str, payload: str) -> str:
+        mac = hmac.digest(self._sign_key, f"{purpose}\0{payload}".encode(), "sha256")
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+    def sign(self, purpose: str, payload: str, now: float | None = None) -> str:
+        """`payload.timestamp.mac`, valid only for `purpose` (payload must not contain '.')."""
+        stamped = f"{payload}.{int(now if now is not None else time.time())}"
+        return f"{stamped}.{self._mac(purpose, stamped)}"
+
+    def unsign(self, purpose: str, value: str, max_age: int, now: float | None = None) -> str | None:
+        """The payload of a value made by `sign`, or None if forged, malformed or too old."""
+        stamped, _, mac = value.rpartition(".")
+        payload, _, stamp = stamped.rpartition(".")
+        if not stamp.isdigit() or not hmac.compare_digest(mac, self._mac(purpose, stamped)):
+            return None
+        age = (now if now is not None else time.time()) - int(stamp)
+        return payload if 0 <= age <= max_age else None

@@ -1,0 +1,159 @@
+"""Records read from the store, with the methods authlib's grants call on them."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+from urllib.parse import urlsplit
+
+from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, TokenMixin
+from authlib.oauth2.rfc6749.util import scope_to_list
+
+LOOPBACK_HOSTS = ("127.0.0.1", "[::1]")
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    username: str
+    email: str | None
+    disabled: bool = False
+
+    def get_user_id(self) -> int:
+        return self.id
+
+
+def is_loopback_redirect(uri: str) -> bool:
+    """An `http://127.0.0.1:PORT/...` or `http://[::1]:PORT/...` URI (RFC 8252 §7.3)."""
+    parts = urlsplit(uri)
+    return parts.scheme == "http" and parts.netloc.rsplit(":", 1)[0] in LOOPBACK_HOSTS
+
+
+def _without_port(uri: str) -> tuple[str, str, str, str, str]:
+    parts = urlsplit(uri)
+    return parts.scheme, parts.hostname or "", parts.path, parts.query, parts.fragment
+
+
+@dataclass(frozen=True)
+class Client(ClientMixin):
+    client_id: str
+    name: str
+    redirect_uris: tuple[str, ...]
+    scope: str
+    grant_types: tuple[str, ...]
+    public: bool
+    secret_digest: str | None = None
+    created_at: int = 0
+    # Turns a presented secret into its stored digest; set by the store (it holds the key).
+    digest: Callable[[str], str] | None = field(default=None, compare=False, repr=False)
+
+    def get_client_id(self) -> str:
+        return self.client_id
+
+    def get_default_redirect_uri(self) -> str | None:
+        # Only an unambiguous default: with several URIs the request must name one.
+        return self.redirect_uris[0] if len(self.redirect_uris) == 1 else None
+
+    def get_allowed_scope(self, scope: str | None) -> str | None:
+        """The registered scopes when none are asked for; None (invalid_scope) when
+        the request asks for any scope the client was not registered with."""
+        if not scope:
+            return self.scope
+        requested = scope_to_list(scope)
+        if not set(requested) <= set(scope_to_list(self.scope)):
+            return None
+        return " ".join(dict.fromkeys(requested))
+
+    def check_redirect_uri(self, redirect_uri: str) -> bool:
+        """Exact match (RFC 9700 §2.1); a public native client's loopback redirect may
+        use any port (RFC 8252 §7.3)."""
+        if redirect_uri in self.redirect_uris:
+            return True
+        if self.public and is_loopback_redirect(redirect_uri):
+            wanted = _without_port(redirect_uri)
+            return any(is_loopback_redirect(r) and _without_port(r) == wanted for r in self.redirect_uris)
+        return False
+
+    def check_client_secret(self, client_secret: str) -> bool:
+        if self.public or not self.secret_digest or self.digest is None:
+            return False
+        return hmac.compare_digest(self.digest(client_secret), self.secret_digest)
+
+    def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
+        if self.public:
+            return method == "none"
+        return method in ("client_secret_basic", "client_secret_post")
+
+    def check_response_type(self, response_type: str) -> bool:
+        return response_type == "code" and "authorization_code" in self.grant_types
+
+    def check_grant_type(self, grant_type: str) -> bool:
+        if grant_type == "client_credentials" and self.public:
+            return False
+        return grant_type in self.grant_types
+
+
+@dataclass(frozen=True)
+class AuthCode(AuthorizationCodeMixin):
+    code_digest: str
+    client_id: str
+    user_id: int
+    redirect_uri: str
+    scope: str
+    code_challenge: str | None
+    code_challenge_method: str | None
+    expires_at: int
+    used: bool = False
+
+    def get_redirect_uri(self) -> str:
+        return self.redirect_uri
+
+    def get_scope(self) -> str:
+        return self.scope
+
+    def is_expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) >= self.expires_at
+
+
+@dataclass(frozen=True)
+class Token(TokenMixin):
+    """An issued token pair, joined with the state of its user and client."""
+
+    id: int
+    client_id: str
+    user_id: int | None
+    username: str | None
+    email: str | None
+    scope: str
+    issued_at: int
+    expires_at: int
+    refresh_expires_at: int | None
+    revoked: bool
+    rotated: bool          # its refresh token has been used once already
+    family: str            # every token rotated from one grant shares this
+    user_disabled: bool = False
+
+    def check_client(self, client: ClientMixin) -> bool:
+        return self.client_id == client.get_client_id()
+
+    def get_scope(self) -> str:
+        return self.scope
+
+    def get_expires_in(self) -> int:
+        return self.expires_at - self.issued_at
+
+    def is_expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) >= self.expires_at
+
+    def is_revoked(self) -> bool:
+        return self.revoked or self.user_disabled
+
+    def is_active(self, now: float | None = None) -> bool:
+        return not self.is_revoked() and not self.is_expired(now)
+
+    def refresh_usable(self, now: float | None = None) -> bool:
+        now = now if now is not None else time.time()
+        return (not self.is_revoked() and not self.rotated
+                and self.refresh_expires_at is not None and now < self.refresh_expires_at)

@@ -1,0 +1,46 @@
+"""Runs blocking store work on a dedicated thread pool and hands back Deferreds.
+
+The only module that knows about threads. Each `run` is one hop to the pool and one
+database transaction, however many queries the function makes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet import defer, threads
+from twisted.python.threadpool import ThreadPool
+
+from .store import SqlStore
+
+T = TypeVar("T")
+
+
+class StorePool(Service):
+    """A `Service` owning the thread pool; add it to the MultiService first so it stops last."""
+
+    name = "store-pool"
+
+    def __init__(self, store: SqlStore, size: int, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.store = store
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=size, name="bearerbridge-store")
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._pool.stop()
+
+    def _in_transaction(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+        with self.store.transaction():
+            return fn(*args, **kwargs)
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        """Call `fn(*args, **kwargs)` in a pool thread, inside one store transaction."""
+        return threads.deferToThreadPool(self._reactor, self._pool, self._in_transaction, fn, args, kwargs)

@@ -1,0 +1,67 @@
+"""`twistd bearerbridge`: command-line options and the service tree."""
+
+from __future__ import annotations
+
+from twisted.application import strports
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from . import config as configuration
+from . import web
+from .bootstrap import open_store
+from .metrics import Metrics
+from .oauth import BridgeServer
+from .pool import StorePool
+
+log = Logger()
+PURGE_INTERVAL = 3600
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH]"
+    longdesc = ("Run the bearerbridge authorization server. Without --config it reads "
+                f"${configuration.ENV_VAR}, else runs on built-in defaults "
+                "(SQLite under ./var, HTTP on 127.0.0.1:8080).")
+    optParameters = [["config", "c", None, "Path to the TOML configuration file."]]
+
+    def postOptions(self) -> None:
+        try:
+            self.config = configuration.load(self["config"])
+        except configuration.ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        for i, description in enumerate(self.config.http.listen):
+            try:
+                serverFromString(reactor, description)
+            except (ValueError, KeyError, TypeError) as e:
+                raise usage.UsageError(f"[http] listen[{i}]: bad endpoint {description!r}: {e}") from None
+
+
+def make_app(config: configuration.Config) -> tuple[MultiService, web.App]:
+    """Build the service tree; the pool comes first so that it stops last."""
+    store = open_store(config)
+    metrics = Metrics()
+    top = MultiService()
+    pool = StorePool(store, config.database.threads)
+    pool.setServiceParent(top)
+    app = web.App(config, store.keyring, pool, BridgeServer(store, config, metrics), metrics)
+    site = Site(web.root(app))
+    site.displayTracebacks = False
+    for description in config.http.listen:
+        strports.service(description, site).setServiceParent(top)
+    TimerService(PURGE_INTERVAL, _purge, pool).setServiceParent(top)
+    return top, app
+
+
+def _purge(pool: StorePool) -> None:
+    pool.run(pool.store.purge_expired).addCallbacks(
+        lambda count: log.info("Purged {count} expired codes and tokens", count=count),
+        lambda failure: log.failure("Purging expired codes and tokens failed", failure))
+
+
+def makeService(options: Options) -> MultiService:
+    return make_app(options.config)[0]

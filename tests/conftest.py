@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import pytest
+
+from .support import Service
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory) -> Service:
+    """One bearerbridge for the session's HTTP tests; each test makes its own users and clients."""
+    running = Service.start(tmp_path_factory.mktemp("service"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def resource_server(service: Service) -> dict:
+    """A confidential client that introspects tokens, as an IMAP or WebDAV server would."""
+    return service.client("--grant", "client_credentials", "--scope", "imap")
+
+
+@pytest.fixture
+def web_client(service: Service) -> dict:
+    """A confidential web application using the code grant."""
+    return service.client("--redirect-uri", "https://app.example/cb", "--scope", "imap smtp")
+
+
+@pytest.fixture
+def native_client(service: Service) -> dict:
+    """A public native application with a loopback redirect."""
+    return service.client("--public", "--redirect-uri", "http://127.0.0.1/callback", "--scope", "imap smtp")
