@@ -146,11 +146,13 @@ class RefreshGrant(grants.RefreshTokenGrant):
         token = store.find_refresh_token(refresh_token)
         if token is None or token.client_id != self.request.client.client_id:
             return None
+        if not token.rotated and not token.refresh_usable():
+            return None  # expired, revoked, or its user disabled
         if token.rotated or not store.mark_rotated(token.id):
             store.revoke_family(token.family)
             self.server.note_failure("refresh_token", "refresh_reused")
             return None
-        return token if token.refresh_usable() else None
+        return token
 
     def authenticate_user(self, refresh_token: Token) -> User | None:
         return self.server.active_user(refresh_token.user_id)
