@@ -1,0 +1,506 @@
+"""The server side of Dovecot's authentication protocol, for Postfix, Exim and Prosody.
+
+Three layers, each testable alone:
+
+- pure codec functions (:func:`handshake`, :func:`parse_line`, ``format_*``);
+- :class:`DovecotAuthConnection`, a sans-IO state machine that turns lines
+  and verdicts into lines to write and tokens to validate;
+- :class:`DovecotAuthProtocol`, a thin ``LineOnlyReceiver`` that runs the
+  validations and writes the replies.
+
+The wire format is that of Dovecot 2.3's auth-client protocol version 1.2,
+with the peers' quirks described in shared/notes/peers.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure as TwistedFailure
+
+from .sasl import MECHANISMS, Bearer, Challenge, Check, Failure, ServerExchange, Step
+from .verdict import Verdict
+
+MAX_LINE = 16384
+MAX_REQUESTS = 256
+# Dovecot marks its OAUTHBEARER and XOAUTH2 "plaintext" too, since the token
+# is as good as a password: Postfix's `noplaintext` then keeps all three off
+# unencrypted sessions.
+MECH_FLAGS = {"OAUTHBEARER": "plaintext", "XOAUTH2": "plaintext", "PLAIN": "plaintext"}
+
+_ESCAPES = {"\x00": "\x010", "\x01": "\x011", "\t": "\x01t", "\n": "\x01n", "\r": "\x01r"}
+_UNESCAPES = {code[1]: char for char, code in _ESCAPES.items()}
+
+
+class DovecotProtocolError(ValueError):
+    """A line that breaks the protocol; ``request_id`` is set when it names one."""
+
+    def __init__(self, reason: str, request_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class Version:
+    major: int
+    minor: int
+
+
+@dataclass(frozen=True)
+class Cpid:
+    pid: str
+
+
+@dataclass(frozen=True)
+class AuthRequest:
+    """An ``AUTH`` line; ``params`` holds every ``key=value`` but ``resp``."""
+
+    id: str
+    mechanism: str
+    service: str
+    params: dict[str, str]
+    flags: frozenset[str]
+    initial_response: bytes | None
+
+
+@dataclass(frozen=True)
+class Cont:
+    id: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Cancel:
+    id: str
+
+
+Command = Version | Cpid | AuthRequest | Cont | Cancel
+Validate = Callable[[Bearer, str], "defer.Deferred[Verdict]"]
+
+
+def tabescape(value: str) -> str:
+    """Escape a value as Dovecot's ``str_tabescape`` does (NUL, ^A, TAB, LF, CR)."""
+    return "".join(_ESCAPES.get(char, char) for char in value)
+
+
+def tabunescape(value: str) -> str:
+    """Undo :func:`tabescape`; like Dovecot, ^A before any other char yields that char."""
+    head, *rest = value.split("\x01")
+    out = [head]
+    for chunk in rest:
+        out.append(_UNESCAPES.get(chunk[:1], chunk[:1]) + chunk[1:])
+    return "".join(out)
+
+
+def handshake(mechanisms: Iterable[str], spid: int, cuid: int, cookie: str) -> bytes:
+    """The lines the server sends first, unasked, on every connection."""
+    lines = ["VERSION\t1\t2"]
+    lines += [f"MECH\t{name}\t{MECH_FLAGS[name]}" for name in mechanisms]
+    lines += [f"SPID\t{spid}", f"CUID\t{cuid}", f"COOKIE\t{cookie}", "DONE", ""]
+    return "\n".join(lines).encode("ascii")
+
+
+def format_ok(request_id: str, user: str) -> bytes:
+    # `user=` is mandatory: Postfix and Prosody both fail without it.
+    return f"OK\t{request_id}\tuser={tabescape(user)}\n".encode()
+
+
+def format_fail(request_id: str, reason: str, temporary: bool = False) -> bytes:
+    temp = "\ttemp" if temporary else ""
+    return f"FAIL\t{request_id}\treason={tabescape(reason)}{temp}\n".encode()
+
+
+def format_cont(request_id: str, data: bytes) -> bytes:
+    # The third field is required even when empty, so the tab stays.
+    return f"CONT\t{request_id}\t{base64.b64encode(data).decode('ascii')}\n".encode("ascii")
+
+
+def _request_id(raw: bytes) -> str:
+    # Dovecot's ids are unsigned 32-bit integers; anything else cannot be
+    # echoed back safely, so such a line gets no reply.
+    if not raw.isdigit() or len(raw) > 10:
+        raise DovecotProtocolError("bad request id")
+    return raw.decode("ascii")
+
+
+def _base64(value: str, request_id: str) -> bytes:
+    # Prosody sends `=` for an empty response, as XMPP does (RFC 6120 §6.4.2).
+    if value == "=":
+        return b""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise DovecotProtocolError("invalid base64", request_id) from None
+
+
+def _text(raw: bytes, request_id: str) -> str:
+    try:
+        return tabunescape(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DovecotProtocolError("line is not UTF-8", request_id) from None
+
+
+def _parse_auth(args: list[bytes]) -> AuthRequest:
+    request_id = _request_id(args[0])
+    if len(args) < 2:
+        raise DovecotProtocolError("AUTH without mechanism", request_id)
+    params: dict[str, str] = {}
+    flags: set[str] = set()
+    initial_response = None
+    for raw in args[2:]:
+        key, equals, value = _text(raw, request_id).partition("=")
+        if key == "resp" and equals:
+            # Dovecot ignores whatever follows `resp`, which must come last.
+            initial_response = _base64(value, request_id)
+            break
+        if equals:
+            params[key] = value
+        else:
+            flags.add(key)
+    if not params.get("service"):
+        raise DovecotProtocolError("AUTH without service", request_id)
+    return AuthRequest(
+        id=request_id,
+        mechanism=_text(args[1], request_id).upper(),
+        service=params["service"],
+        params=params,
+        flags=frozenset(flags),
+        initial_response=initial_response,
+    )
+
+
+def parse_line(line: bytes) -> Command:
+    """Parse one client line (without its LF) into a command.
+
+    Raises :class:`DovecotProtocolError`; its message never quotes the line,
+    which may carry a token.
+    """
+    name, *args = line.split(b"\t")
+    if name == b"VERSION" and len(args) >= 2 and args[0].isdigit() and args[1].isdigit():
+        return Version(int(args[0]), int(args[1]))
+    if name == b"CPID" and len(args) == 1:
+        return Cpid(args[0].decode("ascii", "replace"))
+    if name == b"AUTH" and args:
+        return _parse_auth(args)
+    if name == b"CONT" and args:
+        request_id = _request_id(args[0])
+        if len(args) != 2:
+            raise DovecotProtocolError("CONT needs exactly one response", request_id)
+        return Cont(request_id, _base64(args[1].decode("ascii", "replace"), request_id))
+    if name == b"CANCEL" and len(args) == 1:
+        return Cancel(_request_id(args[0]))
+    raise DovecotProtocolError("unknown or malformed command")
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A token to validate for a live request; hand it back with the verdict."""
+
+    request: AuthRequest
+    bearer: Bearer
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one request, for logs and metrics; never holds the token."""
+
+    request_id: str
+    mechanism: str
+    service: str
+    user: str | None
+    ok: bool
+    reason: str
+
+
+@dataclass
+class Output:
+    """What the connection wants done, in order: write, validate, maybe close."""
+
+    lines: list[bytes] = field(default_factory=list)
+    validations: list[Validation] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    close: bool = False
+
+
+@dataclass
+class _Live:
+    request: AuthRequest
+    exchange: ServerExchange
+    pending: Validation | None = None
+    decided: bool = False
+
+
+class DovecotAuthConnection:
+    """Sans-IO state of one client connection: its handshake and live requests.
+
+    Requests are keyed by the client's id and answered in any order. A
+    verdict whose request was cancelled, replaced or lost is dropped.
+    """
+
+    def __init__(
+        self,
+        mechanisms: Iterable[str] = MECHANISMS,
+        openid_configuration: str | None = None,
+        max_requests: int = MAX_REQUESTS,
+    ) -> None:
+        self.mechanisms = tuple(mechanisms)
+        unknown = set(self.mechanisms) - set(MECHANISMS)
+        if not self.mechanisms or unknown:
+            raise ValueError(f"mechanisms must be a non-empty subset of {MECHANISMS}")
+        self._openid_configuration = openid_configuration
+        self._max_requests = max_requests
+        self._version_seen = False
+        self._live: dict[str, _Live] = {}
+
+    def line_received(self, line: bytes) -> Output:
+        """Parse one line and act on it; protocol errors become replies here."""
+        try:
+            command = parse_line(line)
+        except DovecotProtocolError as error:
+            out = Output()
+            if error.request_id is None or not self._version_seen:
+                out.problems.append(f"ignored line: {error}")
+                return self._handshake_check(out)
+            # A broken line for a live request ends it: one reply per id.
+            live = self._live.pop(error.request_id, None)
+            self._fail_unstarted(out, error.request_id, str(error), live.request if live else None)
+            return out
+        return self.receive(command)
+
+    def _handshake_check(self, out: Output) -> Output:
+        # Before VERSION nothing can be trusted to be this protocol at all.
+        if not self._version_seen:
+            out.problems.append("client skipped the VERSION handshake")
+            out.close = True
+        return out
+
+    def receive(self, command: Command) -> Output:
+        """Act on one parsed command."""
+        out = Output()
+        if isinstance(command, Version):
+            if command.major != 1:
+                out.problems.append(f"incompatible protocol version {command.major}")
+                out.close = True
+            else:
+                self._version_seen = True
+            return out
+        if not self._version_seen:
+            return self._handshake_check(out)
+        if isinstance(command, AuthRequest):
+            self._auth(out, command)
+        elif isinstance(command, Cont):
+            self._cont(out, command)
+        elif isinstance(command, Cancel):
+            self._live.pop(command.id, None)
+        return out
+
+    def verdict(self, validation: Validation, verdict: Verdict) -> Output:
+        """Apply the validator's verdict on ``validation``'s token."""
+        out = Output()
+        live = self._live.get(validation.request.id)
+        if live is None or live.pending is not validation:
+            out.problems.append(f"dropped answer for gone request {validation.request.id}")
+            return out
+        live.pending = None
+        bearer = validation.bearer
+        if verdict.ok and verdict.username:
+            live.exchange.accept()
+            self._decide(out, live, verdict.username, True, verdict.reason or "ok")
+            self._finish(out, live, format_ok(live.request.id, verdict.username))
+        elif verdict.ok or verdict.temporary:
+            # Postfix and Prosody cannot use an OK without `user=`, and the
+            # client's claimed identity is no substitute for the token owner's
+            # name: a validator that gives none is as broken as one that is down.
+            reason = verdict.reason if verdict.temporary else "no user name for token"
+            reason = reason or "temporary failure"
+            self._decide(out, live, bearer.identity, False, reason)
+            self._finish(out, live, format_fail(live.request.id, reason, temporary=True))
+        else:
+            reason = verdict.reason or verdict.status
+            self._decide(out, live, bearer.identity, False, reason)
+            self._step(out, live, live.exchange.reject(verdict.status, verdict.scope, reason))
+        return out
+
+    def lost(self) -> None:
+        """The connection is gone: every answer still to come will be dropped."""
+        self._live.clear()
+
+    def _auth(self, out: Output, request: AuthRequest) -> None:
+        if self._live.pop(request.id, None) is not None:
+            self._fail_unstarted(out, request.id, "duplicate request id", request)
+        elif len(self._live) >= self._max_requests:
+            self._fail_unstarted(out, request.id, "too many concurrent requests", request)
+        elif request.mechanism not in self.mechanisms:
+            self._fail_unstarted(out, request.id, "unsupported mechanism", request)
+        else:
+            live = _Live(request, ServerExchange(request.mechanism, self._openid_configuration))
+            self._live[request.id] = live
+            self._step(out, live, live.exchange.receive(request.initial_response))
+
+    def _cont(self, out: Output, cont: Cont) -> None:
+        live = self._live.get(cont.id)
+        if live is None:
+            self._fail_unstarted(out, cont.id, "unknown request id")
+        elif not live.exchange.expects_response:
+            # The client spoke while its token was being checked.
+            self._live.pop(cont.id)
+            self._fail_unstarted(out, cont.id, "response out of turn", live.request)
+        else:
+            self._step(out, live, live.exchange.receive(cont.data))
+
+    def _step(self, out: Output, live: _Live, step: Step) -> None:
+        """Carry out what the exchange asks; ``receive`` never yields Success."""
+        request = live.request
+        if isinstance(step, Check):
+            live.pending = Validation(request, step.bearer)
+            out.validations.append(live.pending)
+        elif isinstance(step, Challenge) and not step.data and request.service.lower() == "xmpp":
+            # An empty CONT crashes Prosody's session, so refuse instead.
+            self._decide(out, live, None, False, "initial response required")
+            self._finish(out, live, format_fail(request.id, "initial response required"))
+        elif isinstance(step, Challenge):
+            out.lines.append(format_cont(request.id, step.data))
+        elif isinstance(step, Failure):
+            if not live.decided:
+                self._decide(out, live, None, False, step.reason)
+            self._finish(out, live, format_fail(request.id, step.reason))
+
+    def _finish(self, out: Output, live: _Live, line: bytes) -> None:
+        self._live.pop(live.request.id, None)
+        out.lines.append(line)
+
+    def _decide(self, out: Output, live: _Live, user: str | None, ok: bool, reason: str) -> None:
+        live.decided = True
+        request = live.request
+        out.decisions.append(
+            Decision(request.id, request.mechanism, request.service, user, ok, reason)
+        )
+
+    def _fail_unstarted(
+        self, out: Output, request_id: str, reason: str, request: AuthRequest | None = None
+    ) -> None:
+        """FAIL a request that has no exchange (any more)."""
+        # Only offered names reach logs and metrics, so a client cannot mint labels.
+        mechanism = request.mechanism if request and request.mechanism in self.mechanisms else "-"
+        service = request.service if request else "-"
+        out.decisions.append(Decision(request_id, mechanism, service, None, False, reason))
+        out.lines.append(format_fail(request_id, reason))
+
+
+log = Logger()
+
+
+def _ignore_decision(mechanism: str, service: str, ok: bool, reason: str) -> None:
+    """The default ``on_decision``: no metrics."""
+
+
+class DovecotAuthProtocol(LineOnlyReceiver):
+    """One auth-client connection: writes the handshake, runs validations.
+
+    A validation that takes longer than ``timeout`` seconds is answered as a
+    temporary failure, because Postfix gives up after 10 s and Prosody blocks
+    while it waits.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+
+    def __init__(
+        self,
+        validate: Validate,
+        openid_configuration: str | None = None,
+        mechanisms: Iterable[str] = MECHANISMS,
+        on_decision: Callable[[str, str, bool, str], None] = _ignore_decision,
+        cuid: int = 1,
+        clock: IReactorTime | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        if clock is None:
+            # Imported late so that importing this module installs no reactor.
+            from twisted.internet import reactor
+
+            clock = reactor  # type: ignore[assignment]
+        self._connection = DovecotAuthConnection(mechanisms, openid_configuration)
+        self._validate = validate
+        self._on_decision = on_decision
+        self._cuid = cuid
+        self._clock: IReactorTime = clock
+        self._timeout = timeout
+
+    def connectionMade(self) -> None:
+        cookie = secrets.token_hex(16)
+        self.transport.write(
+            handshake(self._connection.mechanisms, os.getpid(), self._cuid, cookie)
+        )
+
+    def lineReceived(self, line: bytes) -> None:
+        self._apply(self._connection.line_received(line))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        log.warn("closing Dovecot auth connection: line longer than {max} bytes", max=MAX_LINE)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: TwistedFailure = connectionDone) -> None:
+        self._connection.lost()
+
+    def _apply(self, out: Output) -> None:
+        for problem in out.problems:
+            log.warn("Dovecot auth client: {problem}", problem=problem)
+        for d in out.decisions:
+            log.info(
+                # repr() because user and service come from the client and
+                # could otherwise forge log lines.
+                "auth {result}: user={user!r} service={service!r} mechanism={mechanism}"
+                " id={id} reason={reason!r}",
+                result="ok" if d.ok else "failed", user=d.user, service=d.service,
+                mechanism=d.mechanism, id=d.request_id, reason=d.reason,
+            )
+            self._on_decision(d.mechanism, d.service, d.ok, d.reason)
+        if out.lines:
+            self.transport.write(b"".join(out.lines))
+        for validation in out.validations:
+            self._start(validation)
+        if out.close:
+            self.transport.loseConnection()
+
+    def _start(self, validation: Validation) -> None:
+        d = defer.maybeDeferred(self._validate, validation.bearer, validation.request.service)
+        d.addTimeout(self._timeout, self._clock)
+        d.addErrback(self._validator_failed)
+        d.addCallback(lambda verdict: self._apply(self._connection.verdict(validation, verdict)))
+        d.addErrback(lambda failure: log.failure("answering a Dovecot auth request", failure))
+
+    def _validator_failed(self, failure: TwistedFailure) -> Verdict:
+        if failure.check(defer.TimeoutError):
+            return Verdict(ok=False, temporary=True, reason="validation timed out")
+        log.failure("token validation failed", failure)
+        return Verdict(ok=False, temporary=True, reason="validator error")
+
+
+class DovecotAuthFactory(Factory):
+    """Builds a :class:`DovecotAuthProtocol` per connection, each with its own CUID.
+
+    ``options`` are the protocol's keyword arguments other than ``cuid``.
+    """
+
+    def __init__(self, validate: Validate, **options: Any) -> None:
+        self._validate = validate
+        self._options = options
+        self._cuids = itertools.count(1)
+
+    def buildProtocol(self, addr: object) -> DovecotAuthProtocol:
+        protocol = DovecotAuthProtocol(self._validate, cuid=next(self._cuids), **self._options)
+        protocol.factory = self
+        return protocol
