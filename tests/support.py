@@ -211,7 +211,8 @@ def get_code(service: Service, client: dict, username: str, password: str, scope
     redirect_uri = redirect_uri or client["redirect_uris"][0]
     url = authorize_url(service.url, client["client_id"], redirect_uri, challenge, scope)
     with requests.Session() as browser:
-        browser.verify = service.verify
+        # REQUESTS_CA_BUNDLE in the environment would override the session's CA otherwise.
+        browser.trust_env, browser.verify = False, service.verify
         params = redirect_params(login_and_consent(browser, service.url, url, username, password))
     return params["code"], verifier
 

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, TokenMixin
 from authlib.oauth2.rfc6749.util import scope_to_list
 
-LOOPBACK_HOSTS = ("127.0.0.1", "[::1]")
+LOOPBACK_HOSTS = ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class User:
 def is_loopback_redirect(uri: str) -> bool:
     """An `http://127.0.0.1:PORT/...` or `http://[::1]:PORT/...` URI (RFC 8252 §7.3)."""
     parts = urlsplit(uri)
-    return parts.scheme == "http" and parts.netloc.rsplit(":", 1)[0] in LOOPBACK_HOSTS
+    return parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS
 
 
 def _without_port(uri: str) -> tuple[str, str, str, str, str]:

@@ -1,0 +1,82 @@
+"""The operator's command line, against the running service's database."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from .support import BIN, CliError, get_code, introspect, token_request
+
+
+def test_console_script_creates_a_client_with_a_secret_shown_once(service):
+    result = subprocess.run([str(BIN / "bearerbridge"), "--config", str(service.config_path), "client", "create",
+                             "--name", "Library", "--redirect-uri", "https://library.example/cb"],
+                            capture_output=True, text=True, check=True)
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    shown = json.loads(service.cli("client", "show", lines["client_id"]))
+    assert shown["name"] == "Library" and shown["grant_types"] == ["authorization_code", "refresh_token"]
+    assert lines["client_secret"] not in json.dumps(shown)
+    assert lines["client_id"] in service.cli("client", "list")
+
+
+def test_users(service):
+    name, password = service.user()
+    assert f"{name}\t-\tenabled" in service.cli("user", "list")
+    service.cli("user", "passwd", name, "--password-stdin", stdin="new password\n")
+    client = service.client("--redirect-uri", "https://app.example/cb", "--scope", "imap")
+    with pytest.raises(AssertionError):
+        get_code(service, client, name, password)  # the old password no longer works
+    get_code(service, client, name, "new password")
+    service.cli("user", "disable", name)
+    assert f"{name}\t-\tdisabled" in service.cli("user", "list")
+    service.cli("user", "enable", name)
+    with pytest.raises(CliError, match="exists already"):
+        service.cli("user", "add", name, "--password-stdin", stdin="x\n")
+    with pytest.raises(CliError, match="empty password"):
+        service.cli("user", "add", "someone", "--password-stdin", stdin="\n")
+
+
+def test_operator_issued_token_and_revocations(service, resource_server):
+    name, _ = service.user()
+    client = service.client("--redirect-uri", "https://app.example/cb", "--scope", "imap smtp")
+    issued = json.loads(service.cli("token", "issue", "--user", name, "--client", client["client_id"],
+                                    "--scope", "smtp", "--ttl", "120", "--json"))
+    assert issued["expires_in"] == 120 and issued["token_type"] == "Bearer"
+    claims = introspect(service, resource_server, issued["access_token"])
+    assert claims["active"] and claims["username"] == name and claims["scope"] == "smtp"
+    assert service.cli("token", "revoke", issued["access_token"]) == "revoked 1 token(s)"
+    assert not introspect(service, resource_server, issued["access_token"])["active"]
+
+    plain = service.cli("token", "issue", "--user", name, "--client", client["client_id"], "--scope", "imap")
+    assert "revoked 1 token(s)" in service.cli("token", "revoke", "--user", name)
+    assert not introspect(service, resource_server, plain)["active"]
+    again = service.cli("token", "issue", "--user", name, "--client", client["client_id"], "--scope", "imap")
+    service.cli("token", "revoke", "--client", client["client_id"])
+    assert not introspect(service, resource_server, again)["active"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["client", "create", "--name", "x", "--public", "--grant", "client_credentials"], "public client"),
+    (["client", "create", "--name", "x", "--grant", "authorization_code"], "needs at least one --redirect-uri"),
+    (["client", "create", "--name", "x", "--grant", "client_credentials"], "name the scopes"),
+    (["client", "create", "--name", "x", "--redirect-uri", "https://a.example/cb", "--scope", "root"], "unknown scope"),
+    (["client", "create", "--name", "x", "--redirect-uri", "http://a.example/cb"], "plain http"),
+    (["client", "create", "--name", "x", "--redirect-uri", "https://a.example/cb#frag"], "no fragment"),
+    (["client", "show", "nope"], "no client"),
+    (["client", "delete", "nope"], "no client"),
+    (["token", "revoke", "not-a-token"], "no such token"),
+    (["token", "issue", "--user", "nobody", "--client", "x", "--scope", "imap"], "no enabled user"),
+    (["user", "disable", "nobody"], "no user"),
+])
+def test_refusals(service, args, message):
+    with pytest.raises(CliError, match=message):
+        service.cli(*args)
+
+
+def test_a_public_client_has_no_secret(service):
+    created = service.client("--public", "--redirect-uri", "http://127.0.0.1/cb")
+    assert created["client_secret"] is None and created["public"] is True
+    response = token_request(service, {"grant_type": "client_credentials"}, created)
+    assert response.status_code == 401

@@ -1,0 +1,190 @@
+"""The store on real databases: SQLite files always, PostgreSQL when BEARERBRIDGE_TEST_DATABASE_URL is set."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from bearerbridge import migrations
+from bearerbridge.crypto import Keyring
+from bearerbridge.models import Client
+from bearerbridge.store import SqlStore, StoreError, make_engine, metadata
+
+from .support import IN_CI
+
+POSTGRES_URL = os.environ.get("BEARERBRIDGE_TEST_DATABASE_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request, tmp_path):
+    if request.param == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+        yield engine
+        engine.dispose()
+        return
+    if not POSTGRES_URL:
+        if IN_CI:
+            pytest.fail("CI must set BEARERBRIDGE_TEST_DATABASE_URL")
+        pytest.skip("BEARERBRIDGE_TEST_DATABASE_URL is not set")
+    # Each test gets a schema of its own, selected through the connection's search_path.
+    schema = f"bb_test_{secrets.token_hex(6)}"
+    admin = sa.create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    url = sa.engine.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    engine = make_engine(url.render_as_string(hide_password=False))
+    yield engine
+    engine.dispose()
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+@pytest.fixture
+def store(engine) -> SqlStore:
+    migrations.upgrade(engine)
+    return SqlStore(engine, Keyring(b"k" * 32))
+
+
+def make_client(store: SqlStore, client_id: str = "app", secret: str | None = "s3cret") -> Client:
+    client = Client(client_id=client_id, name="App", redirect_uris=("https://app.example/cb",), scope="imap smtp",
+                    grant_types=("authorization_code", "refresh_token"), public=secret is None)
+    store.add_client(client, secret)
+    return store.get_client(client_id)
+
+
+def test_migrations_match_the_schema_the_code_uses(engine):
+    migrations.upgrade(engine)
+    migrations.upgrade(engine)  # a second run is a no-op
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == []
+
+
+def test_users(store):
+    with store.transaction():
+        alice = store.add_user("alice", "alice@example.org", "hash")
+        with pytest.raises(StoreError):
+            store.add_user("alice", None, None)
+        assert store.get_user(alice.id) == alice
+        store.set_disabled("alice", True)
+        assert store.get_user_by_name("alice").disabled
+        store.set_password("alice", "hash2")
+        assert store.password_hash("alice")[1] == "hash2"
+        with pytest.raises(StoreError):
+            store.set_password("nobody", "x")
+        assert [u.username for u in store.list_users()] == ["alice"]
+
+
+def test_client_secrets_are_stored_as_keyed_digests(store, engine):
+    with store.transaction():
+        client = make_client(store)
+    assert client.check_client_secret("s3cret") and not client.check_client_secret("s3cret ")
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT secret_digest FROM clients")).scalar()
+    assert "s3cret" not in stored and len(stored) == 64
+    other_key = SqlStore(engine, Keyring(b"x" * 32))
+    with other_key.transaction():
+        assert not other_key.get_client("app").check_client_secret("s3cret")
+
+
+def test_tokens_are_stored_as_digests_and_found_by_either_half(store, engine):
+    with store.transaction():
+        user = store.add_user("bob", None, None)
+        make_client(store)
+        store.save_token("access-1", "refresh-1", "app", user.id, "imap", 3600, 86400)
+        token = store.find_access_token("access-1")
+        assert token.username == "bob" and token.scope == "imap" and token.is_active()
+        assert store.find_refresh_token("refresh-1").id == token.id
+        assert store.find_access_token("refresh-1") is None
+    with engine.connect() as conn:
+        dump = " ".join(str(v) for row in conn.execute(sa.text("SELECT * FROM tokens")) for v in row)
+    assert "access-1" not in dump and "refresh-1" not in dump
+
+
+def test_codes_are_single_use(store):
+    with store.transaction():
+        user = store.add_user("carol", None, None)
+        make_client(store)
+        store.save_code("code-1", "app", user.id, "https://app.example/cb", "imap", "c" * 43, "S256", 2**40)
+        code = store.find_code("code-1")
+        assert code.client_id == "app" and not code.used
+        assert store.use_code(code.code_digest) is True
+        assert store.use_code(code.code_digest) is False
+        assert store.find_code("code-1").used
+
+
+def test_revoking_a_family_and_a_code_s_tokens(store):
+    with store.transaction():
+        user = store.add_user("dan", None, None)
+        make_client(store)
+        store.save_code("code-2", "app", user.id, "", "imap", None, None, 2**40)
+        digest = store.find_code("code-2").code_digest
+        store.save_token("a1", "r1", "app", user.id, "imap", 3600, 86400, code_digest=digest)
+        first = store.find_access_token("a1")
+        store.save_token("a2", "r2", "app", user.id, "imap", 3600, 86400, family=first.family)
+        store.save_token("a3", "r3", "app", user.id, "imap", 3600, 86400)  # another grant
+        assert store.mark_rotated(first.id) and not store.mark_rotated(first.id)
+        assert store.revoke_from_code(digest) == 2
+        assert store.find_access_token("a2").revoked
+        assert not store.find_access_token("a3").revoked
+
+
+def test_disabling_a_user_deactivates_their_tokens(store):
+    with store.transaction():
+        user = store.add_user("erin", None, None)
+        make_client(store)
+        store.save_token("a", None, "app", user.id, "imap", 3600, None)
+        store.set_disabled("erin", True)
+        assert not store.find_access_token("a").is_active()
+
+
+def test_deleting_a_client_deletes_its_codes_tokens_and_consents(store, engine):
+    with store.transaction():
+        user = store.add_user("fay", None, None)
+        make_client(store)
+        store.save_code("code-3", "app", user.id, "", "imap", None, None, 2**40)
+        store.save_token("a", "r", "app", user.id, "imap", 3600, 86400)
+        store.save_consent(user.id, "app", {"imap"})
+        assert store.delete_client("app") and not store.delete_client("app")
+        assert store.find_access_token("a") is None and store.find_code("code-3") is None
+        assert store.consented_scope(user.id, "app") == set()
+
+
+def test_consents_accumulate(store):
+    with store.transaction():
+        user = store.add_user("gus", None, None)
+        make_client(store)
+        store.save_consent(user.id, "app", {"imap"})
+        store.save_consent(user.id, "app", {"smtp"})
+        assert store.consented_scope(user.id, "app") == {"imap", "smtp"}
+
+
+def test_purge_removes_only_what_is_dead(store):
+    with store.transaction():
+        user = store.add_user("hal", None, None)
+        make_client(store)
+        store.save_code("old", "app", user.id, "", "imap", None, None, 10)
+        store.save_code("new", "app", user.id, "", "imap", None, None, 2**40)
+        store.save_token("dead", None, "app", user.id, "imap", -10, None)
+        store.save_token("refreshable", "r", "app", user.id, "imap", -10, 86400)
+        assert store.purge_expired() == 2
+        assert store.find_code("new") and store.find_refresh_token("r")
+
+
+def test_a_failed_transaction_leaves_nothing_behind(store):
+    with pytest.raises(RuntimeError), store.transaction():
+        store.add_user("ivy", None, None)
+        raise RuntimeError("boom")
+    with store.transaction():
+        assert store.get_user_by_name("ivy") is None
+
+
+def test_store_refuses_work_outside_a_transaction(store):
+    with pytest.raises(RuntimeError, match="outside a transaction"):
+        store.get_user(1)
