@@ -25,7 +25,7 @@ def test_defaults():
 def test_the_documented_example_is_valid_and_complete():
     data = tomllib.loads(EXAMPLE.read_text())
     loaded = config.parse(data)
-    for section in ("server", "http", "database", "tokens"):
+    for section in ("server", "http", "database", "tokens", "sasl"):
         documented = set(data[section])
         known = set(getattr(config.Config(), section).__dataclass_fields__)
         assert documented == known, f"[{section}] in conf/bearerbridge.toml"
@@ -47,7 +47,13 @@ def test_environment_variable(tmp_path, monkeypatch):
     ("[srever]\n", "[srever]: unknown section"),
     ("[tokens]\naccess_ttl = -5\n", "[tokens] access_ttl: expected a positive integer"),
     ("[tokens]\ncode_ttl = true\n", "[tokens] code_ttl: expected a positive integer"),
-    ("[http]\nlisten = 'tcp:80'\n", "[http] listen: expected a non-empty list"),
+    ("[http]\nlisten = 'tcp:80'\n", "[http] listen: expected a list of strings"),
+    ("[http]\nlisten = []\n", "[http] listen: name at least one endpoint"),
+    ("[sasl.services]\nimap = 'mail'\n", "[sasl.services] imap: scope 'mail' is not in [scopes]"),
+    ("[sasl]\nidentity = ['uid']\n", "[sasl] identity: 'uid' is not one of"),
+    ("[sasl]\nidentity = ['user@realm']\n", "[sasl] realm: needed"),
+    ("[sasl]\nplain = ['pop3']\n", "[sasl] plain: 'pop3' is not one of"),
+    ("[sasl]\ncache_ttl = 0\n", "[sasl] cache_ttl: expected a positive number"),
     ("[http]\nlisten = ['tcp:80', 5]\n", "[http] listen[1]: expected a non-empty string"),
     ("[scopes]\n'has space' = 'x'\n", "[scopes] 'has space'"),
     ("[scopes]\nimap = ''\n", "[scopes] imap: expected a non-empty string"),

@@ -7,6 +7,7 @@ wrong kind raises `ConfigError` naming the key, and the service refuses to start
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
 import tomllib
@@ -52,6 +53,32 @@ class TokenSettings:
     code_ttl: int = 600
 
 
+# How the identity a SASL client names (OAUTHBEARER authzid, XOAUTH2 user, PLAIN authcid)
+# may match the token's user, and the forms of user name reported back to a service.
+IDENTITY_RULES = ("username", "email", "user@realm")
+REPORTED_NAMES = ("username", "email", "localpart", "user@realm")
+SASL_MECHANISMS = ("OAUTHBEARER", "XOAUTH2", "PLAIN")
+
+
+@dataclass(frozen=True)
+class SaslSettings:
+    # Twisted endpoints speaking the Dovecot authentication protocol; none by default.
+    listen: tuple[str, ...] = ()
+    mechanisms: tuple[str, ...] = ("OAUTHBEARER", "XOAUTH2")
+    # Services that also accept PLAIN with an access token as the password.
+    plain: tuple[str, ...] = ()
+    identity: tuple[str, ...] = ("username", "email")
+    realm: str = ""
+    # Seconds a validated token is remembered; bounds how late another process's revocation
+    # is noticed (this process's own revocations take effect at once).
+    cache_ttl: float = 1.0
+    # Service name (Dovecot's AUTH service=, the HTTP endpoint's service) = the scope it needs.
+    services: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType(
+        {"smtp": "smtp", "imap": "imap", "xmpp": "xmpp"}))
+    # Service name = the form of user name reported to it (default: username).
+    usernames: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
+
+
 DEFAULT_SCOPES: Mapping[str, str] = types.MappingProxyType({
     "imap": "Read and manage your mail (IMAP)",
     "smtp": "Send mail as you (SMTP)",
@@ -68,6 +95,7 @@ class Config:
     http: HttpSettings = field(default_factory=HttpSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     tokens: TokenSettings = field(default_factory=TokenSettings)
+    sasl: SaslSettings = field(default_factory=SaslSettings)
     scopes: Mapping[str, str] = field(default_factory=lambda: DEFAULT_SCOPES)
 
     @property
@@ -81,14 +109,22 @@ def _check_value(where: str, kind: Any, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
         return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{where}: expected a positive number, got {value!r}")
+        return float(value)
     if kind is str:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
         return value
     if typing.get_origin(kind) is tuple:
-        if not isinstance(value, list) or not value:
-            raise ConfigError(f"{where}: expected a non-empty list of strings, got {value!r}")
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
         return tuple(_check_value(f"{where}[{i}]", str, item) for i, item in enumerate(value))
+    if typing.get_origin(kind) is collections.abc.Mapping:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table of name = \"value\", got {value!r}")
+        return types.MappingProxyType({k: _check_value(f"{where}.{k}", str, v) for k, v in value.items()})
     raise TypeError(f"no rule for {kind!r}")  # a programming error: a new field type
 
 
@@ -97,10 +133,14 @@ def _section(cls: type, name: str, table: Any) -> Any:
         raise ConfigError(f"[{name}]: expected a table, got {table!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    defaults = cls()
     values = {}
     for key, value in table.items():
         if key not in known:
             raise ConfigError(f"[{name}] {key}: unknown key (known: {', '.join(sorted(known))})")
+        if value == "" and getattr(defaults, key) == "":  # empty only where the default is
+            values[key] = value
+            continue
         values[key] = _check_value(f"[{name}] {key}", hints[key], value)
     return cls(**values)
 
@@ -125,6 +165,7 @@ def parse(data: Mapping[str, Any]) -> Config:
             raise ConfigError(f"[{name}]: unknown section (known: {', '.join(sorted(sections))})")
         values[name] = _scopes(table) if name == "scopes" else _section(hints[name], name, table)
     config = Config(**values)
+    _cross_check(config)
     issuer = urlsplit(config.server.issuer)
     if issuer.scheme not in ("http", "https") or not issuer.netloc or issuer.query or issuer.fragment:
         raise ConfigError(f"[server] issuer: expected an http(s) URL without query, got {config.server.issuer!r}")
@@ -133,6 +174,32 @@ def parse(data: Mapping[str, Any]) -> Config:
     if issuer.path not in ("", "/"):
         raise ConfigError("[server] issuer: a path in the issuer is not supported; serve bearerbridge at the root")
     return config
+
+
+def _one_of(where: str, values: Any, allowed: tuple[str, ...]) -> None:
+    for value in values:
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _cross_check(config: Config) -> None:
+    """Cross-checks that one key's rules cannot express."""
+    sasl = config.sasl
+    if len(config.http.listen) == 0:
+        raise ConfigError("[http] listen: name at least one endpoint")
+    _one_of("[sasl] mechanisms", sasl.mechanisms, SASL_MECHANISMS)
+    _one_of("[sasl] identity", sasl.identity, IDENTITY_RULES)
+    for service, form in sasl.usernames.items():
+        _one_of(f"[sasl.usernames] {service}", [form], REPORTED_NAMES)
+    uses_realm = "user@realm" in sasl.identity or "user@realm" in sasl.usernames.values()
+    if uses_realm and not sasl.realm:
+        raise ConfigError("[sasl] realm: needed by the user@realm form")
+    for service, scope in sasl.services.items():
+        if scope not in config.scopes:
+            raise ConfigError(f"[sasl.services] {service}: scope {scope!r} is not in [scopes]")
+    _one_of("[sasl] plain", sasl.plain, tuple(sasl.services))
+    if sasl.cache_ttl > 60:
+        raise ConfigError("[sasl] cache_ttl: at most 60 seconds (it delays other processes' revocations)")
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:

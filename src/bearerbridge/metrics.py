@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The reasons validator.judge gives, and the surfaces' own for outages.
+SASL_REASONS = frozenset({
+    "ok", "unknown_service", "plain_not_allowed", "unknown", "revoked", "user_disabled", "expired", "no_user",
+    "identity_mismatch", "insufficient_scope", "database_unavailable", "validation timed out", "validator error"})
 
 
 class Metrics:
@@ -28,6 +34,17 @@ class Metrics:
             ["result"], registry=self.registry)
         self.logins = Counter(
             "bearerbridge_logins", "Password logins, by result", ["result"], registry=self.registry)
+
+        self.sasl_decisions = Counter(
+            "bearerbridge_sasl_decisions", "SASL logins decided, by surface, mechanism, service and reason",
+            ["surface", "mechanism", "service", "result", "reason"], registry=self.registry)
+
+    def sasl_decision(self, surface: str, services: Iterable[str], mechanism: str, service: str, ok: bool,
+                      reason: str) -> None:
+        """Count one SASL decision; names a client chose are folded so labels stay few."""
+        service = service if service in services else "other"
+        reason = reason if reason in SASL_REASONS else "malformed"
+        self.sasl_decisions.labels(surface, mechanism, service, "ok" if ok else "failed", reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -208,7 +208,13 @@ class Introspection(IntrospectionEndpoint):
         return _query_token(self.server.store, token_string, token_type_hint)
 
     def check_permission(self, token, client, request):
-        return True
+        """Dovecot (`send_auth_headers = yes`) names the service being logged into; a token
+        lacking that service's scope (`[sasl.services]`) is then reported inactive."""
+        service = request.headers.get("X-Dovecot-Auth-Service")
+        if service is None:
+            return True
+        required = self.server.config.sasl.services.get(service)
+        return required is not None and required in token.scope.split()
 
     def introspect_token(self, token):
         return introspection_claims(token)
@@ -346,6 +352,11 @@ class BridgeServer(AuthorizationServer):
             return AskConsent(client.name, user, tuple((s, self.config.scopes.get(s, s)) for s in names))
         granted = user if decision != "deny" else None
         return self._with_issuer(self.create_authorization_response(request, grant_user=granted, grant=grant))
+
+
+def discovery_url(config: Config) -> str:
+    """Where the metadata is served; SASL error challenges point clients at it (RFC 7628 §3.2.2)."""
+    return f"{config.server.issuer.rstrip('/')}/.well-known/oauth-authorization-server"
 
 
 def metadata(config: Config) -> dict:

@@ -135,6 +135,10 @@ class SqlStore:
         self.engine = engine
         self.keyring = keyring
         self._local = threading.local()
+        # Bumped after each commit that took validity from tokens (a revocation, a disabled
+        # user, a deleted client), so that caches in this process can drop what they hold.
+        self.generation = 0
+        self._generation_lock = threading.Lock()
 
     # -- transactions -------------------------------------------------------------------
 
@@ -144,10 +148,14 @@ class SqlStore:
         conn = getattr(self._local, "conn", None)
         if conn is None or conn.closed or conn.invalidated:
             conn = self._local.conn = self.engine.connect()
+        self._local.invalidates = False
         try:
             with conn.begin():
                 self._local.active = conn
                 yield
+            if self._local.invalidates:
+                with self._generation_lock:
+                    self.generation += 1
         except sa.exc.DBAPIError:
             # The connection may be broken (database restarted); take a fresh one next time.
             self._local.conn = None
@@ -155,6 +163,10 @@ class SqlStore:
             raise
         finally:
             self._local.active = None
+
+    def _invalidates(self) -> None:
+        """Note that this transaction takes validity from tokens (see `generation`)."""
+        self._local.invalidates = True
 
     @property
     def _db(self) -> Connection:
@@ -192,6 +204,7 @@ class SqlStore:
         self._update_user(username, password_hash=password_hash)
 
     def set_disabled(self, username: str, disabled: bool) -> None:
+        self._invalidates()
         self._update_user(username, disabled=disabled)
 
     def _update_user(self, username: str, **values) -> None:
@@ -228,6 +241,7 @@ class SqlStore:
 
     def delete_client(self, client_id: str) -> bool:
         """Delete a client with its codes, tokens and consents (cascading foreign keys)."""
+        self._invalidates()
         return self._db.execute(clients.delete().where(clients.c.client_id == client_id)).rowcount > 0
 
     # -- authorization codes ------------------------------------------------------------
@@ -282,6 +296,11 @@ class SqlStore:
         digest = self.keyring.digest(access_token)
         return self._token(self._db.execute(self._token_query.where(tokens.c.access_digest == digest)).first())
 
+    def find_access_tokens(self, digests: list[str]) -> dict[str, Token]:
+        """Tokens by the digests of their access tokens, in one query (for batched validation)."""
+        rows = self._db.execute(self._token_query.where(tokens.c.access_digest.in_(digests)))
+        return {row.access_digest: self._token(row) for row in rows}
+
     def find_refresh_token(self, refresh_token: str) -> Token | None:
         digest = self.keyring.digest(refresh_token)
         return self._token(self._db.execute(self._token_query.where(tokens.c.refresh_digest == digest)).first())
@@ -293,6 +312,7 @@ class SqlStore:
         return result.rowcount == 1
 
     def _revoke(self, condition) -> int:
+        self._invalidates()
         return self._db.execute(tokens.update().where(condition, tokens.c.revoked.is_(False))
                                 .values(revoked=True)).rowcount
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -12,11 +14,12 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from . import config as configuration
-from . import web
+from . import oauth, web
+from .dovecot import DovecotAuthFactory
 from .bootstrap import open_store
 from .metrics import Metrics
-from .oauth import BridgeServer
 from .pool import StorePool
+from .validator import Validator
 
 log = Logger()
 PURGE_INTERVAL = 3600
@@ -34,11 +37,13 @@ class Options(usage.Options):
             self.config = configuration.load(self["config"])
         except configuration.ConfigError as e:
             raise usage.UsageError(str(e)) from None
-        for i, description in enumerate(self.config.http.listen):
-            try:
-                serverFromString(reactor, description)
-            except (ValueError, KeyError, TypeError) as e:
-                raise usage.UsageError(f"[http] listen[{i}]: bad endpoint {description!r}: {e}") from None
+        for key, descriptions in (("[http] listen", self.config.http.listen),
+                                  ("[sasl] listen", self.config.sasl.listen)):
+            for i, description in enumerate(descriptions):
+                try:
+                    serverFromString(reactor, description)
+                except (ValueError, KeyError, TypeError) as e:
+                    raise usage.UsageError(f"{key}[{i}]: bad endpoint {description!r}: {e}") from None
 
 
 def make_app(config: configuration.Config) -> tuple[MultiService, web.App]:
@@ -48,11 +53,20 @@ def make_app(config: configuration.Config) -> tuple[MultiService, web.App]:
     top = MultiService()
     pool = StorePool(store, config.database.threads)
     pool.setServiceParent(top)
-    app = web.App(config, store.keyring, pool, BridgeServer(store, config, metrics), metrics)
+    app = web.App(config, store.keyring, pool, oauth.BridgeServer(store, config, metrics), metrics)
     site = Site(web.root(app))
     site.displayTracebacks = False
     for description in config.http.listen:
         strports.service(description, site).setServiceParent(top)
+    sasl = config.sasl
+    if sasl.listen:
+        validator = Validator(pool, sasl)
+        mechanisms = sasl.mechanisms + (("PLAIN",) if sasl.plain and "PLAIN" not in sasl.mechanisms else ())
+        dovecot = DovecotAuthFactory(
+            validator.validate, openid_configuration=oauth.discovery_url(config), mechanisms=mechanisms,
+            on_decision=functools.partial(metrics.sasl_decision, "dovecot", sasl.services))
+        for description in sasl.listen:
+            strports.service(description, dovecot).setServiceParent(top)
     TimerService(PURGE_INTERVAL, _purge, pool).setServiceParent(top)
     return top, app
 

@@ -1,0 +1,146 @@
+"""The one decision every SASL surface uses: may this token log in to this service as this user?
+
+`judge` is pure. `Validator` wraps it with a memory of recently seen tokens and a
+batching lookup: the Dovecot socket can ask tens of thousands of times a second,
+so tokens read in the last `[sasl] cache_ttl` seconds are answered from memory,
+and the misses that arrive while a lookup is in flight go to the pool together, as
+one query. Revocations made in this process take effect at once (the store's
+`generation` moves on); those made by other processes sharing the database within
+`cache_ttl`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from .config import SaslSettings
+from .models import Token
+from .pool import StorePool
+from .sasl import Bearer
+from .verdict import Verdict
+
+MAX_BATCH = 512
+MAX_REMEMBERED = 100_000
+
+
+def reported_name(token: Token, form: str, realm: str) -> str:
+    """The user's name in the form a service expects (`[sasl.usernames]`).
+
+    Prosody, for one, escapes an `@` in the name it is given, so it wants the localpart.
+    """
+    username = token.username or ""
+    if form == "email" and token.email:
+        return token.email
+    if form == "localpart":
+        return username.split("@", 1)[0]
+    if form == "user@realm":
+        return f"{username}@{realm}"
+    return username
+
+
+def identity_matches(identity: str, token: Token, settings: SaslSettings) -> bool:
+    """Whether the name the client gave is one of the token user's names (`[sasl] identity`)."""
+    for rule in settings.identity:
+        if rule == "username" and identity == token.username:
+            return True
+        if rule == "email" and token.email and identity.casefold() == token.email.casefold():
+            return True
+        if rule == "user@realm" and identity == f"{token.username}@{settings.realm}":
+            return True
+    return False
+
+
+def judge(token: Token | None, now: float, bearer: Bearer, service: str, settings: SaslSettings) -> Verdict:
+    """Decide one login (RFC 7628 §3.2.2 statuses; `reason` is for logs and metrics)."""
+    required = settings.services.get(service)
+    if required is None:
+        return Verdict(False, status="invalid_request", reason="unknown_service")
+    if bearer.mechanism == "PLAIN" and service not in settings.plain:
+        return Verdict(False, status="invalid_request", reason="plain_not_allowed")
+    if token is None:
+        return Verdict(False, reason="unknown")
+    if token.revoked:
+        return Verdict(False, reason="revoked")
+    if token.user_disabled:
+        return Verdict(False, reason="user_disabled")
+    if token.is_expired(now):
+        return Verdict(False, reason="expired")
+    if token.user_id is None:
+        return Verdict(False, reason="no_user")  # a client-credentials token names no one to log in
+    if bearer.identity is not None and not identity_matches(bearer.identity, token, settings):
+        return Verdict(False, reason="identity_mismatch")
+    if required not in token.scope.split():
+        return Verdict(False, status="insufficient_scope", scope=required, reason="insufficient_scope")
+    form = settings.usernames.get(service, "username")
+    return Verdict(True, username=reported_name(token, form, settings.realm), reason="ok")
+
+
+@dataclass(frozen=True)
+class _Remembered:
+    token: Token
+    read_at: float
+    generation: int
+
+
+class Validator:
+    """`validate(bearer, service) -> Deferred[Verdict]`, shared by every SASL surface."""
+
+    def __init__(self, pool: StorePool, settings: SaslSettings, clock: Any = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._pool = pool
+        self._store = pool.store
+        self._settings = settings
+        self._clock = clock
+        self._remembered: dict[str, _Remembered] = {}
+        self._waiting: dict[str, list[defer.Deferred]] = {}
+        self._in_flight = False
+
+    def validate(self, bearer: Bearer, service: str) -> defer.Deferred[Verdict]:
+        """Decide a login; a database failure gives a temporary verdict, never an error."""
+        digest = self._store.keyring.digest(bearer.token)
+        now = self._clock.seconds()
+        seen = self._remembered.get(digest)
+        if (seen is not None and seen.generation == self._store.generation
+                and now - seen.read_at < self._settings.cache_ttl):
+            return defer.succeed(judge(seen.token, now, bearer, service, self._settings))
+        d = defer.Deferred()
+        self._waiting.setdefault(digest, []).append(d)
+        if not self._in_flight:
+            self._send_batch()
+        d.addCallback(lambda token: judge(token, self._clock.seconds(), bearer, service, self._settings))
+        return d.addErrback(lambda _: Verdict(False, temporary=True, reason="database_unavailable"))
+
+    def _send_batch(self) -> None:
+        digests = list(self._waiting)[:MAX_BATCH]
+        batch = {digest: self._waiting.pop(digest) for digest in digests}
+        self._in_flight = True
+        # Read before the query starts: a revocation committed while it runs makes the
+        # answers stale at once.
+        generation = self._store.generation
+        d = self._pool.run(self._store.find_access_tokens, digests)
+        d.addBoth(self._batch_done, batch, generation)
+
+    def _batch_done(self, result: dict[str, Token] | Failure, batch: dict[str, list[defer.Deferred]],
+                    generation: int) -> None:
+        self._in_flight = False
+        if self._waiting:
+            self._send_batch()
+        if isinstance(result, Failure):
+            for waiters in batch.values():
+                for d in waiters:
+                    d.errback(result)
+            return
+        now = self._clock.seconds()
+        if len(self._remembered) + len(result) > MAX_REMEMBERED:
+            self._remembered.clear()
+        for digest, waiters in batch.items():
+            token = result.get(digest)
+            if token is not None:  # unknown tokens are not remembered: guessing must not fill memory
+                self._remembered[digest] = _Remembered(token, now, generation)
+            for d in waiters:
+                d.callback(token)
