@@ -48,6 +48,11 @@ def test_the_whole_code_grant(service, web_client, resource_server):
     assert claims["scope"] == "imap" and claims["client_id"] == web_client["client_id"]
     assert claims["token_type"] == "Bearer" and claims["exp"] - claims["iat"] == 3600
 
+    # a refresh token is no access token: only its own client sees it active
+    assert introspect(service, resource_server, tokens["refresh_token"]) == {"active": False}
+    own = introspect(service, web_client, tokens["refresh_token"], token_type_hint="refresh_token")
+    assert own["active"] and own["token_type"] == "refresh_token"
+
     refreshed = token_request(service, {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
                               web_client)
     assert refreshed.status_code == 200, refreshed.text

@@ -30,7 +30,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure as TwistedFailure
 
 from .sasl import MECHANISMS, Bearer, Challenge, Check, Failure, ServerExchange, Step
-from .verdict import Verdict
+from .verdict import Validate, Verdict
 
 MAX_LINE = 16384
 MAX_REQUESTS = 256
@@ -86,7 +86,6 @@ class Cancel:
 
 
 Command = Version | Cpid | AuthRequest | Cont | Cancel
-Validate = Callable[[Bearer, str], "defer.Deferred[Verdict]"]
 
 
 def tabescape(value: str) -> str:

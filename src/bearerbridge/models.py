@@ -134,6 +134,8 @@ class Token(TokenMixin):
     rotated: bool          # its refresh token has been used once already
     family: str            # every token rotated from one grant shares this
     user_disabled: bool = False
+    # This record answers for its refresh token (in introspection and revocation).
+    refresh: bool = False
 
     def check_client(self, client: ClientMixin) -> bool:
         return self.client_id == client.get_client_id()

@@ -177,7 +177,7 @@ def _query_token(store: SqlStore, token_string: str, hint: str | None) -> Token 
         if found is None:
             return None
         return dataclasses.replace(found, expires_at=found.refresh_expires_at or 0,
-                                   revoked=found.revoked or found.rotated)
+                                   revoked=found.revoked or found.rotated, refresh=True)
     lookups = [as_refresh, lambda: store.find_access_token(token_string)]
     if hint != "refresh_token":
         lookups.reverse()
@@ -190,7 +190,7 @@ def _query_token(store: SqlStore, token_string: str, hint: str | None) -> Token 
 def introspection_claims(token: Token) -> dict:
     """The RFC 7662 §2.2 members for an active token."""
     claims = {"active": True, "scope": token.scope, "client_id": token.client_id,
-              "token_type": "Bearer", "exp": token.expires_at, "iat": token.issued_at,
+              "token_type": "refresh_token" if token.refresh else "Bearer", "exp": token.expires_at, "iat": token.issued_at,
               "sub": token.username or token.client_id}
     if token.username:
         claims["username"] = token.username
@@ -208,8 +208,14 @@ class Introspection(IntrospectionEndpoint):
         return _query_token(self.server.store, token_string, token_type_hint)
 
     def check_permission(self, token, client, request):
-        """Dovecot (`send_auth_headers = yes`) names the service being logged into; a token
-        lacking that service's scope (`[sasl.services]`) is then reported inactive."""
+        """Which tokens a caller may see active.
+
+        A refresh token only by the client it was issued to: a resource server must never
+        take one for an access token. And when Dovecot (`send_auth_headers = yes`) names
+        the service being logged into, a token lacking that service's scope
+        (`[sasl.services]`) is reported inactive."""
+        if token.refresh:
+            return token.client_id == client.client_id
         service = request.headers.get("X-Dovecot-Auth-Service")
         if service is None:
             return True

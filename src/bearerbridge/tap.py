@@ -20,6 +20,7 @@ from .bootstrap import open_store
 from .metrics import Metrics
 from .pool import StorePool
 from .validator import Validator
+from .web_sasl import SaslEndpoint
 
 log = Logger()
 PURGE_INTERVAL = 3600
@@ -54,13 +55,15 @@ def make_app(config: configuration.Config) -> tuple[MultiService, web.App]:
     pool = StorePool(store, config.database.threads)
     pool.setServiceParent(top)
     app = web.App(config, store.keyring, pool, oauth.BridgeServer(store, config, metrics), metrics)
-    site = Site(web.root(app))
+    sasl = config.sasl
+    validator = Validator(pool, sasl)
+    resource = web.root(app)
+    resource.putChild(b"sasl", SaslEndpoint(app, validator.validate, sasl.services))
+    site = Site(resource)
     site.displayTracebacks = False
     for description in config.http.listen:
         strports.service(description, site).setServiceParent(top)
-    sasl = config.sasl
     if sasl.listen:
-        validator = Validator(pool, sasl)
         mechanisms = sasl.mechanisms + (("PLAIN",) if sasl.plain and "PLAIN" not in sasl.mechanisms else ())
         dovecot = DovecotAuthFactory(
             validator.validate, openid_configuration=oauth.discovery_url(config), mechanisms=mechanisms,

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # stdlib only at run time
+    from twisted.internet.defer import Deferred
+
+    from .sasl import Bearer
 
 
 @dataclass(frozen=True)
@@ -21,3 +27,8 @@ class Verdict:
     scope: str | None = None
     reason: str = ""
     temporary: bool = False
+
+
+# What every surface calls to decide a login: (bearer, service name) -> Deferred[Verdict].
+# bearerbridge's own is `validator.Validator.validate`.
+Validate = Callable[["Bearer", str], "Deferred[Verdict]"]

@@ -1,0 +1,96 @@
+"""`POST /sasl`: the SASL authority over HTTP, for servers written in other languages.
+
+The caller is a registered confidential client (HTTP Basic or `client_id`/`client_secret` in
+the form). It posts `mechanism`, `service` and `message` (the client's SASL message, base64;
+empty when the client sent no initial response) and relays what it gets back:
+
+- `{"result": "ok", "username": "..."}`: log the client in as that user;
+- `{"result": "challenge", "challenge": "<base64>"}`: send the challenge, post the reply;
+- `{"result": "failure", "challenge": "<base64>"|null, "reason": "...", "temporary": bool}`: send
+  the challenge if there is one (RFC 7628 §3.2.2: the client then answers with a dummy
+  message), then fail the exchange; `temporary` asks the client to try later.
+
+Each call is one step of one exchange; no state is kept between calls.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from . import oauth
+from .sasl import MECHANISMS, Challenge, Check, Failure, ServerExchange, Step
+from .verdict import Verdict
+from .web import AsyncResource, BadRequest, Reply, json_reply, snapshot
+
+log = Logger()
+
+
+def _outcome(step: Step, temporary: bool = False) -> dict:
+    """The JSON answer for a step the exchange has reached."""
+    if isinstance(step, Challenge) and not step.data:
+        return {"result": "challenge", "challenge": ""}
+    if isinstance(step, Challenge):  # an RFC 7628 error challenge, to relay before failing
+        return {"result": "failure", "challenge": base64.b64encode(step.data).decode(), "temporary": temporary}
+    if isinstance(step, Failure):
+        return {"result": "failure", "challenge": None, "reason": step.reason, "temporary": temporary}
+    raise TypeError(step)
+
+
+class SaslEndpoint(AsyncResource):
+    """Decides SASL logins posted over HTTP with the same validator as the Dovecot socket."""
+
+    def __init__(self, app: Any, validate: Callable[..., defer.Deferred[Verdict]], services: Any) -> None:
+        super().__init__(app)
+        self._validate = validate
+        self._services = services
+
+    def render_POST(self, request: Request) -> Any:
+        return self._answer(request, self._post)
+
+    def _post(self, request: Request) -> defer.Deferred:
+        req = snapshot(request, self.app.config.server.issuer)
+        mechanism, service = req.form.get("mechanism", "").upper(), req.form.get("service", "")
+        if mechanism not in MECHANISMS or not service:
+            raise BadRequest(f"mechanism must be one of {', '.join(MECHANISMS)}, and service is required")
+        try:
+            message = base64.b64decode(req.form.get("message", ""), validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("message must be base64") from None
+        d = self.app.pool.run(self.app.server.authenticate_client, req, oauth.SECRET_AUTH, "sasl")
+        d.addCallback(lambda client: self._exchange(mechanism, service, message))
+        d.addErrback(self._refused_client)
+        return d
+
+    def _refused_client(self, failure) -> Reply:
+        failure.trap(oauth.OAuth2Error)
+        error = failure.value
+        return json_reply(401, {"error": error.error, "error_description": error.get_error_description()},
+                          {"WWW-Authenticate": "Basic"})
+
+    def _exchange(self, mechanism: str, service: str, message: bytes) -> defer.Deferred | Reply:
+        exchange = ServerExchange(mechanism, oauth.discovery_url(self.app.config))
+        step = exchange.receive(message or None)
+        if not isinstance(step, Check):
+            self._record(mechanism, service, None, False, "malformed")
+            return json_reply(200, _outcome(step))
+        return self._validate(step.bearer, service).addCallback(self._decided, exchange, mechanism, service)
+
+    def _decided(self, verdict: Verdict, exchange: ServerExchange, mechanism: str, service: str) -> Reply:
+        self._record(mechanism, service, verdict.username, verdict.ok, verdict.reason)
+        if verdict.ok:
+            exchange.accept()
+            return json_reply(200, {"result": "ok", "username": verdict.username})
+        step = exchange.reject(verdict.status, verdict.scope, verdict.reason)
+        return json_reply(200, {**_outcome(step, verdict.temporary), "reason": verdict.reason})
+
+    def _record(self, mechanism: str, service: str, user: str | None, ok: bool, reason: str) -> None:
+        # repr(): the service name comes from the caller and must not forge log lines.
+        log.info("auth {result}: user={user!r} service={service!r} mechanism={mechanism} reason={reason}",
+                 result="ok" if ok else "failed", user=user, service=service, mechanism=mechanism, reason=reason)
+        self.app.metrics.sasl_decision("http", self._services, mechanism, service, ok, reason)

@@ -1,0 +1,166 @@
+"""The one SASL decision: `judge` on its own, and `Validator` with its memory over a real SQLite store."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+from twisted.internet import defer, task
+
+from bearerbridge import migrations
+from bearerbridge.config import SaslSettings
+from bearerbridge.crypto import Keyring
+from bearerbridge.models import Client, Token
+from bearerbridge.sasl import Bearer
+from bearerbridge.store import SqlStore, make_engine
+from bearerbridge.validator import Validator, judge
+
+SETTINGS = SaslSettings(identity=("username", "email"), plain=("imap",))
+TOKEN = Token(id=1, client_id="app", user_id=7, username="alice", email="Alice@Example.org", scope="imap smtp",
+              issued_at=1000, expires_at=5000, refresh_expires_at=None, revoked=False, rotated=False, family="f")
+
+
+def bearer(identity=None, mechanism="OAUTHBEARER"):
+    return Bearer(mechanism, identity, "tok")
+
+
+@pytest.mark.parametrize("token, identity, service, mechanism, expected", [
+    (TOKEN, None, "imap", "OAUTHBEARER", (True, "ok", None)),
+    (TOKEN, "alice", "smtp", "XOAUTH2", (True, "ok", None)),
+    (TOKEN, "alice@example.ORG", "imap", "OAUTHBEARER", (True, "ok", None)),    # email, any case
+    (TOKEN, "alice", "imap", "PLAIN", (True, "ok", None)),
+    (TOKEN, "alice", "smtp", "PLAIN", (False, "plain_not_allowed", "invalid_request")),
+    (TOKEN, "bob", "imap", "OAUTHBEARER", (False, "identity_mismatch", "invalid_token")),
+    (TOKEN, None, "xmpp", "OAUTHBEARER", (False, "insufficient_scope", "insufficient_scope")),
+    (TOKEN, None, "pop3", "OAUTHBEARER", (False, "unknown_service", "invalid_request")),
+    (None, None, "imap", "OAUTHBEARER", (False, "unknown", "invalid_token")),
+    (dataclasses.replace(TOKEN, revoked=True), None, "imap", "OAUTHBEARER", (False, "revoked", "invalid_token")),
+    (dataclasses.replace(TOKEN, user_disabled=True), None, "imap", "OAUTHBEARER",
+     (False, "user_disabled", "invalid_token")),
+    (dataclasses.replace(TOKEN, expires_at=2000), None, "imap", "OAUTHBEARER", (False, "expired", "invalid_token")),
+    (dataclasses.replace(TOKEN, user_id=None, username=None), None, "imap", "OAUTHBEARER",
+     (False, "no_user", "invalid_token")),
+])
+def test_judge(token, identity, service, mechanism, expected):
+    verdict = judge(token, 3000, bearer(identity, mechanism), service, SETTINGS)
+    assert (verdict.ok, verdict.reason, None if verdict.ok else verdict.status) == expected
+    if verdict.ok:
+        assert verdict.username == "alice"
+    if verdict.reason == "insufficient_scope":
+        assert verdict.scope == "xmpp"
+
+
+@pytest.mark.parametrize("form, expected", [
+    ("username", "alice@corp"), ("email", "Alice@Example.org"), ("localpart", "alice"),
+    ("user@realm", "alice@corp@example.net"),
+])
+def test_reported_name_per_service(form, expected):
+    settings = SaslSettings(usernames={"xmpp": form}, realm="example.net")
+    token = dataclasses.replace(TOKEN, username="alice@corp", scope="xmpp")
+    assert judge(token, 3000, bearer(), "xmpp", settings).username == expected
+
+
+class SyncPool:
+    """Runs store work at once on the calling thread, counting the hops (tests/fakes in spirit)."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self.store = store
+        self.hops = 0
+        self.broken = False
+        self.held: list[defer.Deferred] | None = None
+
+    def run(self, fn, *args):
+        self.hops += 1
+        if self.broken:
+            return defer.fail(RuntimeError("database gone"))
+        with self.store.transaction():
+            result = fn(*args)
+        if self.held is not None:  # let the test decide when the "thread" answers
+            d = defer.Deferred()
+            self.held.append((d, result))
+            return d
+        return defer.succeed(result)
+
+
+@pytest.fixture
+def world(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'v.db'}")
+    migrations.upgrade(engine)
+    store = SqlStore(engine, Keyring(b"k" * 32))
+    with store.transaction():
+        user = store.add_user("alice", None, None)
+        store.add_client(Client("app", "App", (), "imap", ("client_credentials",), False), "s")
+        store.save_token("good", None, "app", user.id, "imap", 3600, None)
+        store.save_token("other", None, "app", user.id, "imap", 3600, None)
+    pool, clock = SyncPool(store), task.Clock()
+    clock.rightNow = time.time()  # the stored tokens' expiry is wall-clock time
+    yield store, pool, clock, Validator(pool, SaslSettings(cache_ttl=1.0), clock=clock)
+    engine.dispose()
+
+
+def check(validator, token="good", service="imap"):
+    results = []
+    validator.validate(Bearer("OAUTHBEARER", None, token), service).addCallback(results.append)
+    return results[0]
+
+
+def test_recent_tokens_are_answered_from_memory_for_cache_ttl(world):
+    store, pool, clock, validator = world
+    assert check(validator).ok and pool.hops == 1
+    assert check(validator).ok and check(validator, service="smtp").reason == "insufficient_scope"
+    assert pool.hops == 1
+    clock.advance(1.01)
+    assert check(validator).ok and pool.hops == 2
+
+
+def test_a_revocation_in_this_process_takes_effect_at_once(world):
+    store, pool, clock, validator = world
+    assert check(validator).ok
+    with store.transaction():
+        store.revoke_token(store.find_access_token("good").id)
+    assert check(validator).reason == "revoked"
+
+
+def test_a_revocation_in_another_process_takes_effect_within_cache_ttl(world, tmp_path):
+    store, pool, clock, validator = world
+    assert check(validator).ok
+    elsewhere = SqlStore(make_engine(f"sqlite:///{tmp_path / 'v.db'}"), Keyring(b"k" * 32))
+    with elsewhere.transaction():
+        elsewhere.set_disabled("alice", True)
+    assert check(validator).ok          # still remembered...
+    clock.advance(1.0)
+    assert check(validator).reason == "user_disabled"  # ...for at most cache_ttl
+
+
+def test_unknown_tokens_are_not_remembered(world):
+    store, pool, clock, validator = world
+    assert check(validator, "guess-1").reason == "unknown"
+    assert check(validator, "guess-1").reason == "unknown"
+    assert pool.hops == 2
+
+
+def test_concurrent_misses_share_one_lookup(world):
+    store, pool, clock, validator = world
+    pool.held = []
+    first = validator.validate(Bearer("OAUTHBEARER", None, "good"), "imap")
+    waiting = [validator.validate(Bearer("OAUTHBEARER", None, t), "imap") for t in ("other", "good", "nope")]
+    assert pool.hops == 1
+    d, result = pool.held.pop()
+    d.callback(result)                 # the first lookup lands; the three waiting go out together
+    assert pool.hops == 2
+    d, result = pool.held.pop()
+    d.callback(result)
+    outcomes = []
+    for each in [first, *waiting]:
+        each.addCallback(lambda v: outcomes.append(v.reason))
+    assert outcomes == ["ok", "ok", "ok", "unknown"]
+
+
+def test_a_database_outage_gives_a_temporary_verdict(world):
+    store, pool, clock, validator = world
+    pool.broken = True
+    verdict = check(validator)
+    assert not verdict.ok and verdict.temporary and verdict.reason == "database_unavailable"
+    pool.broken = False
+    assert check(validator).ok
