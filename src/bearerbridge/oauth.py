@@ -354,8 +354,8 @@ class BridgeServer(AuthorizationServer):
         if decision == "approve":
             self.store.save_consent(user.id, client.client_id, scope)
         elif decision != "deny" and not scope <= self.store.consented_scope(user.id, client.client_id):
-            names = [s for s in request.scope.split()]
-            return AskConsent(client.name, user, tuple((s, self.config.scopes.get(s, s)) for s in names))
+            return AskConsent(client.name, user,
+                              tuple((s, self.config.scopes.get(s, s)) for s in request.scope.split()))
         granted = user if decision != "deny" else None
         return self._with_issuer(self.create_authorization_response(request, grant_user=granted, grant=grant))
 
