@@ -1,0 +1,54 @@
+"""A database that is gone: every endpoint answers its protocol's 'try later', and keeps serving."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy.exc import OperationalError
+from treq.testing import StubTreq
+from twisted.internet import defer
+
+from bearerbridge import config, oauth, web
+from bearerbridge.crypto import Keyring
+from bearerbridge.metrics import Metrics
+
+
+class DeadPool:
+    """A StorePool whose database has gone away: the store is there, no call reaches it."""
+
+    store = SimpleNamespace(ping=lambda: None)
+
+    def run(self, fn, *args, **kwargs):
+        return defer.fail(OperationalError("SELECT 1", {}, Exception("connection refused")))
+
+
+@pytest.fixture
+def http():
+    settings = config.Config()
+    metrics = Metrics()
+    server = oauth.BridgeServer(DeadPool.store, settings, metrics)
+    app = web.App(settings, Keyring(b"k" * 32), DeadPool(), server, metrics)
+    return StubTreq(web.root(app))
+
+
+@pytest.mark.parametrize("path", ["/token", "/introspect", "/revoke"])
+def test_json_endpoints_answer_temporarily_unavailable(http, path):
+    d = http.post(f"http://127.0.0.1:8080{path}", data={"grant_type": "client_credentials", "token": "t"})
+    results = []
+    d.addCallback(lambda r: r.content().addCallback(lambda body: results.append((r.code, body))))
+    http.flush()
+    code, body = results[0]
+    assert code == 503 and json.loads(body)["error"] == "temporarily_unavailable"
+
+
+def test_pages_and_health_answer_503(http):
+    results = []
+    for path in ("/authorize?response_type=code&client_id=x", "/healthz"):
+        d = http.get(f"http://127.0.0.1:8080{path}")
+        d.addCallback(lambda r, path=path: r.content().addCallback(lambda body: results.append((path, r.code, body))))
+    http.flush()
+    assert [(path, code) for path, code, _ in results] == [
+        ("/authorize?response_type=code&client_id=x", 503), ("/healthz", 503)]
+    assert b"temporarily_unavailable" in results[0][2]
