@@ -38,12 +38,16 @@ class ServerSettings:
 @dataclass(frozen=True)
 class HttpSettings:
     listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
+    # A file for the access log (combined log format); none when empty.
+    access_log: str = ""
 
 
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: str = "sqlite:///var/bearerbridge.db"
-    threads: int = 4
+    # SQLite lets one writer in at a time, so more threads only queue on its lock; PostgreSQL
+    # gains from a few.
+    threads: int = 1
 
 
 @dataclass(frozen=True)

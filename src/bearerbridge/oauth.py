@@ -319,13 +319,6 @@ class BridgeServer(AuthorizationServer):
         user = self.store.get_user(user_id) if user_id is not None else None
         return user if user is not None and not user.disabled else None
 
-    def login(self, username: str, password: str) -> User | None:
-        """The user, if the password is right and the account enabled (argon2id: slow on purpose)."""
-        user, password_hash = self.store.password_hash(username)
-        if not check_password(password_hash, password) or user is None or user.disabled:
-            return None
-        return user
-
     # the authorization endpoint
 
     def _with_issuer(self, response: tuple) -> Redirect:
@@ -358,6 +351,16 @@ class BridgeServer(AuthorizationServer):
                               tuple((s, self.config.scopes.get(s, s)) for s in request.scope.split()))
         granted = user if decision != "deny" else None
         return self._with_issuer(self.create_authorization_response(request, grant_user=granted, grant=grant))
+
+
+def verify_login(found: tuple[User | None, str | None], password: str) -> User | None:
+    """The user found by name, if the password is right and the account enabled.
+
+    argon2id is slow on purpose, so this runs away from the store's threads."""
+    user, password_hash = found
+    if not check_password(password_hash, password) or user is None or user.disabled:
+        return None
+    return user
 
 
 def discovery_url(config: Config) -> str:

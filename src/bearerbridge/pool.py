@@ -41,6 +41,11 @@ class StorePool(Service):
         with self.store.transaction():
             return fn(*args, **kwargs)
 
+    def run_apart(self, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+        """Call `fn` in the reactor's own thread pool, away from the store's threads: for slow
+        CPU work (password hashing) that must not hold up database work."""
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
+
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
         """Call `fn(*args, **kwargs)` in a pool thread, inside one store transaction."""
         return threads.deferToThreadPool(self._reactor, self._pool, self._in_transaction, fn, args, kwargs)

@@ -95,6 +95,27 @@ consents = sa.Table(
 )
 
 
+# The statements on the hot paths, built once: constructing a statement costs more than a
+# point lookup on a held connection (bench/README.md), so they take their values as parameters.
+_client_by_id = clients.select().where(clients.c.client_id == sa.bindparam("client_id"))
+_user_by_id = users.select().where(users.c.id == sa.bindparam("user_id"))
+_code_by_digest = auth_codes.select().where(auth_codes.c.code_digest == sa.bindparam("digest"))
+_use_code = (auth_codes.update().where(auth_codes.c.code_digest == sa.bindparam("digest"),
+                                       auth_codes.c.used.is_(False)).values(used=True))
+_insert_code = auth_codes.insert()
+_insert_token = tokens.insert()
+_mark_rotated = (tokens.update().where(tokens.c.id == sa.bindparam("token_id"), tokens.c.rotated.is_(False))
+                 .values(rotated=True))
+_token_query = (
+    sa.select(tokens, users.c.username, users.c.email,
+              sa.func.coalesce(users.c.disabled, False).label("user_disabled"))
+    .select_from(tokens.outerjoin(users, tokens.c.user_id == users.c.id))
+)
+_token_by_access = _token_query.where(tokens.c.access_digest == sa.bindparam("digest"))
+_token_by_refresh = _token_query.where(tokens.c.refresh_digest == sa.bindparam("digest"))
+_tokens_by_access = _token_query.where(tokens.c.access_digest.in_(sa.bindparam("digests", expanding=True)))
+
+
 class StoreError(Exception):
     """A request the store refuses (a duplicate name, an unknown user)."""
 
@@ -191,7 +212,7 @@ class SqlStore:
         return None if row is None else User(row.id, row.username, row.email, row.disabled)
 
     def get_user(self, user_id: int) -> User | None:
-        return self._user(self._db.execute(users.select().where(users.c.id == user_id)).first())
+        return self._user(self._db.execute(_user_by_id, {"user_id": user_id}).first())
 
     def get_user_by_name(self, username: str) -> User | None:
         return self._user(self._db.execute(users.select().where(users.c.username == username)).first())
@@ -234,7 +255,7 @@ class SqlStore:
             secret_digest=row.secret_digest, created_at=row.created_at, digest=self.keyring.digest)
 
     def get_client(self, client_id: str) -> Client | None:
-        return self._client(self._db.execute(clients.select().where(clients.c.client_id == client_id)).first())
+        return self._client(self._db.execute(_client_by_id, {"client_id": client_id}).first())
 
     def list_clients(self) -> list[Client]:
         return [self._client(row) for row in self._db.execute(clients.select().order_by(clients.c.name))]
@@ -248,21 +269,18 @@ class SqlStore:
 
     def save_code(self, code: str, client_id: str, user_id: int, redirect_uri: str, scope: str,
                   code_challenge: str | None, code_challenge_method: str | None, expires_at: int) -> None:
-        self._db.execute(auth_codes.insert().values(
-            code_digest=self.keyring.digest(code), client_id=client_id, user_id=user_id,
-            redirect_uri=redirect_uri, scope=scope, code_challenge=code_challenge,
-            code_challenge_method=code_challenge_method, expires_at=expires_at, used=False))
+        self._db.execute(_insert_code, {
+            "code_digest": self.keyring.digest(code), "client_id": client_id, "user_id": user_id,
+            "redirect_uri": redirect_uri, "scope": scope, "code_challenge": code_challenge,
+            "code_challenge_method": code_challenge_method, "expires_at": expires_at, "used": False})
 
     def find_code(self, code: str) -> AuthCode | None:
-        row = self._db.execute(
-            auth_codes.select().where(auth_codes.c.code_digest == self.keyring.digest(code))).first()
+        row = self._db.execute(_code_by_digest, {"digest": self.keyring.digest(code)}).first()
         return None if row is None else AuthCode(**row._mapping)
 
     def use_code(self, code_digest: str) -> bool:
         """Mark a code used; False if it already was (a concurrent exchange won the race)."""
-        result = self._db.execute(auth_codes.update().where(
-            auth_codes.c.code_digest == code_digest, auth_codes.c.used.is_(False)).values(used=True))
-        return result.rowcount == 1
+        return self._db.execute(_use_code, {"digest": code_digest}).rowcount == 1
 
     # -- tokens -------------------------------------------------------------------------
 
@@ -270,18 +288,13 @@ class SqlStore:
                    scope: str, expires_in: int, refresh_ttl: int | None, family: str | None = None,
                    code_digest: str | None = None) -> None:
         now = _now()
-        self._db.execute(tokens.insert().values(
-            access_digest=self.keyring.digest(access_token),
-            refresh_digest=self.keyring.digest(refresh_token) if refresh_token else None,
-            client_id=client_id, user_id=user_id, scope=scope, issued_at=now, expires_at=now + expires_in,
-            refresh_expires_at=now + refresh_ttl if refresh_token and refresh_ttl else None,
-            revoked=False, rotated=False, family=family or uuid.uuid4().hex, code_digest=code_digest))
-
-    _token_query = (
-        sa.select(tokens, users.c.username, users.c.email,
-                  sa.func.coalesce(users.c.disabled, False).label("user_disabled"))
-        .select_from(tokens.outerjoin(users, tokens.c.user_id == users.c.id))
-    )
+        self._db.execute(_insert_token, {
+            "access_digest": self.keyring.digest(access_token),
+            "refresh_digest": self.keyring.digest(refresh_token) if refresh_token else None,
+            "client_id": client_id, "user_id": user_id, "scope": scope, "issued_at": now,
+            "expires_at": now + expires_in,
+            "refresh_expires_at": now + refresh_ttl if refresh_token and refresh_ttl else None,
+            "revoked": False, "rotated": False, "family": family or uuid.uuid4().hex, "code_digest": code_digest})
 
     def _token(self, row) -> Token | None:
         if row is None:
@@ -293,23 +306,19 @@ class SqlStore:
             family=row.family, user_disabled=bool(row.user_disabled))
 
     def find_access_token(self, access_token: str) -> Token | None:
-        digest = self.keyring.digest(access_token)
-        return self._token(self._db.execute(self._token_query.where(tokens.c.access_digest == digest)).first())
+        return self._token(self._db.execute(_token_by_access, {"digest": self.keyring.digest(access_token)}).first())
 
     def find_access_tokens(self, digests: list[str]) -> dict[str, Token]:
         """Tokens by the digests of their access tokens, in one query (for batched validation)."""
-        rows = self._db.execute(self._token_query.where(tokens.c.access_digest.in_(digests)))
+        rows = self._db.execute(_tokens_by_access, {"digests": digests})
         return {row.access_digest: self._token(row) for row in rows}
 
     def find_refresh_token(self, refresh_token: str) -> Token | None:
-        digest = self.keyring.digest(refresh_token)
-        return self._token(self._db.execute(self._token_query.where(tokens.c.refresh_digest == digest)).first())
+        return self._token(self._db.execute(_token_by_refresh, {"digest": self.keyring.digest(refresh_token)}).first())
 
     def mark_rotated(self, token_id: int) -> bool:
         """Retire a refresh token after use; False if another request rotated it first."""
-        result = self._db.execute(tokens.update().where(
-            tokens.c.id == token_id, tokens.c.rotated.is_(False)).values(rotated=True))
-        return result.rowcount == 1
+        return self._db.execute(_mark_rotated, {"token_id": token_id}).rowcount == 1
 
     def _revoke(self, condition) -> int:
         self._invalidates()

@@ -11,7 +11,6 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from . import config as configuration
 from . import oauth, web
@@ -59,8 +58,7 @@ def make_app(config: configuration.Config) -> tuple[MultiService, web.App]:
     validator = Validator(pool, sasl)
     resource = web.root(app)
     resource.putChild(b"sasl", SaslEndpoint(app, validator.validate, sasl.services))
-    site = Site(resource)
-    site.displayTracebacks = False
+    site = web.BridgeSite(resource, config.http.access_log)
     for description in config.http.listen:
         strports.service(description, site).setServiceParent(top)
     if sasl.listen:

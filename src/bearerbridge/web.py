@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
 from . import oauth
@@ -230,12 +230,13 @@ class Authorize(AsyncResource):
                 raise BadRequest("decision must be approve or deny")
             d = self.app.pool.run(self.app.server.authorize, req, user_id, decision)
             return d.addCallback(self._render, request, user_id)
-        return self.app.pool.run(self._login, req, form.get("username", ""), form.get("password", "")
-                                 ).addCallback(self._logged_in, request)
+        d = self.app.pool.run(self.app.server.store.password_hash, form.get("username", ""))
+        d.addCallback(lambda found: self.app.pool.run_apart(oauth.verify_login, found, form.get("password", "")))
+        d.addCallback(lambda user: self.app.pool.run(self._after_login, req, user))
+        return d.addCallback(self._logged_in, request)
 
-    def _login(self, req: oauth.HttpRequest, username: str, password: str):
-        """In the pool: check the password, then go on as a fresh request from that user."""
-        user = self.app.server.login(username, password)
+    def _after_login(self, req: oauth.HttpRequest, user):
+        """In the pool: go on as a fresh request from the user who logged in, if one did."""
         outcome = self.app.server.authorize(req, user.id if user else None, None)
         if user is None and isinstance(outcome, oauth.AskLogin):
             outcome = oauth.AskLogin(outcome.client_name, failed=True)
@@ -373,6 +374,22 @@ class JsonDocument(Resource):
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Access-Control-Allow-Origin", b"*")
         return self._body
+
+
+class BridgeSite(Site):
+    """The Site for every [http] listener. Twisted's own form parsing is off (`snapshot` parses
+    what it needs, and Twisted's Content-Type parsing costs more than a database lookup), and
+    the access log is written only to the file `[http] access_log` names."""
+
+    displayTracebacks = False
+
+    def __init__(self, resource: Resource, access_log: str = "") -> None:
+        super().__init__(resource, logPath=access_log or None, parsePOSTFormSubmission=False)
+        self._access_log = bool(access_log)
+
+    def log(self, request: Request) -> None:
+        if self._access_log:
+            super().log(request)
 
 
 def root(app: App) -> Resource:
