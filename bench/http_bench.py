@@ -1,0 +1,464 @@
+"""HTTP load benchmark of one `twistd bearerbridge` process (see bench/README.md).
+
+    .venv/bin/python bench/http_bench.py [--connections 16] [--duration 10] [--only NAME] [--json]
+
+Starts the service from a throwaway config and SQLite database, seeds a user and clients
+with the admin CLI (and single-use authorization codes straight into the store), then
+drives three scenarios with wrk (C, its own process, so the load generator is not the
+bottleneck: its CPU use is reported beside the server's) and prints requests/s, p50/p99
+latency and errors per scenario. The server is always stopped by its PID at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlencode
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+LUA = HERE / "post.lua"
+REDIRECT_URI = "http://127.0.0.1:9/callback"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: str
+    min_rps: float      # the project's targets: one process, 2 cores, 16 connections
+    max_p99_ms: float
+    description: str
+
+
+SCENARIOS = (
+    Scenario("client_credentials", "/token", 1500, 25, "POST /token grant_type=client_credentials, Basic auth"),
+    Scenario("authorization_code", "/token", 800, 40, "POST /token grant_type=authorization_code + PKCE, one code each"),
+    Scenario("introspection", "/introspect", 2600, 15, "POST /introspect token=<valid access token>, Basic auth"),
+)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def basic(client_id: str, secret: str) -> str:
+    # RFC 6749 §2.3.1: both parts form-urlencoded before base64 (ours are URL-safe already).
+    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+
+
+def pkce_pair() -> tuple[str, str]:
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    return verifier, challenge
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds spent by every process on the machine (all cores), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, directory: Path, threads: int | None) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = directory / "bearerbridge.toml"
+        database = f'[database]\nurl = "sqlite:///{directory / "bearerbridge.db"}"\n'
+        if threads:
+            database += f"threads = {threads}\n"
+        self.config_path.write_text(
+            f'[server]\nissuer = "{self.url}"\nsecret_key_file = "{directory / "secret.key"}"\n'
+            f'[http]\nlisten = ["tcp:{self.port}:interface=127.0.0.1"]\n' + database)
+        self.log_path = directory / "twistd.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.process = subprocess.Popen(
+            [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(self.log_path),
+             "bearerbridge", "--config", str(self.config_path)],
+            cwd=self.directory, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"twistd exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no answer on /healthz within {timeout:.0f}s:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM by PID, then SIGKILL if it has not gone within 15 s."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.kill(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            log(f"twistd (pid {self.process.pid}) ignored SIGTERM; killing it")
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def cli(self, *args: str, stdin: str = "") -> str:
+        """`bearerbridge --config ... ARGS` in-process (as tests/support.py does); its stdout."""
+        from bearerbridge import cli
+        out, err = io.StringIO(), io.StringIO()
+        saved, sys.stdin = sys.stdin, io.StringIO(stdin)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                status = cli.main(["--config", str(self.config_path), *args])
+        finally:
+            sys.stdin = saved
+        if status != 0:
+            raise RuntimeError(f"bearerbridge {' '.join(args)}: {err.getvalue().strip()}")
+        return out.getvalue().strip()
+
+
+# -- seeding ---------------------------------------------------------------------------------------
+
+@dataclass
+class Seed:
+    username: str
+    service: dict       # client_credentials, scope "metrics imap"
+    app: dict           # confidential code-grant client
+    resource: dict      # resource server, for introspection
+    access_token: str   # a valid user-bound access token to introspect
+
+
+def seed(server: Server) -> Seed:
+    def client(*args: str) -> dict:
+        return json.loads(server.cli("client", "create", "--name", f"bench-{secrets.token_hex(3)}", "--json", *args))
+
+    username = f"bench-{secrets.token_hex(3)}"
+    server.cli("user", "add", username, "--email", f"{username}@example.org", "--password-stdin",
+               stdin="bench password\n")
+    service = client("--scope", "metrics imap")
+    app = client("--redirect-uri", REDIRECT_URI, "--scope", "imap smtp")
+    resource = client("--scope", "metrics")
+    token = server.cli("token", "issue", "--user", username, "--client", app["client_id"], "--scope", "imap")
+    return Seed(username, service, app, resource, token)
+
+
+def seed_codes(server: Server, seeded: Seed, count: int) -> list[str]:
+    """`count` fresh single-use codes with S256 challenges; each returned as a ready form body."""
+    from bearerbridge import bootstrap, config
+    store = bootstrap.open_store(config.load(server.config_path))
+    try:
+        with store.transaction():
+            user = store.get_user_by_name(seeded.username)
+            expires_at = int(time.time()) + 3600
+            bodies = []
+            for _ in range(count):
+                code = secrets.token_urlsafe(32)
+                verifier, challenge = pkce_pair()
+                store.save_code(code, seeded.app["client_id"], user.id, REDIRECT_URI, "imap",
+                                challenge, "S256", expires_at)
+                bodies.append(urlencode({"grant_type": "authorization_code", "code": code,
+                                         "code_verifier": verifier, "redirect_uri": REDIRECT_URI}))
+    finally:
+        store.engine.dispose()
+    return bodies
+
+
+# -- running wrk -----------------------------------------------------------------------------------
+
+def preflight(url: str, authorization: str, body: str, expect: str) -> None:
+    """One request by hand before the load: it must be a 200 whose JSON has `expect` truthy."""
+    request = urllib.request.Request(url, data=body.encode(), method="POST", headers={
+        "Authorization": authorization, "Content-Type": "application/x-www-form-urlencoded"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"preflight {url}: HTTP {e.code}: {e.read()[:300]!r}") from None
+    if not answer.get(expect):
+        raise RuntimeError(f"preflight {url}: no {expect!r} in {answer}")
+
+
+def run_wrk(url: str, authorization: str, mode: str, payload: str, connections: int, duration: float,
+            wrk_threads: int, server_pid: int, profile: tuple[Path, str] | None = None) -> dict:
+    out = tempfile.TemporaryFile(mode="w+")
+    command = ["wrk", "-t", str(wrk_threads), "-c", str(connections), "-d", f"{duration:g}s",
+               "--timeout", "5s", "-s", str(LUA), url, "--", authorization, mode, payload]
+    spy = None
+    if profile is not None:
+        directory, name = profile
+        # Sample only the thread that holds the GIL: in a CPU-bound Python server that is what costs.
+        spy = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(server_pid), "--gil", "--threads", "--function", "--nonblocking",
+             "--rate", "250", "--duration", str(max(1, int(duration))), "--format", "raw",
+             "-o", str(directory / f"{name}.folded")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server_cpu, machine_cpu = cpu_seconds(server_pid), machine_busy_seconds()
+    started = time.monotonic()
+    wrk = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _, status, usage = os.wait4(wrk.pid, 0)
+    except BaseException:  # interrupted: stop our own children before the server goes
+        for child in (wrk, spy):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
+        raise
+    wrk.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - started
+    server_cpu = cpu_seconds(server_pid) - server_cpu
+    machine_cpu = machine_busy_seconds() - machine_cpu
+    if spy is not None:
+        spy.wait(60)
+    out.seek(0)
+    text = out.read()
+    lines = [line for line in text.splitlines() if line.startswith("BENCH-RESULT ")]
+    if wrk.returncode != 0 or not lines:
+        raise RuntimeError(f"wrk failed ({wrk.returncode}):\n{text}")
+    result = json.loads(lines[-1].removeprefix("BENCH-RESULT "))
+    result["server_cpu_pct"] = 100 * server_cpu / wall
+    result["wrk_cpu_pct"] = 100 * (usage.ru_utime + usage.ru_stime) / wall
+    # Whatever else ran meanwhile (py-spy, other jobs): high values make the numbers suspect.
+    result["other_cpu_pct"] = max(0.0, 100 * machine_cpu / wall - result["server_cpu_pct"] - result["wrk_cpu_pct"])
+    return result
+
+
+def summarize(scenario: Scenario, raw: dict) -> dict:
+    seconds = raw["duration_us"] / 1e6
+    socket_errors = sum(raw["socket_errors"].values())
+    errors = raw["non200"] + socket_errors
+    rps = raw["requests"] / seconds
+    p50, p99 = raw["latency_us"]["p50"] / 1000, raw["latency_us"]["p99"] / 1000
+    return {
+        "scenario": scenario.name, "requests": raw["requests"], "seconds": round(seconds, 2),
+        "rps": round(rps, 1), "p50_ms": round(p50, 2), "p90_ms": round(raw["latency_us"]["p90"] / 1000, 2),
+        "p99_ms": round(p99, 2), "max_ms": round(raw["latency_us"]["max"] / 1000, 2),
+        "errors": errors, "non200": raw["non200"], "statuses": raw["statuses"],
+        "socket_errors": raw["socket_errors"], "error_samples": raw["samples"],
+        "codes_exhausted": raw["exhausted"],
+        "server_cpu_pct": round(raw["server_cpu_pct"], 1), "wrk_cpu_pct": round(raw["wrk_cpu_pct"], 1),
+        "other_cpu_pct": round(raw["other_cpu_pct"], 1),
+        "target": {"min_rps": scenario.min_rps, "max_p99_ms": scenario.max_p99_ms},
+        "meets_target": rps >= scenario.min_rps and p99 <= scenario.max_p99_ms and errors == 0,
+    }
+
+
+# -- profiles --------------------------------------------------------------------------------------
+
+# Frames every stack passes through (thread start-up, the reactor loop, the pool's plumbing):
+# left out of the inclusive list so that it shows where the time actually goes.
+PLUMBING = re.compile(r"\((threading|contextlib)\.py|\(twistd\)|twisted/(_threads|scripts|application|python/(log|context|threadpool))"
+                      r"|twisted/internet/(base|epollreactor|posixbase|tcp)\.py|<module>")
+
+
+def top_functions(folded: Path, limit: int = 15) -> str:
+    """Self and inclusive shares of samples per function, from py-spy's raw (folded) output."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    per_thread: Counter[str] = Counter()
+    total = 0
+    for line in folded.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        if frames and frames[0].startswith(("thread ", "process ")):
+            per_thread[frames[0]] += n
+            frames = frames[1:]
+        frames = [f for f in frames if not f.startswith(("thread ", "process "))]
+        if not frames:
+            continue
+        total += n
+        own[frames[-1]] += n
+        for frame in set(frames):
+            if not PLUMBING.search(frame):
+                inclusive[frame] += n
+    if not total:
+        return "(no samples)"
+    lines = [f"{total} samples while a thread held the GIL"]
+    lines += ["by thread:"] + [f"  {100 * n / total:5.1f}%  {t}" for t, n in per_thread.most_common(8)]
+    lines += ["self time:"] + [f"  {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(limit)]
+    lines += ["inclusive time:"] + [f"  {100 * n / total:5.1f}%  {f}" for f, n in inclusive.most_common(limit * 2)]
+    return "\n".join(lines)
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+def print_table(results: list[dict], stream) -> None:
+    header = (f"{'scenario':<20} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}   "
+              f"{'target':<18} {'ok':<3} {'server cpu':>10} {'wrk cpu':>7} {'other cpu':>9}")
+    print(header, file=stream)
+    print("-" * len(header), file=stream)
+    for r in results:
+        target = f">={r['target']['min_rps']:g}/s p99<={r['target']['max_p99_ms']:g}"
+        print(f"{r['scenario']:<20} {r['rps']:>8.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['errors']:>6}   "
+              f"{target:<18} {'yes' if r['meets_target'] else 'NO':<3} {r['server_cpu_pct']:>9.0f}% "
+              f"{r['wrk_cpu_pct']:>6.0f}% {r['other_cpu_pct']:>8.0f}%", file=stream)
+    print(f"(cpu: % of one core over the run, {os.cpu_count()} cores; 'other' is everything else on the "
+          f"machine, e.g. concurrent jobs, and should be near 0)", file=stream)
+    for r in results:
+        if r["errors"]:
+            print(f"\n{r['scenario']}: {r['non200']} non-200 {r['statuses']}, socket errors {r['socket_errors']}",
+                  file=stream)
+            for sample in r["error_samples"]:
+                print(f"  {sample}", file=stream)
+        if r["codes_exhausted"]:
+            print(f"{r['scenario']}: ran out of codes {r['codes_exhausted']} times; raise --codes-per-second",
+                  file=stream)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--connections", "-c", type=int, default=16, help="concurrent keep-alive connections")
+    p.add_argument("--duration", "-d", type=float, default=10, help="seconds of load per scenario")
+    p.add_argument("--warmup", type=float, default=2, help="seconds of unmeasured load before each scenario")
+    p.add_argument("--only", action="append", metavar="NAME",
+                   help="run only this scenario (a name or a unique prefix; repeatable): "
+                        + ", ".join(s.name for s in SCENARIOS))
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout (table on stderr)")
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1 is plenty; it leaves a core to the server)")
+    p.add_argument("--threads", type=int, help="[database] threads of the server (default: the config's default)")
+    p.add_argument("--codes-per-second", type=int, default=3000,
+                   help="authorization codes seeded per second of the code scenario (each is used once)")
+    p.add_argument("--profile", metavar="DIR", type=Path,
+                   help="also record each scenario with py-spy (--gil) into DIR/NAME.folded and print its "
+                        "hot spots; throughput is lower while profiling")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (config, database, log)")
+    args = p.parse_args(argv)
+    chosen = []
+    for name in args.only or [s.name for s in SCENARIOS]:
+        matches = [s for s in SCENARIOS if s.name == name] or [s for s in SCENARIOS if s.name.startswith(name)]
+        if len(matches) != 1:
+            p.error(f"--only {name!r}: expected one of {', '.join(s.name for s in SCENARIOS)}")
+        if matches[0] not in chosen:
+            chosen.append(matches[0])
+    args.scenarios = chosen
+    if args.profile and not shutil.which("py-spy"):
+        p.error("--profile needs py-spy (.venv/bin/pip install py-spy)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # py-spy from the venv
+    args = parse_args(argv)
+    if not shutil.which("wrk"):
+        log("wrk is not installed (apt-get install wrk)")
+        return 2
+    # Let SIGTERM unwind through the `finally` below, so the server is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    directory = Path(tempfile.mkdtemp(prefix="bearerbridge-bench-"))
+    server = Server(directory, args.threads)
+    results: list[dict] = []
+    try:
+        server.start()
+        log(f"twistd pid {server.pid} on {server.url} (directory {directory})")
+        seeded = seed(server)
+        plans = {
+            "client_credentials": (basic(seeded.service["client_id"], seeded.service["client_secret"]),
+                                   "grant_type=client_credentials", "access_token"),
+            "introspection": (basic(seeded.resource["client_id"], seeded.resource["client_secret"]),
+                              urlencode({"token": seeded.access_token}), "active"),
+        }
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+        for scenario in args.scenarios:
+            url = server.url + scenario.path
+            if scenario.name == "authorization_code":
+                authorization = basic(seeded.app["client_id"], seeded.app["client_secret"])
+                needed = int(args.codes_per_second * (args.duration + args.warmup)) + 1
+                started = time.monotonic()
+                bodies = seed_codes(server, seeded, needed)
+                log(f"seeded {needed} authorization codes in {time.monotonic() - started:.1f}s")
+                preflight(url, authorization, bodies.pop(), "access_token")
+                warm = int(args.codes_per_second * args.warmup)
+                runs = {"warmup": bodies[:warm], "measure": bodies[warm:]}
+                prefixes = {}
+                for run, chunk in runs.items():
+                    prefix = directory / f"codes-{run}"
+                    for t in range(args.wrk_threads):
+                        Path(f"{prefix}.{t + 1}").write_text("\n".join(chunk[t::args.wrk_threads]) + "\n")
+                    prefixes[run] = str(prefix)
+                load = {run: ("files", prefix) for run, prefix in prefixes.items()}
+            else:
+                authorization, body, expect = plans[scenario.name]
+                preflight(url, authorization, body, expect)
+                load = {"warmup": ("fixed", body), "measure": ("fixed", body)}
+            if args.warmup > 0:
+                run_wrk(url, authorization, *load["warmup"], args.connections, args.warmup,
+                        args.wrk_threads, server.pid)
+            log(f"{scenario.name}: {args.connections} connections for {args.duration:g}s")
+            raw = run_wrk(url, authorization, *load["measure"], args.connections, args.duration,
+                          args.wrk_threads, server.pid,
+                          profile=(args.profile, scenario.name) if args.profile else None)
+            results.append(summarize(scenario, raw))
+            if args.profile:
+                report = top_functions(args.profile / f"{scenario.name}.folded")
+                (args.profile / f"{scenario.name}.top.txt").write_text(report + "\n")
+                log(f"{scenario.name} profile:\n{report}")
+    except Exception as e:
+        log(f"failed: {e}")
+        return 1
+    finally:
+        server.stop()
+        if args.keep:
+            log(f"kept {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    print_table(results, sys.stderr if args.json else sys.stdout)
+    if args.json:
+        json.dump({"connections": args.connections, "duration": args.duration, "cpus": os.cpu_count(),
+                   "results": results}, sys.stdout, indent=2)
+        print()
+    return 1 if any(r["errors"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
