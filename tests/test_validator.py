@@ -12,6 +12,7 @@ from bearerbridge import migrations
 from bearerbridge.config import SaslSettings
 from bearerbridge.crypto import Keyring
 from bearerbridge.models import Client, Token
+from bearerbridge.recent import RecentReads
 from bearerbridge.sasl import Bearer
 from bearerbridge.store import SqlStore, make_engine
 from bearerbridge.validator import Validator, judge
@@ -87,14 +88,15 @@ class SyncPool:
 def world(tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path / 'v.db'}")
     migrations.upgrade(engine)
-    store = SqlStore(engine, Keyring(b"k" * 32))
+    clock = task.Clock()
+    clock.rightNow = time.time()  # the stored tokens' expiry is wall-clock time
+    store = SqlStore(engine, Keyring(b"k" * 32), RecentReads(1.0, clock.seconds))
     with store.transaction():
         user = store.add_user("alice", None, None)
         store.add_client(Client("app", "App", (), "imap", ("client_credentials",), False), "s")
         store.save_token("good", None, "app", user.id, "imap", 3600, None)
         store.save_token("other", None, "app", user.id, "imap", 3600, None)
-    pool, clock = SyncPool(store), task.Clock()
-    clock.rightNow = time.time()  # the stored tokens' expiry is wall-clock time
+    pool = SyncPool(store)
     yield store, pool, clock, Validator(pool, SaslSettings(cache_ttl=1.0), clock=clock)
     engine.dispose()
 

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 
 from .crypto import Keyring
 from .models import AuthCode, Client, Token, User
+from .recent import RecentReads
 
 metadata = sa.MetaData()
 
@@ -152,9 +153,11 @@ def _now() -> int:
 class SqlStore:
     """The one place that speaks SQL. Blocking: call it from the pool, inside `transaction()`."""
 
-    def __init__(self, engine: Engine, keyring: Keyring) -> None:
+    def __init__(self, engine: Engine, keyring: Keyring, recent: RecentReads | None = None) -> None:
         self.engine = engine
         self.keyring = keyring
+        # Where clients and access tokens read are noted, for paths that answer from memory.
+        self.recent = recent
         self._local = threading.local()
         # Bumped after each commit that took validity from tokens (a revocation, a disabled
         # user, a deleted client), so that caches in this process can drop what they hold.
@@ -254,8 +257,15 @@ class SqlStore:
             scope=row.scope, grant_types=tuple(row.grant_types.split()), public=row.public,
             secret_digest=row.secret_digest, created_at=row.created_at, digest=self.keyring.digest)
 
+    def _note(self, kind: str, key: str, value: object, generation: int) -> None:
+        if self.recent is not None and value is not None:
+            self.recent.remember(kind, key, value, generation)
+
     def get_client(self, client_id: str) -> Client | None:
-        return self._client(self._db.execute(_client_by_id, {"client_id": client_id}).first())
+        generation = self.generation
+        client = self._client(self._db.execute(_client_by_id, {"client_id": client_id}).first())
+        self._note("client", client_id, client, generation)
+        return client
 
     def list_clients(self) -> list[Client]:
         return [self._client(row) for row in self._db.execute(clients.select().order_by(clients.c.name))]
@@ -306,12 +316,19 @@ class SqlStore:
             family=row.family, user_disabled=bool(row.user_disabled))
 
     def find_access_token(self, access_token: str) -> Token | None:
-        return self._token(self._db.execute(_token_by_access, {"digest": self.keyring.digest(access_token)}).first())
+        generation, digest = self.generation, self.keyring.digest(access_token)
+        token = self._token(self._db.execute(_token_by_access, {"digest": digest}).first())
+        self._note("token", digest, token, generation)
+        return token
 
     def find_access_tokens(self, digests: list[str]) -> dict[str, Token]:
         """Tokens by the digests of their access tokens, in one query (for batched validation)."""
-        rows = self._db.execute(_tokens_by_access, {"digests": digests})
-        return {row.access_digest: self._token(row) for row in rows}
+        generation = self.generation
+        found = {row.access_digest: self._token(row)
+                 for row in self._db.execute(_tokens_by_access, {"digests": digests})}
+        for digest, token in found.items():
+            self._note("token", digest, token, generation)
+        return found
 
     def find_refresh_token(self, refresh_token: str) -> Token | None:
         return self._token(self._db.execute(_token_by_refresh, {"digest": self.keyring.digest(refresh_token)}).first())

@@ -18,6 +18,7 @@ from .dovecot import DovecotAuthFactory
 from .bootstrap import open_store
 from .metrics import Metrics
 from .pool import StorePool
+from .recent import RecentReads, RememberedStore
 from .validator import Validator
 from .web_sasl import SaslEndpoint
 
@@ -49,11 +50,13 @@ class Options(usage.Options):
 def make_app(config: configuration.Config) -> tuple[MultiService, web.App]:
     """Build the service tree; the pool comes first so that it stops last."""
     store = open_store(config)
+    recent = store.recent = RecentReads(config.sasl.cache_ttl)
     metrics = Metrics()
     top = MultiService()
     pool = StorePool(store, config.database.threads)
     pool.setServiceParent(top)
-    app = web.App(config, store.keyring, pool, oauth.BridgeServer(store, config, metrics), metrics)
+    app = web.App(config, store.keyring, pool, oauth.BridgeServer(store, config, metrics), metrics,
+                  remembered=oauth.BridgeServer(RememberedStore(store, recent), config, metrics))
     sasl = config.sasl
     validator = Validator(pool, sasl)
     resource = web.root(app)

@@ -1,17 +1,15 @@
 """The one decision every SASL surface uses: may this token log in to this service as this user?
 
-`judge` is pure. `Validator` wraps it with a memory of recently seen tokens and a
-batching lookup: the Dovecot socket can ask tens of thousands of times a second,
-so tokens read in the last `[sasl] cache_ttl` seconds are answered from memory,
-and the misses that arrive while a lookup is in flight go to the pool together, as
-one query. Revocations made in this process take effect at once (the store's
-`generation` moves on); those made by other processes sharing the database within
-`cache_ttl`.
+`judge` is pure. `Validator` wraps it with the store's memory of recent reads
+(`recent.RecentReads`) and a batching lookup: the Dovecot socket can ask tens of
+thousands of times a second, so tokens read in the last `[sasl] cache_ttl` seconds
+are answered from memory, and the misses that arrive while a lookup is in flight go
+to the pool together, as one query. Revocations made in this process take effect at
+once; those made by other processes sharing the database within `cache_ttl`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
@@ -20,11 +18,11 @@ from twisted.python.failure import Failure
 from .config import SaslSettings
 from .models import Token
 from .pool import StorePool
+from .recent import NeedsDatabase
 from .sasl import Bearer
 from .verdict import Verdict
 
 MAX_BATCH = 512
-MAX_REMEMBERED = 100_000
 
 
 def reported_name(token: Token, form: str, realm: str) -> str:
@@ -79,35 +77,29 @@ def judge(token: Token | None, now: float, bearer: Bearer, service: str, setting
     return Verdict(True, username=reported_name(token, form, settings.realm), reason="ok")
 
 
-@dataclass(frozen=True)
-class _Remembered:
-    token: Token
-    read_at: float
-    generation: int
-
-
 class Validator:
     """`validate(bearer, service) -> Deferred[Verdict]`, shared by every SASL surface."""
 
     def __init__(self, pool: StorePool, settings: SaslSettings, clock: Any = None) -> None:
+        """`pool.store.recent` must be set: the store notes there what the lookups read."""
         if clock is None:
             from twisted.internet import reactor as clock
         self._pool = pool
         self._store = pool.store
+        self._recent = pool.store.recent
         self._settings = settings
         self._clock = clock
-        self._remembered: dict[str, _Remembered] = {}
         self._waiting: dict[str, list[defer.Deferred]] = {}
         self._in_flight = False
 
     def validate(self, bearer: Bearer, service: str) -> defer.Deferred[Verdict]:
         """Decide a login; a database failure gives a temporary verdict, never an error."""
         digest = self._store.keyring.digest(bearer.token)
-        now = self._clock.seconds()
-        seen = self._remembered.get(digest)
-        if (seen is not None and seen.generation == self._store.generation
-                and now - seen.read_at < self._settings.cache_ttl):
-            return defer.succeed(judge(seen.token, now, bearer, service, self._settings))
+        try:
+            token = self._recent.recall("token", digest, self._store.generation)
+            return defer.succeed(judge(token, self._clock.seconds(), bearer, service, self._settings))
+        except NeedsDatabase:
+            pass
         d = defer.Deferred()
         self._waiting.setdefault(digest, []).append(d)
         if not self._in_flight:
@@ -119,14 +111,10 @@ class Validator:
         digests = list(self._waiting)[:MAX_BATCH]
         batch = {digest: self._waiting.pop(digest) for digest in digests}
         self._in_flight = True
-        # Read before the query starts: a revocation committed while it runs makes the
-        # answers stale at once.
-        generation = self._store.generation
         d = self._pool.run(self._store.find_access_tokens, digests)
-        d.addBoth(self._batch_done, batch, generation)
+        d.addBoth(self._batch_done, batch)
 
-    def _batch_done(self, result: dict[str, Token] | Failure, batch: dict[str, list[defer.Deferred]],
-                    generation: int) -> None:
+    def _batch_done(self, result: dict[str, Token] | Failure, batch: dict[str, list[defer.Deferred]]) -> None:
         self._in_flight = False
         if self._waiting:
             self._send_batch()
@@ -135,12 +123,9 @@ class Validator:
                 for d in waiters:
                     d.errback(result)
             return
-        now = self._clock.seconds()
-        if len(self._remembered) + len(result) > MAX_REMEMBERED:
-            self._remembered.clear()
+        # The store noted what it found; unknown tokens are not remembered, so guessing
+        # cannot fill memory.
         for digest, waiters in batch.items():
             token = result.get(digest)
-            if token is not None:  # unknown tokens are not remembered: guessing must not fill memory
-                self._remembered[digest] = _Remembered(token, now, generation)
             for d in waiters:
                 d.callback(token)

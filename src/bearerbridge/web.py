@@ -28,6 +28,7 @@ from .crypto import Keyring
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .pool import StorePool
+from .recent import NeedsDatabase
 
 log = Logger()
 
@@ -64,6 +65,7 @@ def snapshot(request: Request, issuer: str) -> oauth.HttpRequest:
     form: dict[str, list[str]] = {}
     content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
     if request.method == b"POST" and content_type == b"application/x-www-form-urlencoded":
+        request.content.seek(0)  # a request may be snapshot twice (see EndpointResource)
         body = request.content.read(MAX_BODY + 1)
         if len(body) > MAX_BODY:
             raise BadRequest("The request body is too large")
@@ -145,8 +147,11 @@ class App:
     """Everything the resources share: settings, keyring, pool, OAuth server, pages."""
 
     def __init__(self, config: Config, keyring: Keyring, pool: StorePool, server: oauth.BridgeServer,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, remembered: oauth.BridgeServer | None = None) -> None:
         self.config = config
+        # The same OAuth server over the store's memory of recent reads (recent.RememberedStore):
+        # introspection of a token seen lately is answered without a trip to the pool.
+        self.remembered = remembered
         self.keyring = keyring
         self.pool = pool
         self.server = server
@@ -321,8 +326,13 @@ class EndpointResource(AsyncResource):
     def render_POST(self, request: Request) -> Any:
         return self._answer(request, self._post)
 
-    def _post(self, request: Request) -> defer.Deferred:
+    def _post(self, request: Request) -> Reply | defer.Deferred:
         req = snapshot(request, self.app.config.server.issuer)
+        if self.endpoint_name == "introspection" and self.app.remembered is not None:
+            try:
+                return self._reply(self.app.remembered.create_endpoint_response(self.endpoint_name, req))
+            except NeedsDatabase:
+                req = snapshot(request, self.app.config.server.issuer)  # fresh: authlib annotated the first
         d = self.app.pool.run(self.app.server.create_endpoint_response, self.endpoint_name, req)
         return d.addCallback(self._reply)
 
