@@ -34,9 +34,10 @@ from .verdict import Validate, Verdict
 
 MAX_LINE = 16384
 MAX_REQUESTS = 256
-# Dovecot marks its OAUTHBEARER and XOAUTH2 "plaintext" too, since the token
-# is as good as a password: Postfix's `noplaintext` then keeps all three off
-# unencrypted sessions.
+# Dovecot marks its OAUTHBEARER and XOAUTH2 "plaintext" too, since the token is
+# as good as a password. Keep them off unencrypted sessions with Postfix's
+# `smtpd_tls_auth_only = yes`: its `noplaintext` makes smtpd exit when no
+# mechanism is left (conf/postfix/main.cf.snippet).
 MECH_FLAGS = {"OAUTHBEARER": "plaintext", "XOAUTH2": "plaintext", "PLAIN": "plaintext"}
 
 _ESCAPES = {"\x00": "\x010", "\x01": "\x011", "\t": "\x01t", "\n": "\x01n", "\r": "\x01r"}
@@ -327,9 +328,10 @@ class DovecotAuthConnection:
             self._decide(out, live, bearer.identity, False, reason)
             self._finish(out, live, format_fail(live.request.id, reason, temporary=True))
         else:
-            reason = verdict.reason or verdict.status
-            self._decide(out, live, bearer.identity, False, reason)
-            self._step(out, live, live.exchange.reject(verdict.status, verdict.scope, reason))
+            self._decide(out, live, bearer.identity, False, verdict.reason or verdict.status)
+            # The client sees only the RFC 7628 status (Postfix shows FAIL's reason to it):
+            # telling "revoked" from "unknown" would help whoever holds a stolen token.
+            self._step(out, live, live.exchange.reject(verdict.status, verdict.scope, verdict.status))
         return out
 
     def lost(self) -> None:
