@@ -363,6 +363,13 @@ def test_xmpp_never_gets_an_empty_cont(resp):
     assert peer.decisions == [("OAUTHBEARER", "xmpp", False, "initial response required")]
 
 
+def test_prosody_is_known_by_its_handshake_whatever_its_service_name():
+    peer = Peer(always(OK), handshake_done=False)
+    peer.send(b"VERSION\t1\t1", b"CPID\t77")  # Prosody's greeting; Postfix and Exim send 1 0
+    written = peer.send(b"AUTH\t4\tOAUTHBEARER\tservice=chat\tresp==")  # service_name = "chat"
+    assert written == b"FAIL\t4\treason=initial response required\n"
+
+
 def test_oauthbearer_failure_is_a_json_challenge_then_fail_after_ack():
     peer = Peer(always(Verdict(ok=False, scope="smtp", reason="expired")),
                 openid_configuration="https://as.example/.well-known/openid-configuration")

@@ -24,8 +24,11 @@ _DUMMY_HASH = _passwords.hash(secrets.token_urlsafe(16))
 
 
 def new_secret() -> str:
-    """A fresh token, code or client secret: 256 bits, URL-safe."""
-    return secrets.token_urlsafe(32)
+    """A fresh token, code or client secret: 256 bits, URL-safe, never starting with '-'
+    (a command line would take it for an option)."""
+    while (secret := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return secret
 
 
 def hash_password(password: str) -> str:

@@ -262,6 +262,9 @@ class DovecotAuthConnection:
         self._openid_configuration = openid_configuration
         self._max_requests = max_requests
         self._version_seen = False
+        # Prosody greets with VERSION 1 1 (Postfix and Exim with 1 0), and an empty
+        # challenge crashes its session whatever service name it was configured with.
+        self._prosody = False
         self._live: dict[str, _Live] = {}
 
     def line_received(self, line: bytes) -> Output:
@@ -295,6 +298,7 @@ class DovecotAuthConnection:
                 out.close = True
             else:
                 self._version_seen = True
+                self._prosody = command.minor == 1
             return out
         if not self._version_seen:
             return self._handshake_check(out)
@@ -367,7 +371,7 @@ class DovecotAuthConnection:
         if isinstance(step, Check):
             live.pending = Validation(request, step.bearer)
             out.validations.append(live.pending)
-        elif isinstance(step, Challenge) and not step.data and request.service.lower() == "xmpp":
+        elif isinstance(step, Challenge) and not step.data and (self._prosody or request.service.lower() == "xmpp"):
             # An empty CONT crashes Prosody's session, so refuse instead.
             self._decide(out, live, None, False, "initial response required")
             self._finish(out, live, format_fail(request.id, "initial response required"))
