@@ -17,11 +17,12 @@ from urllib.parse import urlsplit
 from . import config as configuration
 from .bootstrap import open_store
 from .crypto import hash_password, new_secret
+from .device import GRANT_TYPE as DEVICE_GRANT
 from .models import Client, is_loopback_redirect
 from .oauth import issue_token
 from .store import SqlStore, StoreError
 
-GRANTS = ("authorization_code", "refresh_token", "client_credentials")
+GRANTS = ("authorization_code", "refresh_token", "client_credentials", "device_code")
 
 
 class CommandError(Exception):
@@ -81,7 +82,7 @@ def user_list(store: SqlStore, args) -> str:
 # -- clients --------------------------------------------------------------------------------
 
 def client_create(store: SqlStore, args, config: configuration.Config) -> str:
-    grants = tuple(dict.fromkeys(args.grant or (
+    grants = tuple(dict.fromkeys(DEVICE_GRANT if g == "device_code" else g for g in args.grant or (
         ["client_credentials"] if not args.redirect_uri and not args.public
         else ["authorization_code", "refresh_token"])))
     if args.public and "client_credentials" in grants:
@@ -94,7 +95,7 @@ def client_create(store: SqlStore, args, config: configuration.Config) -> str:
     unknown = [s for s in scopes if s not in config.scopes]
     if unknown or not scopes:
         raise CommandError(f"unknown scope(s) {' '.join(unknown)}; known: {' '.join(config.scopes)}")
-    client = Client(client_id=secrets.token_urlsafe(16), name=args.name,
+    client = Client(client_id=secrets.token_hex(16), name=args.name,
                     redirect_uris=tuple(_check_redirect_uri(u) for u in args.redirect_uri or ()),
                     scope=" ".join(scopes), grant_types=grants, public=args.public)
     secret = None if args.public else new_secret()

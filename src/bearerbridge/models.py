@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, TokenMixin
 from authlib.oauth2.rfc6749.util import scope_to_list
+from authlib.oauth2.rfc8628 import DeviceCredentialMixin
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1")
 
@@ -112,6 +113,34 @@ class AuthCode(AuthorizationCodeMixin):
 
     def get_scope(self) -> str:
         return self.scope
+
+    def is_expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) >= self.expires_at
+
+
+@dataclass(frozen=True)
+class DeviceCode(DeviceCredentialMixin):
+    """A device authorization (RFC 8628 §3.2) and, once given, the user's answer."""
+
+    device_digest: str
+    user_code: str
+    client_id: str
+    scope: str
+    expires_at: int
+    interval: int
+    last_poll_at: float | None
+    user_id: int | None
+    approved: bool | None
+    used: bool
+
+    def get_client_id(self) -> str:
+        return self.client_id
+
+    def get_scope(self) -> str:
+        return self.scope
+
+    def get_user_code(self) -> str:
+        return self.user_code
 
     def is_expired(self, now: float | None = None) -> bool:
         return (now if now is not None else time.time()) >= self.expires_at

@@ -22,6 +22,7 @@ from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 
+from . import device
 from .config import Config
 from .crypto import check_password, new_secret
 from .models import AuthCode, Client, Token, User
@@ -283,8 +284,10 @@ class BridgeServer(AuthorizationServer):
         self.register_grant(CodeGrant, [S256Challenge(required=True)])
         self.register_grant(RefreshGrant)
         self.register_grant(ClientCredentialsGrant)
+        self.register_grant(device.DeviceGrant)
         self.register_endpoint(Introspection)
         self.register_endpoint(Revocation)
+        self.register_endpoint(device.DeviceEndpoint)
 
     # authlib's framework hooks
 
@@ -377,10 +380,11 @@ def metadata(config: Config) -> dict:
         "token_endpoint": f"{issuer}/token",
         "introspection_endpoint": f"{issuer}/introspect",
         "revocation_endpoint": f"{issuer}/revoke",
+        "device_authorization_endpoint": f"{issuer}/device_authorization",
         "scopes_supported": list(config.scopes),
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
-        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials", device.GRANT_TYPE],
         "token_endpoint_auth_methods_supported": ANY_AUTH,
         "introspection_endpoint_auth_methods_supported": SECRET_AUTH,
         "revocation_endpoint_auth_methods_supported": ANY_AUTH,

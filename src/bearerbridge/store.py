@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from .crypto import Keyring
-from .models import AuthCode, Client, Token, User
+from .models import AuthCode, Client, DeviceCode, Token, User
 from .recent import RecentReads
 
 metadata = sa.MetaData()
@@ -115,6 +115,21 @@ _token_query = (
 _token_by_access = _token_query.where(tokens.c.access_digest == sa.bindparam("digest"))
 _token_by_refresh = _token_query.where(tokens.c.refresh_digest == sa.bindparam("digest"))
 _tokens_by_access = _token_query.where(tokens.c.access_digest.in_(sa.bindparam("digests", expanding=True)))
+
+
+device_codes = sa.Table(
+    "device_codes", metadata,
+    sa.Column("device_digest", sa.String(64), primary_key=True),
+    sa.Column("user_code", sa.String(16), nullable=False, unique=True),
+    sa.Column("client_id", sa.String(64), _client_fk(), nullable=False),
+    sa.Column("scope", sa.Text, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Column("interval", sa.Integer, nullable=False),
+    sa.Column("last_poll_at", sa.Float),
+    sa.Column("user_id", sa.Integer, _user_fk()),
+    sa.Column("approved", sa.Boolean),      # None until the user decides
+    sa.Column("used", sa.Boolean, nullable=False),
+)
 
 
 class StoreError(Exception):
@@ -363,11 +378,51 @@ class SqlStore:
     def purge_expired(self, now: int | None = None) -> int:
         """Delete codes and tokens past every use; returns how many rows went."""
         now = now if now is not None else _now()
+        dead_device = device_codes.c.expires_at < now
         dead_code = auth_codes.c.expires_at < now
         dead_token = sa.and_(tokens.c.expires_at < now, sa.or_(
             tokens.c.refresh_expires_at.is_(None), tokens.c.refresh_expires_at < now))
         return (self._db.execute(auth_codes.delete().where(dead_code)).rowcount
+                + self._db.execute(device_codes.delete().where(dead_device)).rowcount
                 + self._db.execute(tokens.delete().where(dead_token)).rowcount)
+
+    # -- device codes (RFC 8628) --------------------------------------------------------------
+
+    def save_device_code(self, device_code: str, user_code: str, client_id: str, scope: str, expires_at: int,
+                         interval: int) -> None:
+        self._db.execute(device_codes.insert().values(
+            device_digest=self.keyring.digest(device_code), user_code=user_code, client_id=client_id, scope=scope,
+            expires_at=expires_at, interval=interval, last_poll_at=None, user_id=None, approved=None, used=False))
+
+    def _device(self, condition) -> DeviceCode | None:
+        row = self._db.execute(device_codes.select().where(condition)).first()
+        return None if row is None else DeviceCode(**row._mapping)
+
+    def find_device_code(self, device_code: str) -> DeviceCode | None:
+        return self._device(device_codes.c.device_digest == self.keyring.digest(device_code))
+
+    def find_user_code(self, user_code: str) -> DeviceCode | None:
+        return self._device(device_codes.c.user_code == user_code)
+
+    def decide_device_code(self, user_code: str, user_id: int, approved: bool) -> bool:
+        """Record the user's answer once; False if it was already given."""
+        return self._db.execute(device_codes.update().where(
+            device_codes.c.user_code == user_code, device_codes.c.approved.is_(None))
+            .values(user_id=user_id, approved=approved)).rowcount == 1
+
+    def note_device_poll(self, device_digest: str, now: float) -> float | None:
+        """Record a poll; returns the time of the one before."""
+        previous = self._db.execute(sa.select(device_codes.c.last_poll_at).where(
+            device_codes.c.device_digest == device_digest)).scalar()
+        self._db.execute(device_codes.update().where(device_codes.c.device_digest == device_digest)
+                         .values(last_poll_at=now))
+        return previous
+
+    def use_device_code(self, device_digest: str) -> bool:
+        """Consume an approved device code; False if tokens were already issued for it."""
+        return self._db.execute(device_codes.update().where(
+            device_codes.c.device_digest == device_digest, device_codes.c.used.is_(False))
+            .values(used=True)).rowcount == 1
 
     # -- consents -----------------------------------------------------------------------
 

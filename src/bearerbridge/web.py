@@ -172,6 +172,21 @@ class App:
             return json_reply(503, {"error": "temporarily_unavailable", "error_description": description})
         return self.pages.render(503, "error.html", error="temporarily_unavailable", description=description)
 
+    def login(self, request: Request, form: dict[str, str]) -> defer.Deferred:
+        """Check a login form's username and password; on success start a session.
+
+        Three steps: read the password hash (pool), verify it (argon2id, slow on purpose:
+        away from the store's threads), and fire with the User or None."""
+        d = self.pool.run(self.server.store.password_hash, form.get("username", ""))
+        d.addCallback(lambda found: self.pool.run_apart(oauth.verify_login, found, form.get("password", "")))
+
+        def started(user):
+            self.metrics.logins.labels("ok" if user else "failed").inc()
+            if user is not None:
+                self.start_session(request, user.id)
+            return user
+        return d.addCallback(started)
+
     # cookies
 
     def set_cookie(self, request: Request, name: bytes, value: str, max_age: int | None) -> None:
@@ -235,8 +250,7 @@ class Authorize(AsyncResource):
                 raise BadRequest("decision must be approve or deny")
             d = self.app.pool.run(self.app.server.authorize, req, user_id, decision)
             return d.addCallback(self._render, request, user_id)
-        d = self.app.pool.run(self.app.server.store.password_hash, form.get("username", ""))
-        d.addCallback(lambda found: self.app.pool.run_apart(oauth.verify_login, found, form.get("password", "")))
+        d = self.app.login(request, form)
         d.addCallback(lambda user: self.app.pool.run(self._after_login, req, user))
         return d.addCallback(self._logged_in, request)
 
@@ -249,11 +263,7 @@ class Authorize(AsyncResource):
 
     def _logged_in(self, result, request: Request) -> Reply:
         user, outcome = result
-        self.app.metrics.logins.labels("ok" if user else "failed").inc()
-        if user is None:
-            return self._render(outcome, request, None)
-        self.app.start_session(request, user.id)
-        return self._render(outcome, request, user.id)
+        return self._render(outcome, request, user.id if user else None)
 
     def _render(self, outcome: oauth.AuthorizeOutcome, request: Request, user_id: int | None) -> Reply:
         self.app.metrics.authorizations.labels(type(outcome).__name__.lower()).inc()
@@ -409,6 +419,7 @@ def root(app: App) -> Resource:
     top.putChild(b"token", TokenEndpoint(app))
     top.putChild(b"introspect", EndpointResource(app, "introspection"))
     top.putChild(b"revoke", EndpointResource(app, "revocation"))
+    top.putChild(b"device_authorization", EndpointResource(app, "device_authorization"))
     top.putChild(b"logout", Logout(app))
     top.putChild(b"metrics", MetricsResource(app))
     top.putChild(b"healthz", Health(app))

@@ -1,0 +1,107 @@
+"""The device authorization grant (RFC 8628): authlib's endpoint and grant, made strict.
+
+authlib checks neither the client's registered scopes nor its grant types at the device
+endpoint, and never consumes a device code; these subclasses do. The user's side (the
+verification page) calls `find_by_user_code` and `decide`. Blocking: runs in the pool.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from authlib.oauth2.rfc6749 import InvalidGrantError, InvalidScopeError, UnauthorizedClientError
+from authlib.oauth2.rfc8628 import DeviceAuthorizationEndpoint, DeviceCodeGrant
+
+from .models import Client, DeviceCode, User
+
+GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
+# authlib's user codes: two groups of four consonants, with no vowels (no words) and nothing
+# that looks like a digit (RFC 8628 §6.1). 20**8 codes; wrong guesses are rate-limited.
+USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
+EXPIRES_IN = 900
+INTERVAL = 5
+
+
+def normalize_user_code(typed: str) -> str | None:
+    """`bcdf ghjk`, `BCDF-GHJK` → `BCDF-GHJK`; None if it cannot be a user code (§6.1)."""
+    letters = [c for c in typed.upper() if not c.isspace() and c != "-"]
+    if len(letters) != 8 or any(c not in USER_CODE_ALPHABET for c in letters):
+        return None
+    return "".join(letters[:4]) + "-" + "".join(letters[4:])
+
+
+class DeviceEndpoint(DeviceAuthorizationEndpoint):
+    """POST /device_authorization (RFC 8628 §3.1)."""
+
+    EXPIRES_IN = EXPIRES_IN
+    INTERVAL = INTERVAL
+
+    def get_verification_uri(self) -> str:
+        return f"{self.server.config.server.issuer.rstrip('/')}/device"
+
+    def save_device_credential(self, client_id: str, scope: str | None, data: dict) -> None:
+        client: Client = self.server.store.get_client(client_id)
+        if not client.check_grant_type(GRANT_TYPE):
+            raise UnauthorizedClientError(f"The client may not use {GRANT_TYPE}")
+        allowed = client.get_allowed_scope(scope)
+        if allowed is None:
+            raise InvalidScopeError()
+        self.server.store.save_device_code(data["device_code"], data["user_code"], client_id, allowed,
+                                           int(time.time()) + self.EXPIRES_IN, self.INTERVAL)
+
+
+class DeviceGrant(DeviceCodeGrant):
+    """Polling the token endpoint with a device code (RFC 8628 §3.4, §3.5)."""
+
+    def query_device_credential(self, device_code: str) -> DeviceCode | None:
+        found = self.server.store.find_device_code(device_code)
+        if found is not None and found.used:
+            raise InvalidGrantError("This device code has been used already")
+        return found
+
+    def query_user_grant(self, user_code: str) -> tuple[User | None, bool] | None:
+        found = self.server.store.find_user_code(user_code)
+        if found is None or found.approved is None:
+            return None
+        user = self.server.active_user(found.user_id)
+        return user, bool(found.approved and user is not None)
+
+    def should_slow_down(self, credential: DeviceCode) -> bool:
+        now = time.time()
+        previous = self.server.store.note_device_poll(credential.device_digest, now)
+        return previous is not None and now - previous < credential.interval
+
+    def validate_device_credential(self, credential: DeviceCode) -> User:
+        user = super().validate_device_credential(credential)
+        if not self.server.store.use_device_code(credential.device_digest):
+            raise InvalidGrantError("This device code has been used already")
+        return user
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """What the verification page shows the user about a device awaiting approval."""
+    user_code: str
+    client_name: str
+    scopes: tuple[tuple[str, str], ...]
+
+
+def find_by_user_code(server, user_code: str) -> DeviceRequest | None:
+    """The pending device request behind a (normalized) user code, if any."""
+    found = server.store.find_user_code(user_code)
+    if found is None or found.is_expired() or found.approved is not None:
+        return None
+    client = server.store.get_client(found.client_id)
+    scopes = tuple((s, server.config.scopes.get(s, s)) for s in found.scope.split())
+    return DeviceRequest(user_code, client.name, scopes)
+
+
+def decide(server, user_code: str, user_id: int, approved: bool) -> bool:
+    """Record the user's answer; remember the consent when they approve."""
+    found = server.store.find_user_code(user_code)
+    if found is None or found.is_expired() or not server.store.decide_device_code(user_code, user_id, approved):
+        return False
+    if approved:
+        server.store.save_consent(user_id, found.client_id, set(found.scope.split()))
+    return True
