@@ -55,6 +55,7 @@ class TokenSettings:
     access_ttl: int = 3600
     refresh_ttl: int = 30 * 24 * 3600
     code_ttl: int = 600
+    device_ttl: int = 900
 
 
 # How the identity a SASL client names (OAUTHBEARER authzid, XOAUTH2 user, PLAIN authcid)

@@ -19,7 +19,6 @@ GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
 # authlib's user codes: two groups of four consonants, with no vowels (no words) and nothing
 # that looks like a digit (RFC 8628 §6.1). 20**8 codes; wrong guesses are rate-limited.
 USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
-EXPIRES_IN = 900
 INTERVAL = 5
 
 
@@ -34,8 +33,7 @@ def normalize_user_code(typed: str) -> str | None:
 class DeviceEndpoint(DeviceAuthorizationEndpoint):
     """POST /device_authorization (RFC 8628 §3.1)."""
 
-    EXPIRES_IN = EXPIRES_IN
-    INTERVAL = INTERVAL
+    INTERVAL = INTERVAL  # EXPIRES_IN is set from [tokens] device_ttl
 
     def get_verification_uri(self) -> str:
         return f"{self.server.config.server.issuer.rstrip('/')}/device"
@@ -56,7 +54,9 @@ class DeviceGrant(DeviceCodeGrant):
 
     def query_device_credential(self, device_code: str) -> DeviceCode | None:
         found = self.server.store.find_device_code(device_code)
-        if found is not None and found.used:
+        if found is None:  # authlib would say invalid_request; the grant is what is invalid
+            raise InvalidGrantError("Unknown device code")
+        if found.used:
             raise InvalidGrantError("This device code has been used already")
         return found
 

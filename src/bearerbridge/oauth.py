@@ -287,7 +287,9 @@ class BridgeServer(AuthorizationServer):
         self.register_grant(device.DeviceGrant)
         self.register_endpoint(Introspection)
         self.register_endpoint(Revocation)
-        self.register_endpoint(device.DeviceEndpoint)
+        device_endpoint = device.DeviceEndpoint(self)
+        device_endpoint.EXPIRES_IN = config.tokens.device_ttl
+        self.register_endpoint(device_endpoint)
 
     # authlib's framework hooks
 

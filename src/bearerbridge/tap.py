@@ -20,6 +20,7 @@ from .metrics import Metrics
 from .pool import StorePool
 from .recent import RecentReads, RememberedStore
 from .validator import Validator
+from .web_device import DevicePage
 from .web_sasl import SaslEndpoint
 
 log = Logger()
@@ -61,6 +62,7 @@ def make_app(config: configuration.Config) -> tuple[MultiService, web.App]:
     validator = Validator(pool, sasl)
     resource = web.root(app)
     resource.putChild(b"sasl", SaslEndpoint(app, validator.validate, sasl.services))
+    resource.putChild(b"device", DevicePage(app))
     site = web.BridgeSite(resource, config.http.access_log)
     for description in config.http.listen:
         strports.service(description, site).setServiceParent(top)

@@ -1,0 +1,125 @@
+"""/device: where a user signs in, types the code a device shows, and approves it (RFC 8628 §3.3)."""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+from twisted.internet import defer
+from twisted.web.server import Request
+
+from . import device
+from .web import AsyncResource, Reply, snapshot
+
+WRONG_CODES_ALLOWED = 5
+WRONG_CODES_WINDOW = 300
+
+
+class GuessLimiter:
+    """At most `limit` wrong user codes per `window` seconds for each key (an address, a user):
+    20**8 codes would take a guesser far longer than a code lives (RFC 8628 §5.1)."""
+
+    def __init__(self, limit: int = WRONG_CODES_ALLOWED, window: float = WRONG_CODES_WINDOW,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._limit, self._window, self._clock = limit, window, clock
+        self._failures: dict[str, collections.deque[float]] = {}
+
+    def _recent(self, key: str) -> collections.deque[float]:
+        failures = self._failures.setdefault(key, collections.deque())
+        while failures and self._clock() - failures[0] > self._window:
+            failures.popleft()
+        if not failures:
+            del self._failures[key]  # keep the table to the keys that are failing now
+        return failures
+
+    def blocked(self, *keys: str) -> bool:
+        return any(len(self._recent(key)) >= self._limit for key in keys)
+
+    def failed(self, *keys: str) -> None:
+        for key in keys:
+            self._failures.setdefault(key, collections.deque()).append(self._clock())
+
+
+class DevicePage(AsyncResource):
+    """The verification page: login, the code, then the same consent page as the code grant."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app)
+        self.limiter = GuessLimiter()
+
+    def render_GET(self, request: Request) -> Any:
+        return self._answer(request, self._get)
+
+    def render_POST(self, request: Request) -> Any:
+        return self._answer(request, self._post)
+
+    def _typed_code(self, request: Request) -> str:
+        return parse_qs(urlsplit(request.uri).query.decode("latin-1")).get("user_code", [""])[0]
+
+    def _get(self, request: Request) -> Reply:
+        user_id = self.app.session_user(request)
+        if user_id is None:
+            return self._login_page(request, failed=False)
+        return self._code_page(request, user_id, self._typed_code(request))
+
+    def _login_page(self, request: Request, failed: bool) -> Reply:
+        csrf = self.app.csrf_token(request, f"device-login|{request.uri.decode('latin-1')}")
+        return self.app.pages.render(401 if failed else 200, "login.html", client_name="A device", failed=failed,
+                                     action=request.uri.decode("latin-1"), csrf=csrf)
+
+    def _code_page(self, request: Request, user_id: int, user_code: str, error: str = "", status: int = 200) -> Reply:
+        csrf = self.app.csrf_token(request, f"device|{user_id}")
+        return self.app.pages.render(status, "device.html", action="/device", csrf=csrf, user_code=user_code,
+                                     error=error)
+
+    def _post(self, request: Request) -> Reply | defer.Deferred:
+        form = snapshot(request, self.app.config.server.issuer).form
+        step, user_id = form.get("step"), self.app.session_user(request)
+        if step == "login":
+            if not self.app.csrf_ok(request, form, f"device-login|{request.uri.decode('latin-1')}"):
+                return self._expired()
+            return self.app.login(request, form).addCallback(
+                lambda user: self._code_page(request, user.id, self._typed_code(request)) if user
+                else self._login_page(request, failed=True))
+        if user_id is None:
+            return self._login_page(request, failed=False)
+        if step == "code" and self.app.csrf_ok(request, form, f"device|{user_id}"):
+            return self._check_code(request, user_id, form.get("user_code", ""))
+        user_code = device.normalize_user_code(self._typed_code(request))
+        if step == "consent" and user_code and self.app.csrf_ok(request, form, f"device-consent|{user_id}|{user_code}"):
+            approved = form.get("decision") == "approve"
+            d = self.app.pool.run(device.decide, self.app.server, user_code, user_id, approved)
+            return d.addCallback(self._decided, request, user_id, approved)
+        return self._expired()
+
+    def _expired(self) -> Reply:
+        return self.app.pages.render(400, "error.html", error="invalid_request",
+                                     description="The form has expired or did not come from this site. Start again.")
+
+    def _check_code(self, request: Request, user_id: int, typed: str) -> Reply | defer.Deferred:
+        keys = (f"address:{request.getClientAddress().host}", f"user:{user_id}")
+        if self.limiter.blocked(*keys):
+            return self._code_page(request, user_id, "", "Too many wrong codes. Wait a few minutes and try again.",
+                                   status=429)
+        user_code = device.normalize_user_code(typed)
+        d = self.app.pool.run(device.find_by_user_code, self.app.server, user_code) if user_code \
+            else defer.succeed(None)
+        return d.addCallback(self._found, request, user_id, typed, keys)
+
+    def _found(self, found: device.DeviceRequest | None, request: Request, user_id: int, typed: str,
+               keys: tuple[str, ...]) -> Reply:
+        if found is None:
+            self.limiter.failed(*keys)
+            return self._code_page(request, user_id, typed, "That code is not valid, or it has expired.", status=400)
+        csrf = self.app.csrf_token(request, f"device-consent|{user_id}|{found.user_code}")
+        return self.app.pages.render(200, "consent.html", client_name=found.client_name, username=None,
+                                     scopes=found.scopes, csrf=csrf,
+                                     action="/device?" + urlencode({"user_code": found.user_code}))
+
+    def _decided(self, recorded: bool, request: Request, user_id: int, approved: bool) -> Reply:
+        self.app.metrics.authorizations.labels("device_" + ("approved" if approved else "denied")).inc()
+        if not recorded:
+            return self._code_page(request, user_id, "", "That code is not valid, or it has expired.", status=400)
+        return self.app.pages.render(200, "device_done.html", approved=approved, client_name="The device")
