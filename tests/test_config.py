@@ -25,7 +25,7 @@ def test_defaults():
 def test_the_documented_example_is_valid_and_complete():
     data = tomllib.loads(EXAMPLE.read_text())
     loaded = config.parse(data)
-    for section in ("server", "http", "database", "tokens", "sasl"):
+    for section in ("server", "http", "database", "tokens", "sasl", "forward_auth"):
         documented = set(data[section])
         known = set(getattr(config.Config(), section).__dataclass_fields__)
         assert documented == known, f"[{section}] in conf/bearerbridge.toml"

@@ -84,6 +84,26 @@ class SaslSettings:
     usernames: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
 
 
+@dataclass(frozen=True)
+class ForwardAuthRule:
+    """Requests to `host` (any host when empty) under `path_prefix` need `read_scope` for
+    reading methods and `write_scope` for the others. `basic` also accepts HTTP Basic with
+    the token as the password, for WebDAV clients that only know passwords."""
+    host: str = ""
+    path_prefix: str = "/"
+    read_scope: str = "webdav:read"
+    write_scope: str = "webdav:write"
+    basic: bool = False
+
+
+@dataclass(frozen=True)
+class ForwardAuthSettings:
+    # The header that carries the user's name back to the proxy on success.
+    user_header: str = "X-Auth-User"
+    realm: str = "bearerbridge"
+    rules: tuple[ForwardAuthRule, ...] = (ForwardAuthRule(),)
+
+
 DEFAULT_SCOPES: Mapping[str, str] = types.MappingProxyType({
     "imap": "Read and manage your mail (IMAP)",
     "smtp": "Send mail as you (SMTP)",
@@ -101,6 +121,7 @@ class Config:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     tokens: TokenSettings = field(default_factory=TokenSettings)
     sasl: SaslSettings = field(default_factory=SaslSettings)
+    forward_auth: ForwardAuthSettings = field(default_factory=ForwardAuthSettings)
     scopes: Mapping[str, str] = field(default_factory=lambda: DEFAULT_SCOPES)
 
     @property
@@ -114,6 +135,15 @@ def _check_value(where: str, kind: Any, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
         return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if typing.get_origin(kind) is tuple and dataclasses.is_dataclass(typing.get_args(kind)[0]):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected an array of tables ([[...]]), got {value!r}")
+        table = where[1:].replace("] ", ".")  # "[forward_auth] rules" -> "forward_auth.rules"
+        return tuple(_section(typing.get_args(kind)[0], f"{table}[{i}]", item) for i, item in enumerate(value))
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"{where}: expected a positive number, got {value!r}")
@@ -203,6 +233,12 @@ def _cross_check(config: Config) -> None:
         if scope not in config.scopes:
             raise ConfigError(f"[sasl.services] {service}: scope {scope!r} is not in [scopes]")
     _one_of("[sasl] plain", sasl.plain, tuple(sasl.services))
+    for i, rule in enumerate(config.forward_auth.rules):
+        for key in ("read_scope", "write_scope"):
+            if getattr(rule, key) not in config.scopes:
+                raise ConfigError(f"[forward_auth.rules[{i}]] {key}: {getattr(rule, key)!r} is not in [scopes]")
+        if not rule.path_prefix.startswith("/"):
+            raise ConfigError(f"[forward_auth.rules[{i}]] path_prefix: must start with /")
     if sasl.cache_ttl > 60:
         raise ConfigError("[sasl] cache_ttl: at most 60 seconds (it delays other processes' revocations)")
 

@@ -11,7 +11,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # The reasons validator.judge gives, and the surfaces' own for outages.
 SASL_REASONS = frozenset({
     "ok", "unknown_service", "plain_not_allowed", "unknown", "revoked", "user_disabled", "expired", "no_user",
-    "identity_mismatch", "insufficient_scope", "database_unavailable", "validation timed out", "validator error"})
+    "identity_mismatch", "insufficient_scope", "database_unavailable", "validation timed out", "validator error",
+    "no_rule"})
 
 
 class Metrics:

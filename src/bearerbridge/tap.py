@@ -21,6 +21,7 @@ from .pool import StorePool
 from .recent import RecentReads, RememberedStore
 from .validator import Validator
 from .web_device import DevicePage
+from .web_forward import ForwardAuth
 from .web_sasl import SaslEndpoint
 
 log = Logger()
@@ -63,6 +64,7 @@ def make_app(config: configuration.Config) -> tuple[MultiService, web.App]:
     resource = web.root(app)
     resource.putChild(b"sasl", SaslEndpoint(app, validator.validate, sasl.services))
     resource.putChild(b"device", DevicePage(app))
+    resource.putChild(b"forward-auth", ForwardAuth(app, validator.check_scope, config.forward_auth))
     site = web.BridgeSite(resource, config.http.access_log)
     for description in config.http.listen:
         strports.service(description, site).setServiceParent(top)

@@ -53,12 +53,19 @@ def identity_matches(identity: str, token: Token, settings: SaslSettings) -> boo
 
 
 def judge(token: Token | None, now: float, bearer: Bearer, service: str, settings: SaslSettings) -> Verdict:
-    """Decide one login (RFC 7628 §3.2.2 statuses; `reason` is for logs and metrics)."""
+    """Decide one SASL login to `service` (RFC 7628 §3.2.2 statuses; `reason` is for logs and metrics)."""
     required = settings.services.get(service)
     if required is None:
         return Verdict(False, status="invalid_request", reason="unknown_service")
     if bearer.mechanism == "PLAIN" and service not in settings.plain:
         return Verdict(False, status="invalid_request", reason="plain_not_allowed")
+    return judge_token(token, now, bearer.identity, required, settings, settings.usernames.get(service, "username"))
+
+
+def judge_token(token: Token | None, now: float, identity: str | None, required: str, settings: SaslSettings,
+                reported: str = "username") -> Verdict:
+    """May `token` act as `identity` (if one is named) with scope `required`? The same rules for
+    SASL and forward-auth (RFC 6750 §3.1 errors are RFC 7628's statuses too)."""
     if token is None:
         return Verdict(False, reason="unknown")
     if token.revoked:
@@ -69,12 +76,11 @@ def judge(token: Token | None, now: float, bearer: Bearer, service: str, setting
         return Verdict(False, reason="expired")
     if token.user_id is None:
         return Verdict(False, reason="no_user")  # a client-credentials token names no one to log in
-    if bearer.identity is not None and not identity_matches(bearer.identity, token, settings):
+    if identity is not None and not identity_matches(identity, token, settings):
         return Verdict(False, reason="identity_mismatch")
     if required not in token.scope.split():
         return Verdict(False, status="insufficient_scope", scope=required, reason="insufficient_scope")
-    form = settings.usernames.get(service, "username")
-    return Verdict(True, username=reported_name(token, form, settings.realm), reason="ok")
+    return Verdict(True, username=reported_name(token, reported, settings.realm), reason="ok")
 
 
 class Validator:
@@ -93,18 +99,26 @@ class Validator:
         self._in_flight = False
 
     def validate(self, bearer: Bearer, service: str) -> defer.Deferred[Verdict]:
-        """Decide a login; a database failure gives a temporary verdict, never an error."""
-        digest = self._store.keyring.digest(bearer.token)
+        """Decide a SASL login; a database failure gives a temporary verdict, never an error."""
+        return self._decide(bearer.token, lambda token, now: judge(token, now, bearer, service, self._settings))
+
+    def check_scope(self, access_token: str, identity: str | None, scope: str) -> defer.Deferred[Verdict]:
+        """Decide whether a token (of `identity`, if named) holds `scope`: for forward-auth."""
+        return self._decide(access_token,
+                            lambda token, now: judge_token(token, now, identity, scope, self._settings))
+
+    def _decide(self, access_token: str, decide) -> defer.Deferred[Verdict]:
+        digest = self._store.keyring.digest(access_token)
         try:
             token = self._recent.recall("token", digest, self._store.generation)
-            return defer.succeed(judge(token, self._clock.seconds(), bearer, service, self._settings))
+            return defer.succeed(decide(token, self._clock.seconds()))
         except NeedsDatabase:
             pass
         d = defer.Deferred()
         self._waiting.setdefault(digest, []).append(d)
         if not self._in_flight:
             self._send_batch()
-        d.addCallback(lambda token: judge(token, self._clock.seconds(), bearer, service, self._settings))
+        d.addCallback(lambda token: decide(token, self._clock.seconds()))
         return d.addErrback(lambda _: Verdict(False, temporary=True, reason="database_unavailable"))
 
     def _send_batch(self) -> None:

@@ -1,0 +1,124 @@
+"""GET /forward-auth: decides each request a reverse proxy forwards (nginx `auth_request`,
+Traefik ForwardAuth, Caddy `forward_auth`) by the bearer token it carries.
+
+The proxy sends the client's headers and names the original request in `X-Original-Method`
+and `X-Original-URI` (nginx, by config) or `X-Forwarded-Method`/`X-Forwarded-Uri`/
+`X-Forwarded-Host` (Traefik, Caddy). The first `[[forward_auth.rules]]` rule matching the
+host and path says which scope the method needs: reading methods the rule's `read_scope`,
+all others its `write_scope`. Answers (RFC 6750 §3): 200 with the user in
+`[forward_auth] user_header`; 401 `invalid_token` (or no token); 403 `insufficient_scope`.
+nginx turns any other status into a 500, so nothing else is sent but 503 for an outage.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from .config import ForwardAuthRule, ForwardAuthSettings
+from .verdict import Verdict
+from .web import AsyncResource, Reply, bearer_token
+
+log = Logger()
+
+# WebDAV (RFC 4918) and HTTP methods that only read; every other method writes.
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PROPFIND", "REPORT", "SEARCH"})
+
+
+def original_request(request: Request) -> tuple[str, str, str]:
+    """(method, host, path) of the request the proxy is asking about."""
+    def header(*names: str) -> str:
+        for name in names:
+            value = request.getHeader(name.encode())
+            if value:
+                return value.decode("latin-1")
+        return ""
+    method = header("X-Original-Method", "X-Forwarded-Method") or "GET"
+    uri = header("X-Original-URI", "X-Forwarded-Uri") or "/"
+    host = header("X-Forwarded-Host", "Host").split(":")[0].lower()
+    return method.upper(), host, urlsplit(uri).path or "/"
+
+
+def matching_rule(rules: tuple[ForwardAuthRule, ...], host: str, path: str) -> ForwardAuthRule | None:
+    for rule in rules:
+        if rule.host and rule.host.lower() != host:
+            continue
+        prefix = rule.path_prefix.rstrip("/")
+        if path == prefix or path.startswith(prefix + "/") or not prefix:
+            return rule
+    return None
+
+
+def credentials(request: Request, rule: ForwardAuthRule) -> tuple[str | None, str | None]:
+    """(identity, token): a bearer token, or with `basic` the password of HTTP Basic."""
+    token = bearer_token(request)
+    if token is not None or not rule.basic:
+        return None, token
+    scheme, _, encoded = (request.getHeader(b"authorization") or b"").decode("latin-1").partition(" ")
+    if scheme.lower() != "basic":
+        return None, None
+    try:
+        user, _, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None, None
+    return (user or None), (password or None)
+
+
+class ForwardAuth(AsyncResource):
+    def __init__(self, app: Any, check_scope, settings: ForwardAuthSettings) -> None:
+        super().__init__(app)
+        self._check_scope = check_scope
+        self._settings = settings
+
+    def render_GET(self, request: Request) -> Any:
+        return self._answer(request, self._get)
+
+    def _challenge(self, rule: ForwardAuthRule | None, error: str = "", scope: str = "") -> dict[bytes, bytes]:
+        bearer = f'Bearer realm="{self._settings.realm}"'
+        if error:
+            bearer += f', error="{error}"'
+        if scope:
+            bearer += f', scope="{scope}"'
+        headers = {b"WWW-Authenticate": bearer.encode()}
+        if rule is not None and rule.basic and not error:
+            # Password-only clients need a Basic challenge to know what to send.
+            headers[b"WWW-Authenticate"] = f'Basic realm="{self._settings.realm}", {bearer}'.encode()
+        return headers
+
+    def _get(self, request: Request) -> Reply | defer.Deferred:
+        method, host, path = original_request(request)
+        rule = matching_rule(self._settings.rules, host, path)
+        if rule is None:
+            self._record(method, host, path, None, "-", False, "no_rule")
+            return Reply(403, b"", self._challenge(None, "insufficient_scope"))
+        scope = rule.read_scope if method in READ_METHODS else rule.write_scope
+        identity, token = credentials(request, rule)
+        if token is None:
+            return Reply(401, b"", self._challenge(rule))
+        d = self._check_scope(token, identity, scope)
+        return d.addCallback(self._decided, rule, scope, method, host, path)
+
+    def _decided(self, verdict: Verdict, rule: ForwardAuthRule, scope: str, method: str, host: str,
+                 path: str) -> Reply:
+        self._record(method, host, path, verdict.username, scope, verdict.ok, verdict.reason)
+        if verdict.ok:
+            return Reply(200, b"", {self._settings.user_header.encode(): verdict.username.encode()})
+        if verdict.temporary:
+            return Reply(503, b"", {})
+        if verdict.status == "insufficient_scope":
+            return Reply(403, b"", self._challenge(rule, "insufficient_scope", scope))
+        return Reply(401, b"", self._challenge(rule, "invalid_token"))
+
+    def _record(self, method: str, host: str, path: str, user: str | None, scope: str, ok: bool,
+                reason: str) -> None:
+        # repr(): method, host and path come from the client and must not forge log lines.
+        log.info("forward-auth {result}: user={user!r} {method!r} {host!r}{path!r} scope={scope} reason={reason}",
+                 result="ok" if ok else "failed", user=user, method=method, host=host, path=path, scope=scope,
+                 reason=reason)
+        self.app.metrics.sasl_decision("forward_auth", {scope}, "bearer", scope, ok, reason)

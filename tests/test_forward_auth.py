@@ -1,0 +1,119 @@
+"""GET /forward-auth as nginx auth_request, Traefik and Caddy call it, against a running service."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import pytest
+import requests
+
+from .support import Service
+
+RULES = """
+[forward_auth]
+user_header = "X-Auth-User"
+[[forward_auth.rules]]
+host = "legacy.example"
+basic = true
+[[forward_auth.rules]]
+path_prefix = "/dav"
+[[forward_auth.rules]]
+path_prefix = "/mail"
+read_scope = "imap"
+write_scope = "smtp"
+"""
+
+
+@pytest.fixture(scope="module")
+def proxy_service(tmp_path_factory):
+    running = Service.start(tmp_path_factory.mktemp("forward"), extra=RULES)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def people(proxy_service):
+    service = proxy_service
+    name = service.unique("dora")
+    service.cli("user", "add", name, "--password-stdin", stdin="pw\n")
+    client = service.client("--redirect-uri", "https://app.example/cb")
+
+    def token(scope):
+        return service.cli("token", "issue", "--user", name, "--client", client["client_id"], "--scope", scope)
+    return name, token
+
+
+def ask(service, method, uri, token=None, host="files.example", basic=None, style="nginx"):
+    headers = {"Host": host}
+    if style == "nginx":
+        headers.update({"X-Original-Method": method, "X-Original-URI": uri})
+    else:  # Traefik and Caddy
+        headers.update({"X-Forwarded-Method": method, "X-Forwarded-Uri": uri, "X-Forwarded-Host": host})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if basic:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode()
+    return requests.get(f"{service.url}/forward-auth", headers=headers)
+
+
+@pytest.mark.parametrize("style", ["nginx", "traefik"])
+def test_read_and_write_scopes(proxy_service, people, style):
+    name, token = people
+    both, read_only = token("webdav:read webdav:write"), token("webdav:read")
+    for method in ("GET", "PROPFIND", "PUT", "DELETE", "MKCOL", "MOVE"):
+        response = ask(proxy_service, method, "/dav/notes/a.txt", both, style=style)
+        assert response.status_code == 200 and response.headers["X-Auth-User"] == name
+    assert ask(proxy_service, "PROPFIND", "/dav/", read_only, style=style).status_code == 200
+    refused = ask(proxy_service, "PUT", "/dav/a.txt", read_only, style=style)
+    assert refused.status_code == 403
+    assert refused.headers["WWW-Authenticate"] == \
+        'Bearer realm="bearerbridge", error="insufficient_scope", scope="webdav:write"'
+
+
+def test_rules_pick_the_scope_by_path(proxy_service, people):
+    _, token = people
+    mail = token("imap")
+    assert ask(proxy_service, "GET", "/mail/inbox", mail).status_code == 200
+    assert ask(proxy_service, "POST", "/mail/send", mail).status_code == 403     # needs smtp
+    assert ask(proxy_service, "GET", "/dav/x", mail).status_code == 403          # needs webdav:read
+    assert ask(proxy_service, "GET", "/elsewhere", mail).status_code == 403      # no rule matches
+    assert ask(proxy_service, "GET", "/davx", token("webdav:read")).status_code == 403  # a prefix is a path
+
+
+def test_bad_missing_expired_and_revoked_tokens(proxy_service, people):
+    _, token = people
+    missing = ask(proxy_service, "GET", "/dav/")
+    assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == 'Bearer realm="bearerbridge"'
+    bad = ask(proxy_service, "GET", "/dav/", "not-a-token")
+    assert bad.status_code == 401
+    assert bad.headers["WWW-Authenticate"] == 'Bearer realm="bearerbridge", error="invalid_token"'
+    revoked = token("webdav:read")
+    assert ask(proxy_service, "GET", "/dav/", revoked).status_code == 200
+    proxy_service.cli("token", "revoke", revoked)
+    deadline = time.monotonic() + 1.2
+    while ask(proxy_service, "GET", "/dav/", revoked).status_code == 200:
+        assert time.monotonic() < deadline, "revocation not noticed within cache_ttl"
+        time.sleep(0.05)
+    assert ask(proxy_service, "GET", "/dav/", revoked).status_code == 401
+
+
+def test_basic_with_the_token_as_password_only_where_the_rule_allows(proxy_service, people):
+    name, token = people
+    dav = token("webdav:read webdav:write")
+    challenge = ask(proxy_service, "GET", "/", host="legacy.example")
+    assert challenge.status_code == 401 and challenge.headers["WWW-Authenticate"].startswith('Basic realm=')
+    ok = ask(proxy_service, "PUT", "/f", host="legacy.example", basic=(name, dav))
+    assert ok.status_code == 200 and ok.headers["X-Auth-User"] == name
+    assert ask(proxy_service, "PUT", "/f", host="legacy.example", basic=("mallory", dav)).status_code == 401
+    assert ask(proxy_service, "GET", "/dav/", basic=(name, dav)).status_code == 401  # not on that rule
+
+
+def test_decisions_are_counted(proxy_service, people):
+    _, token = people
+    ask(proxy_service, "GET", "/dav/", token("webdav:read"))
+    metrics_client = proxy_service.client("--grant", "client_credentials", "--scope", "metrics")
+    bearer = requests.post(f"{proxy_service.url}/token", data={"grant_type": "client_credentials"},
+                           auth=(metrics_client["client_id"], metrics_client["client_secret"])).json()["access_token"]
+    text = requests.get(f"{proxy_service.url}/metrics", headers={"Authorization": f"Bearer {bearer}"}).text
+    assert 'surface="forward_auth"' in text and 'service="webdav:read"' in text
