@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 
 from twisted.application import strports
 from twisted.application.internet import TimerService
@@ -76,7 +77,17 @@ def make_app(config: configuration.Config) -> tuple[MultiService, web.App]:
         for description in sasl.listen:
             strports.service(description, dovecot).setServiceParent(top)
     TimerService(PURGE_INTERVAL, _purge, pool).setServiceParent(top)
+    reactor.callWhenRunning(_settle_garbage_collector)
     return top, app
+
+
+def _settle_garbage_collector() -> None:
+    """Exempt what start-up built from collection, and collect the young less often: under
+    load, requests in flight otherwise set off a full collection every few tenths of a
+    second, and those pauses were the worst latencies measured (bench/README.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
 
 
 def _purge(pool: StorePool) -> None:

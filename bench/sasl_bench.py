@@ -1,0 +1,606 @@
+"""Load benchmark of the SASL authority: the Dovecot auth socket of one `twistd bearerbridge`.
+
+    .venv/bin/python bench/sasl_bench.py [--connections 8] [--duration 10] [--pipeline 16] [--json]
+
+Starts one service from a throwaway config (SQLite, HTTP and `[sasl] listen` on free loopback
+ports, `[sasl] cache_ttl` 1 s), seeds a user, a client and many `smtp` access tokens straight
+into the store, then drives the socket from several OS processes (raw non-blocking sockets and
+`selectors`), each connection keeping up to --pipeline `AUTH ... OAUTHBEARER` requests
+outstanding with fresh numeric ids, matching replies by id and timing each request from its
+send to its reply line. Scenarios:
+
+- hot:     the same few tokens over and over (answered from the validator's memory);
+- cold:    every request a token the server has never seen (one database read each);
+- latency: one connection, one request at a time (hot tokens).
+
+Prints checks/s, p50/p99 latency and errors (non-OK replies, lost replies) per scenario. When
+the pipelined hot run's p99 is over 1 ms it also halves the pipeline depth until p99 <= 1 ms
+and reports the throughput there (--no-sweep turns this off). The server is always stopped by
+its PID at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import multiprocessing
+import os
+import secrets
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from array import array
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SERVICE = "smtp"
+HOT_TOKENS = 8
+MAX_P99_MS = 1.0
+
+
+def log(message: str) -> None:
+    print(f"[sasl-bench] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
+# -- the server --------------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, directory: Path, cache_ttl: float, threads: int | None) -> None:
+        self.directory = directory
+        self.http_port, self.sasl_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.config_path = directory / "bearerbridge.toml"
+        self.log_path = directory / "twistd.log"
+        database = f'[database]\nurl = "sqlite:///{directory / "bearerbridge.db"}"\n'
+        if threads:
+            database += f"threads = {threads}\n"
+        self.config_path.write_text(
+            f'[server]\nissuer = "{self.url}"\nsecret_key_file = "{directory / "secret.key"}"\n'
+            f'[http]\nlisten = ["tcp:{self.http_port}:interface=127.0.0.1"]\n' + database +
+            f'[sasl]\nlisten = ["tcp:{self.sasl_port}:interface=127.0.0.1"]\ncache_ttl = {cache_ttl}\n')
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.process = subprocess.Popen(
+            [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(self.log_path),
+             "bearerbridge", "--config", str(self.config_path)],
+            cwd=self.directory, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"twistd exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        with socket.create_connection(("127.0.0.1", self.sasl_port), timeout=2):
+                            return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"service not ready within {timeout:.0f}s:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM by PID, then SIGKILL if it has not gone within 15 s."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.kill(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            log(f"twistd (pid {self.process.pid}) ignored SIGTERM; killing it")
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def seed(config_path: Path, count: int) -> tuple[str, list[str]]:
+    """A user, a client and `count` fresh `smtp` access tokens, written straight into the store."""
+    from bearerbridge import bootstrap, config
+    from bearerbridge.models import Client
+
+    store = bootstrap.open_store(config.load(config_path))
+    username = f"bench-{secrets.token_hex(3)}"
+    tokens = [secrets.token_urlsafe(32) for _ in range(count)]
+    try:
+        with store.transaction():
+            user = store.add_user(username, f"{username}@example.org", None)
+            client = Client(client_id=f"bench-{secrets.token_hex(6)}", name="sasl bench",
+                            redirect_uris=("https://app.example/cb",), scope=SERVICE,
+                            grant_types=("authorization_code", "refresh_token"), public=False)
+            store.add_client(client, secrets.token_urlsafe(32))
+            for token in tokens:
+                store.save_token(token, None, client.client_id, user.id, SERVICE, 24 * 3600, None)
+    finally:
+        store.engine.dispose()
+    return username, tokens
+
+
+def request_tail(username: str, token: str) -> bytes:
+    """Everything of an AUTH line after its id, as Postfix sends it (see tests/test_sasl_service.py)."""
+    message = f"n,a={username},\x01host=mail.example\x01port=587\x01auth=Bearer {token}\x01\x01"
+    resp = base64.b64encode(message.encode()).decode()
+    return (f"\tOAUTHBEARER\tservice={SERVICE}\tnologin\tlip=127.0.0.1\trip=127.0.0.1"
+            f"\tresp={resp}\n").encode()
+
+
+# -- the load generator (runs in worker processes) ------------------------------------------------
+
+class Connection:
+    __slots__ = ("sock", "inbuf", "outbuf", "outstanding", "acking", "next_id", "closed")
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buffer = b""
+        while b"\nDONE\n" not in buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed during the handshake")
+            buffer += chunk
+        self.inbuf = buffer.split(b"\nDONE\n", 1)[1]
+        self.sock.sendall(b"VERSION\t1\t2\nCPID\t%d\n" % os.getpid())
+        self.sock.setblocking(False)
+        self.outbuf = b""
+        self.outstanding: dict[bytes, float] = {}  # id -> send time
+        self.acking: set[bytes] = set()            # ids whose error challenge we acknowledged
+        self.next_id = 1
+        self.closed = False
+
+
+def worker(pipe, port: int, connections: int, pipeline: int, tails: list[bytes]) -> None:
+    """Hold `connections` connections, report ready, then run between the times sent by the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        conns = [Connection(port) for _ in range(connections)]
+    except OSError as e:
+        pipe.send({"error": f"connect: {e}"})
+        return
+    pipe.send({"ready": True})
+    go, t_start, t_end = pipe.recv()
+    monotonic = time.monotonic
+    selector = selectors.DefaultSelector()
+    for conn in conns:
+        selector.register(conn.sock, selectors.EVENT_READ, conn)
+    latencies = array("d")
+    counts: Counter[str] = Counter()
+    samples: list[str] = []
+    n_tails = len(tails)
+    position = 0
+    wraps = 0
+    cpu_start = cpu_end = None
+
+    def fill(conn: Connection, now: float) -> None:
+        nonlocal position, wraps
+        free = pipeline - len(conn.outstanding)
+        if free <= 0 or conn.closed:
+            return
+        parts = []
+        outstanding = conn.outstanding
+        for _ in range(free):
+            rid = b"%d" % conn.next_id
+            conn.next_id += 1
+            parts.append(b"AUTH\t" + rid + tails[position])
+            position += 1
+            if position == n_tails:
+                position = 0
+                wraps += 1
+            outstanding[rid] = now
+        send(conn, b"".join(parts))
+
+    def send(conn: Connection, data: bytes) -> None:
+        data = conn.outbuf + data if conn.outbuf else data
+        try:
+            sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        conn.outbuf = data[sent:]
+        selector.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0), conn)
+
+    while monotonic() < go:
+        time.sleep(0.0005)
+    now = monotonic()
+    for conn in conns:
+        fill(conn, now)
+    sending = True
+    drain_until = t_end + 5.0
+    while True:
+        now = monotonic()
+        if sending and now >= t_end:
+            sending = False
+            cpu_end = time.process_time()
+        if cpu_start is None and now >= t_start:
+            cpu_start = time.process_time()
+        if not sending and (now >= drain_until or not any(c.outstanding for c in conns if not c.closed)):
+            break
+        for key, events in selector.select(0.05):
+            conn = key.data
+            if events & selectors.EVENT_WRITE and conn.outbuf:
+                send(conn, b"")
+            if not events & selectors.EVENT_READ:
+                continue
+            try:
+                chunk = conn.sock.recv(262144)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                chunk = b""
+                samples.append(f"recv: {e}")
+            now = monotonic()
+            if not chunk:
+                conn.closed = True
+                counts["lost"] += len(conn.outstanding)
+                conn.outstanding.clear()
+                selector.unregister(conn.sock)
+                continue
+            data = conn.inbuf + chunk
+            *lines, conn.inbuf = data.split(b"\n")
+            in_window = t_start <= now < t_end
+            outstanding = conn.outstanding
+            for line in lines:
+                kind, _, rest = line.partition(b"\t")
+                rid, _, rest = rest.partition(b"\t")
+                sent_at = outstanding.pop(rid, None)
+                if sent_at is None:
+                    counts["unmatched"] += 1
+                    continue
+                if kind == b"OK":
+                    counts["ok"] += 1
+                    if in_window:
+                        counts["window"] += 1
+                        latencies.append(now - sent_at)
+                    continue
+                if kind == b"CONT" and rid not in conn.acking:
+                    # OAUTHBEARER error challenge: acknowledge it (RFC 7628 §3.2.3) so the
+                    # request ends, and count the error once.
+                    conn.acking.add(rid)
+                    outstanding[rid] = sent_at
+                    send(conn, b"CONT\t" + rid + b"\tAQ==\n")
+                    if len(samples) < 5:
+                        samples.append(line.decode("utf-8", "replace"))
+                    continue
+                conn.acking.discard(rid)
+                counts["failed"] += 1
+                if len(samples) < 5:
+                    samples.append(line.decode("utf-8", "replace"))
+            if sending and not conn.closed:
+                fill(conn, now)
+    for conn in conns:
+        counts["lost"] += len(conn.outstanding)
+        conn.sock.close()
+    pipe.send({"latencies": latencies, "counts": dict(counts), "samples": samples,
+               "cpu": (cpu_end or time.process_time()) - (cpu_start or 0.0), "wraps": wraps,
+               "used": wraps * n_tails + position})
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+
+def percentile(sorted_values: array, fraction: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
+
+
+def run_load(server: Server, name: str, tails: list[bytes], connections: int, pipeline: int,
+             duration: float, warmup: float, workers: int, fresh: bool, profile: Path | None = None,
+             gil: bool = True) -> dict:
+    """One measured run; `tails` are split between the worker processes."""
+    workers = max(1, min(workers, connections))
+    context = multiprocessing.get_context("fork")
+    procs = []
+    per_worker = [connections // workers + (i < connections % workers) for i in range(workers)]
+    for i, count in enumerate(per_worker):
+        share = tails[i::workers] if fresh else tails
+        parent, child = context.Pipe()
+        proc = context.Process(target=worker, args=(child, server.sasl_port, count, pipeline, share),
+                               daemon=True)
+        proc.start()
+        procs.append((proc, parent))
+    try:
+        for proc, pipe in procs:
+            answer = pipe.recv()
+            if "error" in answer:
+                raise RuntimeError(answer["error"])
+        go = time.monotonic() + 0.2
+        t_start = go + warmup
+        t_end = t_start + duration
+        for _, pipe in procs:
+            pipe.send((go, t_start, t_end))
+        time.sleep(max(0.0, t_start - time.monotonic()))
+        server_cpu, machine_cpu = cpu_seconds(server.pid), machine_busy_seconds()
+        spy = None
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+            spy = subprocess.Popen(
+                [str(BIN / "py-spy"), "record", "--pid", str(server.pid), "--threads", "--function",
+                 "--rate", "200", *(["--gil"] if gil else []),
+                 "--duration", str(max(1, int(duration))), "--format", "raw", "-o", str(profile / f"{name}.folded")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(max(0.0, t_end - time.monotonic()))
+        server_cpu = cpu_seconds(server.pid) - server_cpu
+        machine_cpu = machine_busy_seconds() - machine_cpu
+        results = [pipe.recv() for _, pipe in procs]
+        if spy is not None:
+            spy.wait(60)
+    finally:
+        for proc, _ in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+    latencies = array("d")
+    counts: Counter[str] = Counter()
+    samples: list[str] = []
+    client_cpu = 0.0
+    for r in results:
+        latencies.extend(r["latencies"])
+        counts.update(r["counts"])
+        samples += r["samples"]
+        client_cpu += r["cpu"]
+    ordered = array("d", sorted(latencies))
+    errors = counts["failed"] + counts["lost"] + counts["unmatched"]
+    summary = {
+        "scenario": name, "connections": connections, "pipeline": pipeline, "seconds": duration,
+        "checks": counts["window"], "checks_per_s": round(counts["window"] / duration, 1),
+        "p50_ms": round(1000 * percentile(ordered, 0.50), 3),
+        "p90_ms": round(1000 * percentile(ordered, 0.90), 3),
+        "p99_ms": round(1000 * percentile(ordered, 0.99), 3),
+        "max_ms": round(1000 * (ordered[-1] if ordered else float("nan")), 3),
+        "errors": errors, "failed": counts["failed"], "lost": counts["lost"], "unmatched": counts["unmatched"],
+        "error_samples": samples[:5],
+        "server_cpu_pct": round(100 * server_cpu / duration, 1),
+        "client_cpu_pct": round(100 * client_cpu / duration, 1),
+        "other_cpu_pct": round(max(0.0, 100 * (machine_cpu - server_cpu - client_cpu) / duration), 1),
+    }
+    if fresh:
+        summary["tokens_used"] = sum(r["used"] for r in results)
+        summary["token_set_wraps"] = sum(r["wraps"] for r in results)
+    return summary
+
+
+TARGETS = {  # the project's: one process, 2 cores, 8 connections
+    "hot": {"min_rate": 20000, "max_p99_ms": MAX_P99_MS},
+    "cold": {"min_rate": 5000},
+    "latency": {"max_p50_ms": 0.5},
+}
+
+
+def judge(result: dict) -> None:
+    target = TARGETS.get(result["scenario"].split("@")[0])
+    if not target:
+        return
+    ok = result["errors"] == 0
+    if "min_rate" in target:
+        ok = ok and result["checks_per_s"] >= target["min_rate"]
+    if "max_p99_ms" in target:
+        ok = ok and result["p99_ms"] <= target["max_p99_ms"]
+    if "max_p50_ms" in target:
+        ok = ok and result["p50_ms"] <= target["max_p50_ms"]
+    result["target"] = target
+    result["meets_target"] = ok
+
+
+def print_table(results: list[dict], stream) -> None:
+    header = (f"{'scenario':<14} {'conn':>4} {'pipe':>4} {'checks/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'max ms':>7} {'errors':>6}  {'target':<22} {'ok':<3} {'server':>6} {'client':>6} {'other':>5}")
+    print(header, file=stream)
+    print("-" * len(header), file=stream)
+    for r in results:
+        t = r.get("target", {})
+        target = " ".join(filter(None, [
+            f">={t['min_rate']}/s" if "min_rate" in t else "",
+            f"p99<={t['max_p99_ms']:g}" if "max_p99_ms" in t else "",
+            f"p50<={t['max_p50_ms']:g}" if "max_p50_ms" in t else ""]))
+        ok = "" if "meets_target" not in r else ("yes" if r["meets_target"] else "NO")
+        print(f"{r['scenario']:<14} {r['connections']:>4} {r['pipeline']:>4} {r['checks_per_s']:>9.0f} "
+              f"{r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} {r['max_ms']:>7.2f} {r['errors']:>6}  {target:<22} "
+              f"{ok:<3} {r['server_cpu_pct']:>5.0f}% {r['client_cpu_pct']:>5.0f}% {r['other_cpu_pct']:>4.0f}%",
+              file=stream)
+    print(f"(cpu: % of one core over the measured window; {os.cpu_count()} cores. 'client' is the load "
+          "generator's processes, 'other' everything else on the machine)", file=stream)
+    for r in results:
+        if "tokens_used" in r:
+            print(f"{r['scenario']}: {r['tokens_used']} distinct tokens sent (warm-up included), "
+                  f"token set wrapped {r['token_set_wraps']} times", file=stream)
+        if r["errors"]:
+            print(f"{r['scenario']}: {r['failed']} failed, {r['lost']} lost, {r['unmatched']} unmatched; "
+                  f"e.g. {r['error_samples']}", file=stream)
+
+
+# Where a check's time goes: (label, function names), each counted inclusively.
+PARTS = (
+    ("Dovecot line parsing (parse_line)", ("parse_line",)),
+    ("OAUTHBEARER parsing (ServerExchange.receive)", ("ServerExchange.receive",)),
+    ("Validator.validate (digest, memory, batching)", ("Validator.validate",)),
+    ("  HMAC digest of the token", ("Keyring.digest",)),
+    ("  judge()", ("judge",)),
+    ("Deferred.addTimeout (a callLater per check)", ("Deferred.addTimeout",)),
+    ("logging each decision (Logger.emit)", ("Logger.emit",)),
+    ("metrics counter (Metrics.sasl_decision)", ("Metrics.sasl_decision",)),
+    ("verdict -> reply line (DovecotAuthConnection.verdict)", ("DovecotAuthConnection.verdict",)),
+    ("transport.write + socket writes", ("Connection.write", "FileDescriptor.write", "FileDescriptor.doWrite",
+                                         "Connection.doWrite")),
+    ("socket reads (doRead minus dataReceived)", ("Connection.doRead",)),
+    ("timed calls (runUntilCurrent)", ("ReactorBase.runUntilCurrent",)),
+    ("thread hop: deferToThreadPool/callFromThread", ("deferToThreadPool", "callFromThread",
+                                                        "ThreadPool.callInThreadWithCallback")),
+    ("batch answers in the reactor (_batch_done)", ("Validator._batch_done",)),
+    ("store query in a pool thread (find_access_tokens)", ("SqlStore.find_access_tokens",)),
+    ("  SQLAlchemy compile/execute", ("Connection.execute",)),
+    ("  rows -> Token (SqlStore._token)", ("SqlStore._token",)),
+)
+
+
+def top_functions(folded: Path, limit: int = 12) -> str:
+    """Per thread, per part of the check (see PARTS) and per function, from py-spy's raw output."""
+    own: Counter[str] = Counter()
+    parts: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    total = 0
+    for line in folded.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        names = [f.split(" (", 1)[0] for f in frames if not f.startswith(("thread ", "process "))]
+        if not names:
+            continue
+        if frames[0].startswith(("thread ", "process ")):
+            threads[frames[0].split(": ", 1)[-1]] += n
+        total += n
+        own[frames[-1]] += n
+        present = set(names)
+        for label, functions in PARTS:
+            if any(f in present for f in functions):
+                parts[label] += n
+        if "Connection.doRead" in present and "LineOnlyReceiver.dataReceived" in present:
+            parts["socket reads (doRead minus dataReceived)"] -= n
+    if not total:
+        return "(no samples)"
+    out = [f"{total} non-idle samples; shares of them"]
+    out += ["by thread:"] + [f"  {100 * n / total:5.1f}%  {t}" for t, n in threads.most_common(6)]
+    out += ["by part (inclusive):"] + [f"  {100 * parts[label] / total:5.1f}%  {label}"
+                                      for label, _ in PARTS if parts[label] > 0]
+    out += ["self time by function:"] + [f"  {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(limit)]
+    return "\n".join(out)
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--connections", "-c", type=int, default=8, help="connections of the hot and cold scenarios")
+    p.add_argument("--duration", "-d", type=float, default=10, help="measured seconds per scenario")
+    p.add_argument("--warmup", type=float, default=1, help="unmeasured seconds of load before each scenario")
+    p.add_argument("--pipeline", "-p", type=int, default=16, help="outstanding requests per connection")
+    p.add_argument("--workers", type=int, default=2, help="load generator processes")
+    p.add_argument("--only", action="append", choices=("hot", "cold", "latency"), help="run only these scenarios")
+    p.add_argument("--cold-tokens", type=int,
+                   help="distinct tokens seeded for the cold scenario (default: 10,000 per second of it, "
+                        "warm-up included)")
+    p.add_argument("--cache-ttl", type=float, default=1.0, help="[sasl] cache_ttl of the server")
+    p.add_argument("--threads", type=int, help="[database] threads of the server (default: the config's)")
+    p.add_argument("--no-sweep", action="store_true",
+                   help="do not look for the pipeline depth at which the hot p99 is within 1 ms")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="record each scenario with py-spy into DIR/NAME.folded and print its hot spots "
+                        "(throughput is lower while profiling)")
+    p.add_argument("--profile-all-threads", action="store_true",
+                   help="with --profile, sample every running thread, not only the one holding the GIL "
+                        "(shows the store threads in SQLite, and threads waiting for the GIL)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout (table on stderr)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (config, database, log)")
+    args = p.parse_args(argv)
+    args.scenarios = args.only or ["hot", "cold", "latency"]
+    if args.cold_tokens is None:
+        args.cold_tokens = int(10_000 * (args.duration + args.warmup)) if "cold" in args.scenarios else 0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through `finally`: stop the server
+    directory = Path(tempfile.mkdtemp(prefix="bearerbridge-sasl-bench-"))
+    server = Server(directory, args.cache_ttl, args.threads)
+    results: list[dict] = []
+    try:
+        started = time.monotonic()
+        username, tokens = seed(server.config_path, HOT_TOKENS + args.cold_tokens)
+        log(f"seeded {len(tokens)} tokens in {time.monotonic() - started:.1f}s")
+        hot = [request_tail(username, t) for t in tokens[:HOT_TOKENS]]
+        cold = [request_tail(username, t) for t in tokens[HOT_TOKENS:]]
+        server.start()
+        log(f"twistd pid {server.pid}, SASL on 127.0.0.1:{server.sasl_port} (directory {directory})")
+        # One check by hand: the token must log in as the seeded user.
+        probe = Connection(server.sasl_port)
+        probe.sock.setblocking(True)
+        probe.sock.sendall(b"AUTH\t1" + hot[0])
+        reply = probe.inbuf
+        while b"\n" not in reply:
+            chunk = probe.sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+        probe.sock.close()
+        if not reply.startswith(f"OK\t1\tuser={username}\n".encode()):
+            raise RuntimeError(f"preflight AUTH failed: {reply!r}\n{server.log_tail()}")
+
+        def run(name: str, tails: list[bytes], connections: int, pipeline: int, duration: float,
+                fresh: bool = False) -> dict:
+            profile = args.profile if name in ("hot", "cold") else None
+            result = run_load(server, name, tails, connections, pipeline, duration, args.warmup,
+                              args.workers, fresh, profile, not args.profile_all_threads)
+            judge(result)
+            results.append(result)
+            log(f"{name}: {result['checks_per_s']:.0f} checks/s, p50 {result['p50_ms']:.3f} ms, "
+                f"p99 {result['p99_ms']:.3f} ms, {result['errors']} errors")
+            if profile is not None:
+                print(f"\n== py-spy profile of {name} ==\n{top_functions(profile / f'{name}.folded')}\n",
+                      file=sys.stderr)
+            return result
+
+        for scenario in args.scenarios:
+            if scenario == "hot":
+                result = run("hot", hot, args.connections, args.pipeline, args.duration)
+                depth = args.pipeline
+                while not args.no_sweep and result["p99_ms"] > MAX_P99_MS and depth > 1:
+                    depth //= 2
+                    result = run(f"hot@p{depth}", hot, args.connections, depth, max(3.0, args.duration / 2))
+            elif scenario == "cold":
+                run("cold", cold, args.connections, args.pipeline, args.duration, fresh=True)
+            else:
+                run("latency", hot, 1, 1, args.duration)
+    finally:
+        server.stop()
+        if args.keep:
+            log(f"kept {directory}")
+        else:
+            for path in sorted(directory.rglob("*"), reverse=True):
+                path.unlink() if not path.is_dir() else path.rmdir()
+            directory.rmdir()
+    print_table(results, sys.stderr if args.json else sys.stdout)
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        print()
+    return 0 if all(r.get("meets_target", True) for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
