@@ -40,6 +40,32 @@ def require_peer(*names: str) -> str:
     pytest.skip(message)
 
 
+@contextlib.contextmanager
+def postgres_schema():
+    """A URL to a fresh schema of the PostgreSQL in BEARERBRIDGE_TEST_DATABASE_URL, dropped after.
+
+    Skips without the variable, but fails under CI, which must test PostgreSQL."""
+    import sqlalchemy as sa
+
+    base = os.environ.get("BEARERBRIDGE_TEST_DATABASE_URL")
+    if not base:
+        if IN_CI:
+            pytest.fail("CI must set BEARERBRIDGE_TEST_DATABASE_URL")
+        pytest.skip("BEARERBRIDGE_TEST_DATABASE_URL is not set")
+    schema = f"bb_test_{secrets.token_hex(6)}"
+    admin = sa.create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    try:
+        # The schema is chosen through the connection's search_path.
+        yield sa.engine.make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}) \
+            .render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

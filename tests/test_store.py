@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import secrets
-
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -15,9 +12,7 @@ from bearerbridge.crypto import Keyring
 from bearerbridge.models import Client
 from bearerbridge.store import SqlStore, StoreError, make_engine, metadata
 
-from .support import IN_CI
-
-POSTGRES_URL = os.environ.get("BEARERBRIDGE_TEST_DATABASE_URL")
+from .support import postgres_schema
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -27,22 +22,10 @@ def engine(request, tmp_path):
         yield engine
         engine.dispose()
         return
-    if not POSTGRES_URL:
-        if IN_CI:
-            pytest.fail("CI must set BEARERBRIDGE_TEST_DATABASE_URL")
-        pytest.skip("BEARERBRIDGE_TEST_DATABASE_URL is not set")
-    # Each test gets a schema of its own, selected through the connection's search_path.
-    schema = f"bb_test_{secrets.token_hex(6)}"
-    admin = sa.create_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    url = sa.engine.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    engine = make_engine(url.render_as_string(hide_password=False))
-    yield engine
-    engine.dispose()
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+    with postgres_schema() as url:
+        engine = make_engine(url)
+        yield engine
+        engine.dispose()
 
 
 @pytest.fixture
