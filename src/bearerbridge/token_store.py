@@ -31,6 +31,10 @@ class ProtocolError(Exception):
     """The server's reply broke the protocol; the message never quotes the reply."""
 
 
+class DamagedProfile(ValueError):
+    """The profile file cannot be read as a profile."""
+
+
 @dataclass(frozen=True)
 class Profile:
     """One login: where the server is, who we are to it, and the tokens it gave us."""
@@ -168,7 +172,7 @@ class ProfileFile:
         try:
             return Profile.from_json(text)
         except (ValueError, TypeError) as error:
-            raise ValueError(f"{self.path} is damaged ({type(error).__name__}); log in again") from None
+            raise DamagedProfile(f"{self.path} is damaged ({type(error).__name__}); log in again") from None
 
     def save(self, profile: Profile) -> None:
         """Write atomically: a 0600 temp file in the same directory, fsync, `os.replace`."""
