@@ -52,18 +52,18 @@ class DovecotProtocolError(ValueError):
         self.request_id = request_id
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Version:
     major: int
     minor: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Cpid:
     pid: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AuthRequest:
     """An ``AUTH`` line; ``params`` holds every ``key=value`` but ``resp``."""
 
@@ -75,13 +75,13 @@ class AuthRequest:
     initial_response: bytes | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Cont:
     id: str
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Cancel:
     id: str
 
@@ -91,11 +91,15 @@ Command = Version | Cpid | AuthRequest | Cont | Cancel
 
 def tabescape(value: str) -> str:
     """Escape a value as Dovecot's ``str_tabescape`` does (NUL, ^A, TAB, LF, CR)."""
+    if value.isprintable():  # none of the five is printable: the usual case, nothing to escape
+        return value
     return "".join(_ESCAPES.get(char, char) for char in value)
 
 
 def tabunescape(value: str) -> str:
     """Undo :func:`tabescape`; like Dovecot, ^A before any other char yields that char."""
+    if "\x01" not in value:  # nearly every field of every line: skip the split and join
+        return value
     head, *rest = value.split("\x01")
     out = [head]
     for chunk in rest:
@@ -203,7 +207,7 @@ def parse_line(line: bytes) -> Command:
     raise DovecotProtocolError("unknown or malformed command")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Validation:
     """A token to validate for a live request; hand it back with the verdict."""
 
@@ -211,7 +215,7 @@ class Validation:
     bearer: Bearer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     """The outcome of one request, for logs and metrics; never holds the token."""
 
@@ -223,7 +227,7 @@ class Decision:
     reason: str
 
 
-@dataclass
+@dataclass(slots=True)
 class Output:
     """What the connection wants done, in order: write, validate, maybe close."""
 
@@ -234,7 +238,7 @@ class Output:
     close: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _Live:
     request: AuthRequest
     exchange: ServerExchange
@@ -505,9 +509,19 @@ class DovecotAuthProtocol(LineOnlyReceiver):
         d = defer.maybeDeferred(self._validate, validation.bearer, validation.request.service)
         if not d.called:  # answers from memory are already here: a timer would only cost
             d.addTimeout(self._timeout, self._clock)
-        d.addErrback(self._validator_failed)
-        d.addCallback(lambda verdict: self._apply(self._connection.verdict(validation, verdict)))
-        d.addErrback(lambda failure: log.failure("answering a Dovecot auth request", failure))
+
+        # One callback for both outcomes, which logs its own errors, rather than an errback,
+        # a callback and an errback: on the hot path the Deferred has already fired, and
+        # every add* runs the chain again.
+        def answer(result: Verdict | TwistedFailure) -> None:
+            try:
+                if isinstance(result, TwistedFailure):
+                    result = self._validator_failed(result)
+                self._apply(self._connection.verdict(validation, result))
+            except Exception:
+                log.failure("answering a Dovecot auth request")
+
+        d.addBoth(answer)
 
     def _validator_failed(self, failure: TwistedFailure) -> Verdict:
         if failure.check(defer.TimeoutError):

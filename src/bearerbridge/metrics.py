@@ -39,13 +39,19 @@ class Metrics:
         self.sasl_decisions = Counter(
             "bearerbridge_sasl_decisions", "SASL logins decided, by surface, mechanism, service and reason",
             ["surface", "mechanism", "service", "result", "reason"], registry=self.registry)
+        self._sasl_children: dict[tuple[str, ...], Counter] = {}
 
     def sasl_decision(self, surface: str, services: Iterable[str], mechanism: str, service: str, ok: bool,
                       reason: str) -> None:
         """Count one SASL decision; names a client chose are folded so labels stay few."""
         service = service if service in services else "other"
         reason = reason if reason in SASL_REASONS else "malformed"
-        self.sasl_decisions.labels(surface, mechanism, service, "ok" if ok else "failed", reason).inc()
+        labels = (surface, mechanism, service, "ok" if ok else "failed", reason)
+        # Looking a child up by labels costs more than the rest of a remembered check.
+        child = self._sasl_children.get(labels)
+        if child is None:
+            child = self._sasl_children[labels] = self.sasl_decisions.labels(*labels)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

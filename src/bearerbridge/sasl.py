@@ -30,20 +30,18 @@ MAX_MESSAGE = 16384
 
 # RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-# RFC 6750 §2.1 credentials = "Bearer" 1*SP b64token; the scheme is
-# case-insensitive (RFC 7235 §2.1).
-_BEARER = re.compile(r"bearer +(.*)", re.IGNORECASE | re.DOTALL)
-# RFC 7628 §3.1: key = 1*(ALPHA); value = *(VCHAR / SP / HTAB / CR / LF)
-_KEY = re.compile(r"[A-Za-z]+")
+# RFC 6750 §2.1 credentials = "Bearer" 1*SP b64token, the scheme case-insensitive
+# (RFC 7235 §2.1): checked in _bearer_token.
+# RFC 7628 §3.1: key = 1*(ALPHA) (checked without a regex in _pairs);
+# value = *(VCHAR / SP / HTAB / CR / LF)
 _VALUE = re.compile(r"[\x21-\x7e \t\r\n]*")
 # RFC 5801 §4: saslname = 1*(UTF8-char-safe / "=2C" / "=3D")
 _SASLNAME = re.compile(r"(?:[^,=\x00]|=2C|=3D)+")
-_PORT = re.compile(r"[0-9]{1,5}")
 
 _KVSEP = "\x01"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Bearer:
     """A bearer token presented by a client, with what it says about itself.
 
@@ -96,9 +94,12 @@ def _pairs(body: str, known: tuple[str, ...]) -> dict[str, str]:
     found: dict[str, str] = {}
     for pair in body.split(_KVSEP)[:-1]:
         key, equals, value = pair.partition("=")
-        if not equals or not _KEY.fullmatch(key):
+        # These run for every pair of every login. isascii() + isalpha() is exactly the key's
+        # 1*ALPHA and cheaper than a regex; printable ASCII is the common case of _VALUE,
+        # which still decides whatever else (TAB, CR, LF, or bad characters).
+        if not equals or not (key.isascii() and key.isalpha()):
             raise MalformedMessage("bad key/value pair")
-        if not _VALUE.fullmatch(value):
+        if not (value.isascii() and value.isprintable()) and not _VALUE.fullmatch(value):
             raise MalformedMessage("bad character in value")
         if key in known:
             if key in found:
@@ -111,12 +112,15 @@ def _bearer_token(pairs: dict[str, str]) -> str:
     """Extract the token from ``auth=Bearer <b64token>`` (RFC 6750 §2.1)."""
     if "auth" not in pairs:
         raise MalformedMessage("missing auth")
-    match = _BEARER.fullmatch(pairs["auth"])
-    if match is None:
+    # The same as fullmatch("bearer +(.*)", IGNORECASE | DOTALL), without a case-insensitive
+    # regex on every login: _pairs let only ASCII through, so lower() is the whole case folding.
+    auth = pairs["auth"]
+    if auth[:6].lower() != "bearer" or auth[6:7] != " ":
         raise MalformedMessage("auth scheme is not Bearer")
-    if not _B64TOKEN.fullmatch(match.group(1)):
+    token = auth[6:].lstrip(" ")
+    if not _B64TOKEN.fullmatch(token):
         raise MalformedMessage("token is not a b64token")
-    return match.group(1)
+    return token
 
 
 def _gs2_header(text: str) -> tuple[str | None, str]:
@@ -136,9 +140,14 @@ def _gs2_header(text: str) -> tuple[str | None, str]:
         raise MalformedMessage("unterminated GS2 header")
     if not authzid:
         return None, rest
-    if not authzid.startswith("a=") or not _SASLNAME.fullmatch(authzid[2:]):
+    name = authzid[2:]
+    # _SASLNAME tries its alternation at every character; a name without "=" (nothing
+    # escaped, the usual case) matches it exactly when it is non-empty and free of "," and NUL.
+    unescaped = name != "" and "=" not in name and "," not in name and "\x00" not in name
+    if not authzid.startswith("a=") or not (unescaped or _SASLNAME.fullmatch(name)):
         raise MalformedMessage("bad authzid")
-    return authzid[2:].replace("=2C", ",").replace("=3D", "="), rest
+    # Most names have nothing escaped: skip the two replace() copies then.
+    return (name.replace("=2C", ",").replace("=3D", "=") if "=" in name else name), rest
 
 
 def parse_oauthbearer(message: bytes) -> Bearer:
@@ -155,7 +164,8 @@ def parse_oauthbearer(message: bytes) -> Bearer:
         raise MalformedMessage("missing terminator")
     pairs = _pairs(rest[1:-1], ("auth", "host", "port"))
     port = pairs.get("port")
-    if port is not None and not (_PORT.fullmatch(port) and int(port) <= 65535):
+    # isascii() + isdigit() is [0-9]+ (isdigit() alone takes other scripts' digits too).
+    if port is not None and not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535):
         raise MalformedMessage("port is not a number")
     return Bearer(
         mechanism="OAUTHBEARER",
@@ -229,26 +239,26 @@ def _xoauth2_challenge(status: str, scope: str | None) -> bytes:
     return _json({"status": status, "schemes": "bearer", "scope": scope})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Challenge:
     """Send ``data`` to the client and feed its response to ``receive``."""
 
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Check:
     """Validate ``bearer``, then call ``accept()`` or ``reject()``."""
 
     bearer: Bearer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Success:
     """The client is authenticated."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Failure:
     """The exchange failed; ``reason`` is for logs and never holds the token."""
 
