@@ -8,6 +8,8 @@ import time
 import pytest
 import requests
 
+from bearerbridge.web_forward import canonical_path
+
 from .support import Service
 
 RULES = """
@@ -117,3 +119,39 @@ def test_decisions_are_counted(proxy_service, people):
                            auth=(metrics_client["client_id"], metrics_client["client_secret"])).json()["access_token"]
     text = requests.get(f"{proxy_service.url}/metrics", headers={"Authorization": f"Bearer {bearer}"}).text
     assert 'surface="forward_auth"' in text and 'service="webdav:read"' in text
+
+
+@pytest.mark.parametrize("uri, path", [
+    ("/dav/notes/a.txt", "/dav/notes/a.txt"),
+    ("/dav/caf%C3%A9%20menu.txt?x=1", "/dav/café menu.txt"),
+    ("/%70rivate/secret.txt", "/private/secret.txt"),          # decoded before the rules see it
+    ("/public/../private/secret.txt", None),
+    ("/public/%2e%2e/private/secret.txt", None),
+    ("//private/secret.txt", None),
+    ("/public//../private/secret.txt", None),
+    ("/public/./x", None),
+    ("/public%2fprivate", None),
+    ("/a%00b", None),
+    ("/a%ffb", None),                                           # not UTF-8
+    ("relative/path", None),
+])
+def test_canonical_path(uri, path):
+    assert canonical_path(uri) == path
+
+
+@pytest.mark.parametrize("uri", ["/dav/../private/x", "//private/x", "/dav/%2e%2e/x"])
+def test_ambiguous_paths_are_refused(proxy_service, people, uri):
+    _, token = people
+    assert ask(proxy_service, "GET", uri, token("webdav:read webdav:write imap smtp")).status_code == 403
+
+
+def test_behind_nginx_a_forwarded_host_from_the_client_is_ignored(proxy_service, people):
+    """nginx passes the client's headers on: with X-Original-URI only Host counts."""
+    name, token = people
+    dav = token("webdav:read")
+    basic = "Basic " + base64.b64encode(f"{name}:{dav}".encode()).decode()
+    as_legacy = {"Host": "legacy.example", "X-Original-Method": "GET", "X-Original-URI": "/f", "Authorization": basic}
+    assert requests.get(f"{proxy_service.url}/forward-auth", headers=as_legacy).status_code == 200
+    forged = {**as_legacy, "Host": "files.example", "X-Forwarded-Host": "legacy.example"}
+    # files.example has no rule for /f: the client's X-Forwarded-Host did not make it legacy.example
+    assert requests.get(f"{proxy_service.url}/forward-auth", headers=forged).status_code == 403

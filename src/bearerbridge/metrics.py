@@ -12,7 +12,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 SASL_REASONS = frozenset({
     "ok", "unknown_service", "plain_not_allowed", "unknown", "revoked", "user_disabled", "expired", "no_user",
     "identity_mismatch", "insufficient_scope", "database_unavailable", "validation timed out", "validator error",
-    "no_rule"})
+    "no_rule", "ambiguous_path"})
 
 
 class Metrics:

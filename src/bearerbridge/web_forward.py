@@ -2,8 +2,9 @@
 Traefik ForwardAuth, Caddy `forward_auth`) by the bearer token it carries.
 
 The proxy sends the client's headers and names the original request in `X-Original-Method`
-and `X-Original-URI` (nginx, by config) or `X-Forwarded-Method`/`X-Forwarded-Uri`/
-`X-Forwarded-Host` (Traefik, Caddy). The first `[[forward_auth.rules]]` rule matching the
+and `X-Original-URI` (nginx, by config; the host is then `Host`) or `X-Forwarded-Method`/
+`X-Forwarded-Uri`/`X-Forwarded-Host` (Traefik, Caddy). Rules match the percent-decoded path;
+a path that servers could read differently (`//`, dot segments, encoded `/` or `.`) is refused. The first `[[forward_auth.rules]]` rule matching the
 host and path says which scope the method needs: reading methods the rule's `read_scope`,
 all others its `write_scope`. Answers (RFC 6750 §3): 200 with the user in
 `[forward_auth] user_header`; 401 `invalid_token` (or no token); 403 `insufficient_scope`.
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -31,18 +33,40 @@ log = Logger()
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PROPFIND", "REPORT", "SEARCH"})
 
 
-def original_request(request: Request) -> tuple[str, str, str]:
-    """(method, host, path) of the request the proxy is asking about."""
-    def header(*names: str) -> str:
-        for name in names:
-            value = request.getHeader(name.encode())
-            if value:
-                return value.decode("latin-1")
-        return ""
-    method = header("X-Original-Method", "X-Forwarded-Method") or "GET"
-    uri = header("X-Original-URI", "X-Forwarded-Uri") or "/"
-    host = header("X-Forwarded-Host", "Host").split(":")[0].lower()
-    return method.upper(), host, urlsplit(uri).path or "/"
+# Raw paths that different servers resolve differently: empty or dot segments, and encoded
+# "/" or "." (RFC 3986 §6.2.2). A rule decided on one reading while the backend serves another
+# would be an authorization bypass, so these are refused rather than guessed at.
+_AMBIGUOUS = re.compile(r"//|/\.\.?(/|$)|%2f|%2e|%5c|\\", re.IGNORECASE)
+
+
+def canonical_path(uri: str) -> str | None:
+    """The percent-decoded path of an original request URI, or None if it is ambiguous."""
+    path = urlsplit(uri).path if "://" in uri else uri.split("?", 1)[0].split("#", 1)[0]
+    if not path.startswith("/") or _AMBIGUOUS.search(path):
+        return None
+    try:
+        decoded = unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        return None
+    if any(ord(c) < 0x20 or c == "\x7f" for c in decoded):
+        return None
+    return decoded
+
+
+def original_request(request: Request) -> tuple[str, str, str | None]:
+    """(method, host, canonical path or None) of the request the proxy is asking about.
+
+    nginx names it in X-Original-Method/-URI (set by its config) and passes the client's
+    own headers through: any X-Forwarded-* then came from the client, so only Host counts.
+    Traefik and Caddy set X-Forwarded-Method/-Uri/-Host themselves."""
+    def header(name: str) -> str:
+        return (request.getHeader(name.encode()) or b"").decode("latin-1")
+    if header("X-Original-URI"):
+        method, uri, host = header("X-Original-Method"), header("X-Original-URI"), header("Host")
+    else:
+        method, uri = header("X-Forwarded-Method"), header("X-Forwarded-Uri")
+        host = header("X-Forwarded-Host") or header("Host")
+    return (method or "GET").upper(), host.split(":")[0].lower(), canonical_path(uri or "/")
 
 
 def matching_rule(rules: tuple[ForwardAuthRule, ...], host: str, path: str) -> ForwardAuthRule | None:
@@ -93,9 +117,9 @@ class ForwardAuth(AsyncResource):
 
     def _get(self, request: Request) -> Reply | defer.Deferred:
         method, host, path = original_request(request)
-        rule = matching_rule(self._settings.rules, host, path)
+        rule = matching_rule(self._settings.rules, host, path) if path is not None else None
         if rule is None:
-            self._record(method, host, path, None, "-", False, "no_rule")
+            self._record(method, host, path, None, "-", False, "no_rule" if path is not None else "ambiguous_path")
             return Reply(403, b"", self._challenge(None, "insufficient_scope"))
         scope = rule.read_scope if method in READ_METHODS else rule.write_scope
         identity, token = credentials(request, rule)
