@@ -99,7 +99,17 @@ def test_denied(service, tv):
     assert poll(service, tv, started["device_code"]).json()["error"] == "access_denied"
 
 
-def test_wrong_codes_are_refused_then_rate_limited(service, tv):
+@pytest.fixture(scope="module")
+def own_service(tmp_path_factory):
+    """A service of its own: blocking 127.0.0.1 on the shared one would block later tests."""
+    running = Service.start(tmp_path_factory.mktemp("guesses"))
+    yield running
+    running.stop()
+
+
+def test_wrong_codes_are_refused_then_rate_limited(own_service):
+    service = own_service
+    tv = service.client("--public", "--grant", "device_code", "--scope", "imap")
     username, password = service.user()
     with requests.Session() as browser:
         page = user_enters_code(service, browser, username, password, f"{service.url}/device", typed="BCDF-GHJK")
