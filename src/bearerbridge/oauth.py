@@ -294,7 +294,7 @@ class BridgeServer(AuthorizationServer):
     # authlib's framework hooks
 
     def query_client(self, client_id: str) -> Client | None:
-        return self.store.get_client(client_id)
+        return self.store.find_client(client_id)
 
     def save_token(self, token: dict, request: OAuth2Request) -> None:
         previous: Token | None = request.refresh_token

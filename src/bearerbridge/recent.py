@@ -65,6 +65,8 @@ class RememberedStore:
     def get_client(self, client_id: str):
         return self._recent.recall("client", client_id, self._store.generation)
 
+    find_client = get_client
+
     def find_access_token(self, access_token: str):
         return self._recent.recall("token", self.keyring.digest(access_token), self._store.generation)
 

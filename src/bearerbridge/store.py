@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 
 from .crypto import Keyring
 from .models import AuthCode, Client, DeviceCode, Token, User
-from .recent import RecentReads
+from .recent import NeedsDatabase, RecentReads
 
 metadata = sa.MetaData()
 
@@ -281,6 +281,16 @@ class SqlStore:
         client = self._client(self._db.execute(_client_by_id, {"client_id": client_id}).first())
         self._note("client", client_id, client, generation)
         return client
+
+    def find_client(self, client_id: str) -> Client | None:
+        """A client read within `recent`'s ttl (and generation), else from the database: every
+        token request looks its client up, and clients change rarely."""
+        if self.recent is not None:
+            try:
+                return self.recent.recall("client", client_id, self.generation)
+            except NeedsDatabase:
+                pass
+        return self.get_client(client_id)
 
     def list_clients(self) -> list[Client]:
         return [self._client(row) for row in self._db.execute(clients.select().order_by(clients.c.name))]
