@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import hashlib
-import io
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,13 +29,13 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchserver import BIN, BenchServer, cpu_seconds, machine_busy_seconds
 from urllib.parse import urlencode
 
 HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
 LUA = HERE / "post.lua"
 REDIRECT_URI = "http://127.0.0.1:9/callback"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -61,12 +58,6 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def basic(client_id: str, secret: str) -> str:
     # RFC 6749 §2.3.1: both parts form-urlencoded before base64 (ours are URL-safe already).
     return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
@@ -76,93 +67,6 @@ def pkce_pair() -> tuple[str, str]:
     verifier = secrets.token_urlsafe(48)
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
     return verifier, challenge
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds spent by every process on the machine (all cores), from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / CLK_TCK
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-# -- the server ---------------------------------------------------------------------------------
-
-class Server:
-    def __init__(self, directory: Path, threads: int | None) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config_path = directory / "bearerbridge.toml"
-        database = f'[database]\nurl = "sqlite:///{directory / "bearerbridge.db"}"\n'
-        if threads:
-            database += f"threads = {threads}\n"
-        self.config_path.write_text(
-            f'[server]\nissuer = "{self.url}"\nsecret_key_file = "{directory / "secret.key"}"\n'
-            f'[http]\nlisten = ["tcp:{self.port}:interface=127.0.0.1"]\n' + database)
-        self.log_path = directory / "twistd.log"
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.process = subprocess.Popen(
-            [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(self.log_path),
-             "bearerbridge", "--config", str(self.config_path)],
-            cwd=self.directory, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"twistd exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (OSError, urllib.error.URLError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no answer on /healthz within {timeout:.0f}s:\n{self.log_tail()}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        """SIGTERM by PID, then SIGKILL if it has not gone within 15 s."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            log(f"twistd (pid {self.process.pid}) ignored SIGTERM; killing it")
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def cli(self, *args: str, stdin: str = "") -> str:
-        """`bearerbridge --config ... ARGS` in-process (as tests/support.py does); its stdout."""
-        from bearerbridge import cli
-        out, err = io.StringIO(), io.StringIO()
-        saved, sys.stdin = sys.stdin, io.StringIO(stdin)
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                status = cli.main(["--config", str(self.config_path), *args])
-        finally:
-            sys.stdin = saved
-        if status != 0:
-            raise RuntimeError(f"bearerbridge {' '.join(args)}: {err.getvalue().strip()}")
-        return out.getvalue().strip()
 
 
 # -- seeding ---------------------------------------------------------------------------------------
@@ -176,7 +80,7 @@ class Seed:
     access_token: str   # a valid user-bound access token to introspect
 
 
-def seed(server: Server) -> Seed:
+def seed(server: BenchServer) -> Seed:
     def client(*args: str) -> dict:
         return json.loads(server.cli("client", "create", "--name", f"bench-{secrets.token_hex(3)}", "--json", *args))
 
@@ -190,7 +94,7 @@ def seed(server: Server) -> Seed:
     return Seed(username, service, app, resource, token)
 
 
-def seed_codes(server: Server, seeded: Seed, count: int) -> list[str]:
+def seed_codes(server: BenchServer, seeded: Seed, count: int) -> list[str]:
     """`count` fresh single-use codes with S256 challenges; each returned as a ready form body."""
     from bearerbridge import bootstrap, config
     store = bootstrap.open_store(config.load(server.config_path))
@@ -395,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     # Let SIGTERM unwind through the `finally` below, so the server is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     directory = Path(tempfile.mkdtemp(prefix="bearerbridge-bench-"))
-    server = Server(directory, args.threads)
+    server = BenchServer(directory, args.threads)
     results: list[dict] = []
     try:
         server.start()

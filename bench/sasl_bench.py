@@ -36,15 +36,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from array import array
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from benchserver import BIN, BenchServer, cpu_seconds, free_port, machine_busy_seconds
+
 SERVICE = "smtp"
 HOT_TOKENS = 8
 MAX_P99_MS = 1.0
@@ -52,85 +49,6 @@ MAX_P99_MS = 1.0
 
 def log(message: str) -> None:
     print(f"[sasl-bench] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy_seconds() -> float:
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
-
-
-# -- the server --------------------------------------------------------------------------------
-
-class Server:
-    def __init__(self, directory: Path, cache_ttl: float, threads: int | None) -> None:
-        self.directory = directory
-        self.http_port, self.sasl_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.config_path = directory / "bearerbridge.toml"
-        self.log_path = directory / "twistd.log"
-        database = f'[database]\nurl = "sqlite:///{directory / "bearerbridge.db"}"\n'
-        if threads:
-            database += f"threads = {threads}\n"
-        self.config_path.write_text(
-            f'[server]\nissuer = "{self.url}"\nsecret_key_file = "{directory / "secret.key"}"\n'
-            f'[http]\nlisten = ["tcp:{self.http_port}:interface=127.0.0.1"]\n' + database +
-            f'[sasl]\nlisten = ["tcp:{self.sasl_port}:interface=127.0.0.1"]\ncache_ttl = {cache_ttl}\n')
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.process = subprocess.Popen(
-            [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(self.log_path),
-             "bearerbridge", "--config", str(self.config_path)],
-            cwd=self.directory, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"twistd exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
-                    if response.status == 200:
-                        with socket.create_connection(("127.0.0.1", self.sasl_port), timeout=2):
-                            return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"service not ready within {timeout:.0f}s:\n{self.log_tail()}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        """SIGTERM by PID, then SIGKILL if it has not gone within 15 s."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            log(f"twistd (pid {self.process.pid}) ignored SIGTERM; killing it")
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 def seed(config_path: Path, count: int) -> tuple[str, list[str]]:
@@ -450,7 +368,7 @@ def percentile(sorted_values: array, fraction: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
 
 
-def run_load(server: Server, name: str, tails: list[bytes], connections: int, pipeline: int,
+def run_load(server: BenchServer, name: str, tails: list[bytes], connections: int, pipeline: int,
              duration: float, warmup: float, workers: int, fresh: bool, profile: Path | None = None,
              gil: bool = True, rate: float | None = None) -> dict:
     """One measured run; `tails` are split between the worker processes.
@@ -710,7 +628,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through `finally`: stop the server
     directory = Path(tempfile.mkdtemp(prefix="bearerbridge-sasl-bench-"))
-    server = Server(directory, args.cache_ttl, args.threads)
+    sasl_port = free_port()
+    server = BenchServer(
+        directory, args.threads,
+        extra=f'[sasl]\nlisten = ["tcp:{sasl_port}:interface=127.0.0.1"]\ncache_ttl = {args.cache_ttl}\n',
+        ready=lambda: socket.create_connection(("127.0.0.1", sasl_port), timeout=2).close())
+    server.sasl_port = sasl_port
     results: list[dict] = []
     try:
         started = time.monotonic()
