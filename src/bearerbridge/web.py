@@ -159,7 +159,8 @@ class App:
         self.pages = Pages(config.server.site_name)
 
     def wants_json(self, request: Request) -> bool:
-        return request.path not in (b"/authorize", b"/logout")
+        """Errors go to people as pages on the pages, and to programs as JSON elsewhere."""
+        return request.path not in (b"/authorize", b"/logout", b"/device")
 
     def bad_request(self, request: Request, description: str) -> Reply:
         if self.wants_json(request):
