@@ -267,6 +267,24 @@ def start_postfix(directory: Path, sasl_path: str, *, overrides: Mapping[str, st
     return postfix
 
 
+def log_size(path: Path) -> int:
+    """Where a log ends now, so that a test can show only what was written after."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def log_since(path: Path, offset: int, limit: int = 8000) -> str:
+    """What a log gained after `offset` (its last `limit` bytes)."""
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            return log.read()[-limit:].decode(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+
+
 # -- Dovecot ---------------------------------------------------------------------------------
 
 @dataclass

@@ -37,6 +37,8 @@ from .peers import (
     CONF,
     Dovecot,
     Postfix,
+    log_since,
+    log_size,
     start_dovecot,
     start_postfix,
     tail,
@@ -121,26 +123,10 @@ imap = "imap"
 @pytest.fixture(autouse=True)
 def peer_logs(stack):
     """Print what each program logged during the test; pytest shows it only when the test fails."""
-    offsets = {name: _size(path) for name, path in stack.logs().items()}
+    offsets = {name: log_size(path) for name, path in stack.logs().items()}
     yield
     for name, path in stack.logs().items():
-        print(f"----- {name} ({path}) during the test -----\n{_since(path, offsets[name])}")
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _since(path: Path, offset: int, limit: int = 8000) -> str:
-    try:
-        with path.open("rb") as log:
-            log.seek(offset)
-            return log.read()[-limit:].decode(errors="replace")
-    except FileNotFoundError:
-        return "(no log)"
+        print(f"----- {name} ({path}) during the test -----\n{log_since(path, offsets[name])}")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Callable
 import pytest
 import requests
 
-from .peers import Dovecot, Postfix, start_dovecot, start_postfix, tail, wait_for_greeting
+from .peers import Dovecot, Postfix, log_since, log_size, start_dovecot, start_postfix, tail, wait_for_greeting
 from .support import IN_CI, Service, free_port, get_code, require_peer, token_request
 
 pytestmark = pytest.mark.peer
@@ -112,26 +112,10 @@ xmpp = "xmpp"
 @pytest.fixture(autouse=True)
 def peer_logs(mail):
     """Print what each program logged during the test; pytest shows it only when the test fails."""
-    offsets = {name: _size(path) for name, path in mail.logs().items()}
+    offsets = {name: log_size(path) for name, path in mail.logs().items()}
     yield
     for name, path in mail.logs().items():
-        print(f"----- {name} ({path}) during the test -----\n{_since(path, offsets[name])}")
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _since(path: Path, offset: int, limit: int = 8000) -> str:
-    try:
-        with path.open("rb") as log:
-            log.seek(offset)
-            return log.read()[-limit:].decode(errors="replace")
-    except FileNotFoundError:
-        return "(no log)"
+        print(f"----- {name} ({path}) during the test -----\n{log_since(path, offsets[name])}")
 
 
 # -- the clients' side ------------------------------------------------------------------------

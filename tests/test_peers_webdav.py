@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from .peers import CONF
+from .peers import CONF, log_since, log_size
 from .peers_web import DAV_EXT_MODULE, NGINX, Nginx, start_nginx
 from .support import BIN, IN_CI, Service, require_peer
 from .test_device import user_enters_code
@@ -114,30 +114,14 @@ def peer_logs(request):
         yield
         return
     stack = request.getfixturevalue("dav")
-    offsets = {name: _size(path) for name, path in stack.logs().items()}
+    offsets = {name: log_size(path) for name, path in stack.logs().items()}
     yield
     print_logs(stack, offsets)
 
 
 def print_logs(stack: Stack, offsets: dict[str, int] | None = None) -> None:
     for name, path in stack.logs().items():
-        print(f"----- {name} ({path}) -----\n{_since(path, (offsets or {}).get(name, 0))}")
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _since(path: Path, offset: int, limit: int = 8000) -> str:
-    try:
-        with path.open("rb") as log:
-            log.seek(offset)
-            return log.read()[-limit:].decode(errors="replace")
-    except FileNotFoundError:
-        return "(no log)"
+        print(f"----- {name} ({path}) -----\n{log_since(path, (offsets or {}).get(name, 0))}")
 
 
 def dav_request(stack: Stack, method: str, path: str, token: str | None = None, **kwargs) -> requests.Response:
@@ -430,7 +414,7 @@ def profile(xdg: Path) -> dict:
 
 
 def access_log_since(stack: Stack, offset: int) -> list[str]:
-    return _since(stack.nginx.access_log_path, offset, limit=1 << 20).splitlines()
+    return log_since(stack.nginx.access_log_path, offset, limit=1 << 20).splitlines()
 
 
 def test_rclone_copies_with_a_device_grant_login_kept_fresh(tmp_path):
