@@ -10,7 +10,8 @@ import pytest
 
 from .support import authorize_url, pkce_pair, require_peer, token_request
 
-webdriver = pytest.importorskip("selenium.webdriver")
+# selenium is a test dependency: a missing one must fail the run, not skip it.
+from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service as ChromeDriverService  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -52,3 +53,32 @@ def test_pages_and_health_answer_503(http):
     assert [(path, code) for path, code, _ in results] == [
         ("/authorize?response_type=code&client_id=x", 503), ("/healthz", 503)]
     assert b"temporarily_unavailable" in results[0][2]
+
+
+def test_introspection_of_a_remembered_token_needs_no_database():
+    """The memory of recent reads answers introspection on its own: the pool here is dead."""
+    from bearerbridge.models import Client, Token
+    from bearerbridge.recent import RecentReads, RememberedStore
+
+    settings = config.Config()
+    keyring = Keyring(b"k" * 32)
+    store = SimpleNamespace(keyring=keyring, generation=0, ping=lambda: None)
+    memory = RecentReads(60.0)
+    rs = Client("rs", "Resource server", (), "imap", ("client_credentials",), False,
+                secret_digest=keyring.digest("rs-secret"), digest=keyring.digest)
+    token = Token(id=1, client_id="app", user_id=7, username="alice", email=None, scope="imap",
+                  issued_at=int(time.time()), expires_at=int(time.time()) + 600, refresh_expires_at=None,
+                  revoked=False, rotated=False, family="f")
+    memory.remember("client", "rs", rs, 0)
+    memory.remember("token", keyring.digest("remembered"), token, 0)
+    metrics = Metrics()
+    app = web.App(settings, keyring, DeadPool(), oauth.BridgeServer(store, settings, metrics), metrics,
+                  remembered=oauth.BridgeServer(RememberedStore(store, memory), settings, metrics))
+    http = StubTreq(web.root(app))
+    results = []
+    for token_string in ("remembered", "never-seen"):
+        d = http.post("http://127.0.0.1:8080/introspect", data={"token": token_string}, auth=("rs", "rs-secret"))
+        d.addCallback(lambda r: r.content().addCallback(lambda body: results.append((r.code, json.loads(body)))))
+    http.flush()
+    assert results[0] == (200, {**results[0][1], "active": True, "username": "alice", "scope": "imap"})
+    assert results[1][0] == 503  # a token not in memory goes to the (dead) database

@@ -27,7 +27,7 @@ import requests
 
 from .peers import CONF, log_since, log_size
 from .peers_web import DAV_EXT_MODULE, NGINX, Nginx, start_nginx
-from .support import BIN, IN_CI, Service, require_peer
+from .support import BIN, Service, missing, require_peer
 from .test_device import user_enters_code
 
 pytestmark = pytest.mark.peer
@@ -364,8 +364,7 @@ def test_rclone_with_a_bad_token(dav, tmp_path):
 
 def require_helper() -> None:
     if not HELPER.is_file():
-        message = f"{HELPER} is not installed (pip install . in the venv)"
-        pytest.fail(message) if IN_CI else pytest.skip(message)
+        missing(f"{HELPER} is not installed (pip install . in the venv)")
 
 
 class Lines:

@@ -113,6 +113,8 @@ class AsyncResource(Resource):
     """A leaf whose handlers return a Reply, or a Deferred of one, written when ready."""
 
     isLeaf = True
+    # Pages answer errors with an HTML page for a person; the others with JSON for a program.
+    serves_pages = False
 
     def __init__(self, app: "App") -> None:
         super().__init__()
@@ -133,12 +135,12 @@ class AsyncResource(Resource):
 
         def fail(failure: Failure) -> None:
             log.failure("Request to {path} failed", failure, path=request.path.decode("latin-1"))
-            write(self.app.unavailable(request))
+            write(self.app.unavailable(self.serves_pages))
 
         try:
             result = handler(request)
         except BadRequest as e:
-            result = self.app.bad_request(request, str(e))
+            result = self.app.bad_request(self.serves_pages, str(e))
         defer.maybeDeferred(lambda: result).addCallback(write).addErrback(fail)
         return NOT_DONE_YET
 
@@ -158,20 +160,22 @@ class App:
         self.metrics = metrics
         self.pages = Pages(config.server.site_name)
 
-    def wants_json(self, request: Request) -> bool:
-        """Errors go to people as pages on the pages, and to programs as JSON elsewhere."""
-        return request.path not in (b"/authorize", b"/logout", b"/device")
+    def error(self, as_page: bool, status: int, error: str, description: str) -> Reply:
+        """An OAuth-style error, as a page for a person or as JSON for a program."""
+        if as_page:
+            return self.pages.render(status, "error.html", error=error, description=description)
+        return json_reply(status, {"error": error, "error_description": description})
 
-    def bad_request(self, request: Request, description: str) -> Reply:
-        if self.wants_json(request):
-            return json_reply(400, {"error": "invalid_request", "error_description": description})
-        return self.pages.render(400, "error.html", error="invalid_request", description=description)
+    def bad_request(self, as_page: bool, description: str) -> Reply:
+        return self.error(as_page, 400, "invalid_request", description)
 
-    def unavailable(self, request: Request) -> Reply:
-        description = "The service is temporarily unavailable; try again shortly"
-        if self.wants_json(request):
-            return json_reply(503, {"error": "temporarily_unavailable", "error_description": description})
-        return self.pages.render(503, "error.html", error="temporarily_unavailable", description=description)
+    def form_expired(self) -> Reply:
+        """A form whose CSRF token is missing, forged, too old, or bound to another request."""
+        return self.bad_request(True, "The form has expired or did not come from this site. Go back and try again.")
+
+    def unavailable(self, as_page: bool) -> Reply:
+        return self.error(as_page, 503, "temporarily_unavailable",
+                          "The service is temporarily unavailable; try again shortly")
 
     def login(self, request: Request, form: dict[str, str]) -> defer.Deferred:
         """Check a login form's username and password; on success start a session.
@@ -222,6 +226,8 @@ class App:
 class Authorize(AsyncResource):
     """/authorize: the code grant's front door, with the login and consent pages."""
 
+    serves_pages = True
+
     def render_GET(self, request: Request) -> Any:
         return self._answer(request, self._get)
 
@@ -242,9 +248,7 @@ class Authorize(AsyncResource):
         form = req.form
         user_id = self.app.session_user(request) if form.get("step") == "consent" else None
         if not self.app.csrf_ok(request, form, self._binding(request, user_id)):
-            return self.app.pages.render(
-                400, "error.html", error="invalid_request",
-                description="The form has expired or did not come from this site. Go back and try again.")
+            return self.app.form_expired()
         if form.get("step") == "consent":
             decision = form.get("decision")
             if decision not in ("approve", "deny"):
@@ -288,6 +292,8 @@ class Authorize(AsyncResource):
 class Logout(AsyncResource):
     """/logout: a form (with its CSRF token) that ends the login session."""
 
+    serves_pages = True
+
     def render_GET(self, request: Request) -> Any:
         return self._answer(request, lambda r: self.app.pages.render(
             200, "logout.html", done=False, csrf=self.app.csrf_token(r, "logout")))
@@ -298,8 +304,7 @@ class Logout(AsyncResource):
     def _post(self, request: Request) -> Reply:
         form = snapshot(request, self.app.config.server.issuer).form
         if not self.app.csrf_ok(request, form, "logout"):
-            return self.app.pages.render(400, "error.html", error="invalid_request",
-                                         description="The form has expired or did not come from this site.")
+            return self.app.form_expired()
         self.app.set_cookie(request, SESSION_COOKIE, "", 0)
         return self.app.pages.render(200, "logout.html", done=True)
 
@@ -339,20 +344,34 @@ class EndpointResource(AsyncResource):
 
     def _post(self, request: Request) -> Reply | defer.Deferred:
         req = snapshot(request, self.app.config.server.issuer)
-        if self.endpoint_name == "introspection" and self.app.remembered is not None:
-            try:
-                return self._reply(self.app.remembered.create_endpoint_response(self.endpoint_name, req))
-            except NeedsDatabase:
-                req = snapshot(request, self.app.config.server.issuer)  # fresh: authlib annotated the first
         d = self.app.pool.run(self.app.server.create_endpoint_response, self.endpoint_name, req)
         return d.addCallback(self._reply)
 
     def _reply(self, response: tuple) -> Reply:
         status, body, headers = response
-        if self.endpoint_name == "introspection":
-            result = "error" if status != 200 else ("active" if body.get("active") else "inactive")
-            self.app.metrics.introspections.labels(result).inc()
         return json_reply(status, body, headers)
+
+
+class IntrospectionResource(EndpointResource):
+    """/introspect (RFC 7662): a token seen lately is answered from memory, with no pool trip."""
+
+    def __init__(self, app: App) -> None:
+        super().__init__(app, "introspection")
+
+    def _post(self, request: Request) -> Reply | defer.Deferred:
+        if self.app.remembered is not None:
+            req = snapshot(request, self.app.config.server.issuer)
+            try:
+                return self._reply(self.app.remembered.create_endpoint_response(self.endpoint_name, req))
+            except NeedsDatabase:
+                pass  # the pool runs it again on a fresh snapshot: authlib annotated this one
+        return super()._post(request)
+
+    def _reply(self, response: tuple) -> Reply:
+        status, body, _ = response
+        result = "error" if status != 200 else ("active" if body.get("active") else "inactive")
+        self.app.metrics.introspections.labels(result).inc()
+        return super()._reply(response)
 
 
 class MetricsResource(AsyncResource):
@@ -418,7 +437,7 @@ def root(app: App) -> Resource:
     top = Resource()
     top.putChild(b"authorize", Authorize(app))
     top.putChild(b"token", TokenEndpoint(app))
-    top.putChild(b"introspect", EndpointResource(app, "introspection"))
+    top.putChild(b"introspect", IntrospectionResource(app))
     top.putChild(b"revoke", EndpointResource(app, "revocation"))
     top.putChild(b"device_authorization", EndpointResource(app, "device_authorization"))
     top.putChild(b"logout", Logout(app))

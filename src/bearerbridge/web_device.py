@@ -45,6 +45,8 @@ class GuessLimiter:
 class DevicePage(AsyncResource):
     """The verification page: login, the code, then the same consent page as the code grant."""
 
+    serves_pages = True
+
     def __init__(self, app: Any) -> None:
         super().__init__(app)
         self.limiter = GuessLimiter()
@@ -79,7 +81,7 @@ class DevicePage(AsyncResource):
         step, user_id = form.get("step"), self.app.session_user(request)
         if step == "login":
             if not self.app.csrf_ok(request, form, f"device-login|{request.uri.decode('latin-1')}"):
-                return self._expired()
+                return self.app.form_expired()
             return self.app.login(request, form).addCallback(
                 lambda user: self._code_page(request, user.id, self._typed_code(request)) if user
                 else self._login_page(request, failed=True))
@@ -92,11 +94,7 @@ class DevicePage(AsyncResource):
             approved = form.get("decision") == "approve"
             d = self.app.pool.run(device.decide, self.app.server, user_code, user_id, approved)
             return d.addCallback(self._decided, request, user_id, approved)
-        return self._expired()
-
-    def _expired(self) -> Reply:
-        return self.app.pages.render(400, "error.html", error="invalid_request",
-                                     description="The form has expired or did not come from this site. Start again.")
+        return self.app.form_expired()
 
     def _check_code(self, request: Request, user_id: int, typed: str) -> Reply | defer.Deferred:
         keys = (f"address:{request.getClientAddress().host}", f"user:{user_id}")
