@@ -504,6 +504,34 @@ def test_oversized_line_drops_the_connection():
     assert peer.transport.disconnecting
 
 
+class CountingTransport(StringTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+def test_verdicts_known_at_once_are_answered_in_one_write_per_read():
+    # The validator answers remembered tokens with the Verdict itself, not a Deferred.
+    peer = Peer(lambda bearer, service: OK)
+    peer.transport = CountingTransport()
+    peer.protocol.transport = peer.transport
+    assert peer.send(*(auth(str(i), "PLAIN", PLAIN) for i in range(1, 4))) == (
+        b"OK\t1\tuser=alice\nOK\t2\tuser=alice\nOK\t3\tuser=alice\n")
+    assert peer.transport.writes == 1
+
+
+def test_answers_before_a_dropping_line_are_still_written():
+    peer = Peer(lambda bearer, service: OK)
+    with capturedLogs():
+        peer.protocol.dataReceived(auth("1", "PLAIN", PLAIN) + b"\n" + b"A" * (MAX_LINE + 1))
+    assert peer.take() == b"OK\t1\tuser=alice\n"
+    assert peer.transport.disconnecting
+
+
 @pytest.mark.parametrize(
     "lines", [[b"VERSION\t2\t0"], [b"CPID\t1"], [auth("1", "PLAIN", PLAIN)], [b"HELLO"]]
 )

@@ -16,6 +16,7 @@ from bearerbridge.recent import RecentReads
 from bearerbridge.sasl import Bearer
 from bearerbridge.store import SqlStore, make_engine
 from bearerbridge.validator import Validator, judge
+from bearerbridge.verdict import Verdict
 
 SETTINGS = SaslSettings(identity=("username", "email"), plain=("imap",))
 TOKEN = Token(id=1, client_id="app", user_id=7, username="alice", email="Alice@Example.org", scope="imap smtp",
@@ -103,13 +104,17 @@ def world(tmp_path):
 
 def check(validator, token="good", service="imap"):
     results = []
-    validator.validate(Bearer("OAUTHBEARER", None, token), service).addCallback(results.append)
+    defer.maybeDeferred(validator.validate, Bearer("OAUTHBEARER", None, token), service).addCallback(results.append)
     return results[0]
 
 
 def test_recent_tokens_are_answered_from_memory_for_cache_ttl(world):
     store, pool, clock, validator = world
-    assert check(validator).ok and pool.hops == 1
+    assert isinstance(validator.validate(Bearer("OAUTHBEARER", None, "good"), "imap"), defer.Deferred)
+    assert pool.hops == 1
+    # Remembered: the verdict itself, no Deferred and no hop.
+    remembered = validator.validate(Bearer("OAUTHBEARER", None, "good"), "imap")
+    assert isinstance(remembered, Verdict) and remembered.ok
     assert check(validator).ok and check(validator, service="smtp").reason == "insufficient_scope"
     assert pool.hops == 1
     clock.advance(1.01)
@@ -135,6 +140,26 @@ def test_a_revocation_in_another_process_takes_effect_within_cache_ttl(world, tm
     assert check(validator).reason == "user_disabled"  # ...for at most cache_ttl
 
 
+def test_a_token_in_use_is_read_again_before_it_expires(world, tmp_path):
+    store, pool, clock, validator = world
+    good = Bearer("OAUTHBEARER", None, "good")
+    assert check(validator).ok and pool.hops == 1
+    clock.advance(0.6)  # past half of cache_ttl: answered at once, and read again behind the answer
+    pool.held = []
+    assert validator.validate(good, "imap").ok and pool.hops == 2
+    assert validator.validate(good, "imap").ok and pool.hops == 2  # one re-read at a time
+    elsewhere = SqlStore(make_engine(f"sqlite:///{tmp_path / 'v.db'}"), Keyring(b"k" * 32))
+    with elsewhere.transaction():
+        elsewhere.set_disabled("alice", True)
+    d, result = pool.held.pop()
+    d.callback(result)  # the re-read was made before the change: still good, renewed at 0.6
+    pool.held = None
+    clock.advance(0.6)  # 1.2 s after the first read: a miss without the re-read
+    verdict = validator.validate(good, "imap")
+    assert isinstance(verdict, Verdict) and verdict.ok and pool.hops == 3
+    assert check(validator).reason == "user_disabled"  # the third read saw the change
+
+
 def test_unknown_tokens_are_not_remembered(world):
     store, pool, clock, validator = world
     assert check(validator, "guess-1").reason == "unknown"
@@ -155,7 +180,7 @@ def test_concurrent_misses_share_one_lookup(world):
     d.callback(result)
     outcomes = []
     for each in [first, *waiting]:
-        each.addCallback(lambda v: outcomes.append(v.reason))
+        defer.maybeDeferred(lambda: each).addCallback(lambda v: outcomes.append(v.reason))
     assert outcomes == ["ok", "ok", "ok", "unknown"]
 
 

@@ -44,10 +44,15 @@ class RecentReads:
 
     def recall(self, kind: str, key: str, generation: int) -> Any:
         """The remembered record, or NeedsDatabase if none is fresh."""
+        return self.recall_with_age(kind, key, generation)[0]
+
+    def recall_with_age(self, kind: str, key: str, generation: int) -> tuple[Any, float]:
+        """`recall`, and how many seconds ago the record was read."""
         entry = self._entries.get((kind, key))
-        if entry is None or entry.generation != generation or self._clock() - entry.read_at >= self.ttl:
+        age = self._clock() - entry.read_at if entry is not None else self.ttl
+        if age >= self.ttl or entry.generation != generation:
             raise NeedsDatabase(kind)
-        return entry.value
+        return entry.value, age
 
 
 class RememberedStore:

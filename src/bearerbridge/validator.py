@@ -4,8 +4,10 @@
 (`recent.RecentReads`) and a batching lookup: the Dovecot socket can ask tens of
 thousands of times a second, so tokens read in the last `[sasl] cache_ttl` seconds
 are answered from memory, and the misses that arrive while a lookup is in flight go
-to the pool together, as one query. Revocations made in this process take effect at
-once; those made by other processes sharing the database within `cache_ttl`.
+to the pool together, as one query. A token still in use when its record is half
+that old is read again in the background, so that busy tokens never wait for the
+database. Revocations made in this process take effect at once; those made by other
+processes sharing the database within `cache_ttl`.
 """
 
 from __future__ import annotations
@@ -84,7 +86,11 @@ def judge_token(token: Token | None, now: float, identity: str | None, required:
 
 
 class Validator:
-    """`validate(bearer, service) -> Deferred[Verdict]`, shared by every SASL surface."""
+    """`validate(bearer, service) -> Verdict | Deferred[Verdict]`, shared by every SASL surface.
+
+    A token read within `cache_ttl` is judged at once and the Verdict returned as it is:
+    at tens of thousands of checks a second, even a fired Deferred costs (bench/README.md).
+    """
 
     def __init__(self, pool: StorePool, settings: SaslSettings, clock: Any = None) -> None:
         """`pool.store.recent` must be set: the store notes there what the lookups read."""
@@ -95,41 +101,51 @@ class Validator:
         self._recent = pool.store.recent
         self._settings = settings
         self._clock = clock
-        self._waiting: dict[str, list[defer.Deferred]] = {}
-        self._in_flight = False
+        self._waiting: dict[str, list[defer.Deferred]] = {}  # by digest; an empty list: a re-read
+        self._in_flight: dict[str, list[defer.Deferred]] | None = None  # the batch being read
 
-    def validate(self, bearer: Bearer, service: str) -> defer.Deferred[Verdict]:
+    def validate(self, bearer: Bearer, service: str) -> Verdict | defer.Deferred[Verdict]:
         """Decide a SASL login; a database failure gives a temporary verdict, never an error."""
         return self._decide(bearer.token, lambda token, now: judge(token, now, bearer, service, self._settings))
 
-    def check_scope(self, access_token: str, identity: str | None, scope: str) -> defer.Deferred[Verdict]:
+    def check_scope(self, access_token: str, identity: str | None, scope: str) -> Verdict | defer.Deferred[Verdict]:
         """Decide whether a token (of `identity`, if named) holds `scope`: for forward-auth."""
         return self._decide(access_token,
                             lambda token, now: judge_token(token, now, identity, scope, self._settings))
 
-    def _decide(self, access_token: str, decide) -> defer.Deferred[Verdict]:
+    def _decide(self, access_token: str, decide) -> Verdict | defer.Deferred[Verdict]:
         digest = self._store.keyring.digest(access_token)
         try:
-            token = self._recent.recall("token", digest, self._store.generation)
-            return defer.succeed(decide(token, self._clock.seconds()))
+            token, age = self._recent.recall_with_age("token", digest, self._store.generation)
         except NeedsDatabase:
             pass
+        else:
+            if age >= self._recent.ttl / 2:
+                self._read_again(digest)
+            return decide(token, self._clock.seconds())
         d = defer.Deferred()
         self._waiting.setdefault(digest, []).append(d)
-        if not self._in_flight:
+        if self._in_flight is None:
             self._send_batch()
         d.addCallback(lambda token: decide(token, self._clock.seconds()))
         return d.addErrback(lambda _: Verdict(False, temporary=True, reason="database_unavailable"))
 
+    def _read_again(self, digest: str) -> None:
+        """Renew a remembered token before it expires, with no one waiting for it."""
+        if digest in self._waiting or (self._in_flight is not None and digest in self._in_flight):
+            return
+        self._waiting[digest] = []
+        if self._in_flight is None:
+            self._send_batch()
+
     def _send_batch(self) -> None:
         digests = list(self._waiting)[:MAX_BATCH]
-        batch = {digest: self._waiting.pop(digest) for digest in digests}
-        self._in_flight = True
+        batch = self._in_flight = {digest: self._waiting.pop(digest) for digest in digests}
         d = self._pool.run(self._store.find_access_tokens, digests)
         d.addBoth(self._batch_done, batch)
 
     def _batch_done(self, result: dict[str, Token] | Failure, batch: dict[str, list[defer.Deferred]]) -> None:
-        self._in_flight = False
+        self._in_flight = None
         if self._waiting:
             self._send_batch()
         if isinstance(result, Failure):

@@ -11,7 +11,9 @@ if TYPE_CHECKING:  # stdlib only at run time
     from .sasl import Bearer
 
 
-@dataclass(frozen=True)
+# Not frozen: one is built for every check, and a frozen dataclass's __init__ costs four
+# times as much (bench/README.md). Treat it as immutable all the same.
+@dataclass(slots=True)
 class Verdict:
     """Whether a token is accepted, and what to tell the client if not.
 
@@ -29,6 +31,7 @@ class Verdict:
     temporary: bool = False
 
 
-# What every surface calls to decide a login: (bearer, service name) -> Deferred[Verdict].
-# bearerbridge's own is `validator.Validator.validate`.
-Validate = Callable[["Bearer", str], "Deferred[Verdict]"]
+# What every surface calls to decide a login: (bearer, service name) -> the Verdict, when it is
+# known at once, or a Deferred firing with it; `defer.maybeDeferred` takes both. bearerbridge's
+# own is `validator.Validator.validate`, which answers tokens it read recently at once.
+Validate = Callable[["Bearer", str], "Verdict | Deferred[Verdict]"]

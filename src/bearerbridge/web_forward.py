@@ -125,7 +125,7 @@ class ForwardAuth(AsyncResource):
         identity, token = credentials(request, rule)
         if token is None:
             return Reply(401, b"", self._challenge(rule))
-        d = self._check_scope(token, identity, scope)
+        d = defer.maybeDeferred(self._check_scope, token, identity, scope)
         return d.addCallback(self._decided, rule, scope, method, host, path)
 
     def _decided(self, verdict: Verdict, rule: ForwardAuthRule, scope: str, method: str, host: str,

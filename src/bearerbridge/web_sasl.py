@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -25,7 +25,7 @@ from twisted.web.server import Request
 
 from . import oauth
 from .sasl import MECHANISMS, Challenge, Check, Failure, ServerExchange, Step
-from .verdict import Verdict
+from .verdict import Validate, Verdict
 from .web import AsyncResource, BadRequest, Reply, json_reply, snapshot
 
 log = Logger()
@@ -45,7 +45,7 @@ def _outcome(step: Step, temporary: bool = False) -> dict:
 class SaslEndpoint(AsyncResource):
     """Decides SASL logins posted over HTTP with the same validator as the Dovecot socket."""
 
-    def __init__(self, app: Any, validate: Callable[..., defer.Deferred[Verdict]], services: Any) -> None:
+    def __init__(self, app: Any, validate: Validate, services: Any) -> None:
         super().__init__(app)
         self._validate = validate
         self._services = services
@@ -79,7 +79,8 @@ class SaslEndpoint(AsyncResource):
         if not isinstance(step, Check):
             self._record(mechanism, service, None, False, "malformed")
             return json_reply(200, _outcome(step))
-        return self._validate(step.bearer, service).addCallback(self._decided, exchange, mechanism, service)
+        d = defer.maybeDeferred(self._validate, step.bearer, service)
+        return d.addCallback(self._decided, exchange, mechanism, service)
 
     def _decided(self, verdict: Verdict, exchange: ServerExchange, mechanism: str, service: str) -> Reply:
         self._record(mechanism, service, verdict.username, verdict.ok, verdict.reason)
