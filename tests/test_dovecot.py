@@ -21,6 +21,8 @@ from bearerbridge.dovecot import (
     Cancel,
     Cont,
     Cpid,
+    Decision,
+    DecisionLog,
     DovecotAuthConnection,
     DovecotAuthFactory,
     DovecotAuthProtocol,
@@ -553,6 +555,19 @@ def test_decisions_are_logged_without_the_token():
     assert TOKEN not in text
     assert "auth failed: user='alice@example.org' service='smtp' mechanism=PLAIN" in text
     assert "service='imap' mechanism=OAUTHBEARER id=2 reason='expired'" in text
+
+
+def test_decision_batches_are_bounded_in_size():
+    clock = Clock()
+    decisions = DecisionLog(clock, interval=0.25, max_lines=3)
+    decision = Decision("1", "PLAIN", "smtp", "alice", True, "ok")
+    with capturedLogs() as events:
+        for _ in range(7):
+            decisions.add(decision)
+        assert [formatEvent(e).count("auth ok") for e in events] == [3, 3]  # full batches at once
+        clock.advance(0.25)  # and the rest on time
+        assert [formatEvent(e).count("auth ok") for e in events] == [3, 3, 1]
+        assert clock.getDelayedCalls() == []
 
 
 # Over a real loopback socket

@@ -418,11 +418,14 @@ log = Logger()
 class DecisionLog:
     """Every decision, logged in batches: at tens of thousands of checks a second, a log
     event each costs more than the check itself (bench/README.md). Lines are formatted at
-    once and written as one event every `interval` seconds."""
+    once and written as one event every `interval` seconds, or as soon as `max_lines`
+    have gathered: writing costs about a microsecond a line, and the server answers no one
+    while it writes, so a batch must stay small."""
 
-    def __init__(self, clock: IReactorTime, interval: float = 0.25) -> None:
+    def __init__(self, clock: IReactorTime, interval: float = 0.25, max_lines: int = 200) -> None:
         self._clock = clock
         self._interval = interval
+        self._max_lines = max_lines
         self._lines: list[str] = []
         self._flush_call: Any = None
 
@@ -431,10 +434,14 @@ class DecisionLog:
         self._lines.append(
             f"auth {'ok' if decision.ok else 'failed'}: user={decision.user!r} service={decision.service!r} "
             f"mechanism={decision.mechanism} id={decision.request_id} reason={decision.reason!r}")
-        if self._flush_call is None:
+        if len(self._lines) >= self._max_lines:
+            self.flush()
+        elif self._flush_call is None:
             self._flush_call = self._clock.callLater(self._interval, self.flush)
 
     def flush(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
         self._flush_call = None
         lines, self._lines = self._lines, []
         if lines:
