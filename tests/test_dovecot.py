@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import re
+import socket
 
 import pytest
 import pytest_twisted
@@ -612,3 +613,20 @@ def test_oauthbearer_success_over_tcp():
     assert b"\nDONE\n" in received
     assert received.endswith(b"DONE\nOK\t1\tuser=alice\n")
     assert seen == [("alice@example.org", "imap")]
+
+
+@pytest_twisted.inlineCallbacks
+def test_tcp_replies_are_not_held_back_by_nagle():
+    factory = DovecotAuthFactory(always(OK))
+    served = []
+    build = factory.buildProtocol
+    factory.buildProtocol = lambda addr: served.append(build(addr)) or served[-1]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    client = yield protocol.ClientCreator(reactor, Client, b"DONE\n").connectTCP("127.0.0.1", port.getHost().port)
+    try:
+        yield client.answered
+        handle = served[0].transport.getHandle()
+        assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        client.transport.loseConnection()
+        yield port.stopListening()

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
@@ -489,6 +490,11 @@ class DovecotAuthProtocol(LineOnlyReceiver):
         self._replies: list[bytes] | None = None  # collected while dataReceived runs
 
     def connectionMade(self) -> None:
+        transport = self.transport
+        if ITCPTransport.providedBy(transport) and isinstance(transport.getHost(), (IPv4Address, IPv6Address)):
+            # Without it, a reply written while the last one is still unacknowledged waits for
+            # the peer's delayed ACK: 40 ms stalls whenever a client has two requests in flight.
+            transport.setTcpNoDelay(True)
         cookie = secrets.token_hex(16)
         self.transport.write(
             handshake(self._connection.mechanisms, os.getpid(), self._cuid, cookie)
