@@ -17,6 +17,13 @@ def test_digests_are_keyed():
     assert Keyring(b"a" * 32).digest("t") == Keyring(b"a" * 32).digest("t") != Keyring(b"b" * 32).digest("t")
 
 
+def test_digests_keep_their_stored_form():
+    # HMAC-SHA-256 under a subkey: stored digests of tokens and secrets must never change.
+    keyring = Keyring(b"a" * 32)
+    assert keyring.digest("t") == "5558898c5b20075443bf4486ecbbed8d74c2278168fe77d5ff59650d229bc9ae"
+    assert keyring.digest("t") == keyring.digest("t")  # the keyed state is copied, never used up
+
+
 def test_signed_values():
     keyring = Keyring(b"k" * 32)
     value = keyring.sign("session", "42", now=1000)
