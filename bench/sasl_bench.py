@@ -11,7 +11,8 @@ send to its reply line. Scenarios:
 
 - hot:     the same few tokens over and over (answered from the validator's memory);
 - hot@20k: open loop: hot tokens at a fixed total --rate (20,000/s), each request sent on its
-           schedule without waiting for replies and timed from its scheduled send (open_worker);
+           schedule without waiting for replies and timed from its scheduled send, by a C
+           program (bench/openloop.c, compiled with `cc` into the temporary directory);
 - cold:    every request a token the server has never seen (one database read each);
 - latency: one connection, one request at a time (hot tokens).
 
@@ -38,12 +39,15 @@ import tempfile
 import time
 from array import array
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 from benchserver import BIN, BenchServer, cpu_seconds, free_port, machine_busy_seconds
 
 SERVICE = "smtp"
 HOT_TOKENS = 8
+OPENLOOP_C = Path(__file__).resolve().with_name("openloop.c")  # the open-loop generator
+DRAIN = 5.0  # seconds the open-loop generator waits for outstanding replies after the window
 MAX_P99_MS = 1.0
 
 
@@ -81,7 +85,7 @@ def request_tail(username: str, token: str) -> bytes:
             f"\tresp={resp}\n").encode()
 
 
-# -- the load generator (runs in worker processes) ------------------------------------------------
+# -- the closed-loop load generator (runs in worker processes) ------------------------------------
 
 class Connection:
     __slots__ = ("sock", "inbuf", "outbuf", "outstanding", "acking", "next_id", "closed")
@@ -230,136 +234,6 @@ def worker(pipe, port: int, connections: int, pipeline: int, tails: list[bytes])
                "used": wraps * n_tails + position})
 
 
-def open_worker(pipe, port: int, connections: int, rate: float, phase: float, tails: list[bytes]) -> None:
-    """Open loop: send `rate` requests/s round-robin over `connections`, on a fixed schedule.
-
-    Request k is due at go + phase + k / rate whatever the replies do (no waiting, any number
-    outstanding), and its latency runs from that due time, not from when it was actually
-    sent: a late send (the generator or the socket falling behind) counts against the
-    latency instead of hiding it (no coordinated omission). How late sends were is
-    reported as "lag", so a generator that cannot keep up shows.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        conns = [Connection(port) for _ in range(connections)]
-    except OSError as e:
-        pipe.send({"error": f"connect: {e}"})
-        return
-    pipe.send({"ready": True})
-    go, t_start, t_end = pipe.recv()
-    monotonic = time.monotonic
-    # select(2) takes its timeout in microseconds; epoll and poll round it up to a whole
-    # millisecond, which would make every send up to 1 ms late at these rates.
-    selector = selectors.SelectSelector()
-    for conn in conns:
-        selector.register(conn.sock, selectors.EVENT_READ, conn)
-    latencies = array("d")  # reply time - due time, for requests due inside the window
-    lags = array("d")       # send time - due time, same requests
-    counts: Counter[str] = Counter()
-    samples: list[str] = []
-    n_tails, n_conns = len(tails), len(conns)
-    interval = 1.0 / rate
-    base = go + phase
-    k = 0
-    due = base
-    cpu_start = cpu_end = None
-
-    def send(conn: Connection, data: bytes) -> None:
-        data = conn.outbuf + data if conn.outbuf else data
-        try:
-            sent = conn.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        conn.outbuf = data[sent:]
-        selector.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0), conn)
-
-    while monotonic() < go:
-        time.sleep(0.0005)
-    sending = True
-    drain_until = t_end + 5.0
-    while True:
-        now = monotonic()
-        if cpu_start is None and now >= t_start:
-            cpu_start = time.process_time()
-        if sending:
-            # Everything due by now, batched per connection (one send(2) each).
-            batches: dict[int, list[bytes]] = {}
-            while due <= now and due < t_end:
-                i = k % n_conns
-                conn = conns[i]
-                if not conn.closed:
-                    rid = b"%d" % conn.next_id
-                    conn.next_id += 1
-                    batches.setdefault(i, []).append(b"AUTH\t" + rid + tails[k % n_tails])
-                    conn.outstanding[rid] = due
-                    if due >= t_start:
-                        counts["sent"] += 1
-                        lags.append(now - due)
-                k += 1
-                due = base + k * interval
-            for i, parts in batches.items():
-                send(conns[i], b"".join(parts))
-            if due >= t_end:
-                sending = False
-                cpu_end = time.process_time()
-        elif now >= drain_until or not any(c.outstanding for c in conns if not c.closed):
-            break
-        timeout = max(0.0, due - monotonic()) if sending else 0.05
-        for key, events in selector.select(timeout):
-            conn = key.data
-            if events & selectors.EVENT_WRITE and conn.outbuf:
-                send(conn, b"")
-            if not events & selectors.EVENT_READ:
-                continue
-            try:
-                chunk = conn.sock.recv(262144)
-            except BlockingIOError:
-                continue
-            except OSError as e:
-                chunk = b""
-                samples.append(f"recv: {e}")
-            now = monotonic()
-            if not chunk:
-                conn.closed = True
-                counts["lost"] += len(conn.outstanding)
-                conn.outstanding.clear()
-                selector.unregister(conn.sock)
-                continue
-            data = conn.inbuf + chunk
-            *lines, conn.inbuf = data.split(b"\n")
-            in_window = t_start <= now < t_end
-            outstanding = conn.outstanding
-            for line in lines:
-                kind, _, rest = line.partition(b"\t")
-                rid, _, rest = rest.partition(b"\t")
-                due_at = outstanding.pop(rid, None)
-                if due_at is None:
-                    counts["unmatched"] += 1
-                    continue
-                if kind == b"OK":
-                    if in_window:
-                        counts["window"] += 1  # the achieved rate: answers inside the window
-                    if t_start <= due_at < t_end:
-                        latencies.append(now - due_at)
-                    continue
-                if kind == b"CONT" and rid not in conn.acking:
-                    conn.acking.add(rid)  # error challenge: acknowledge it, count the error once
-                    outstanding[rid] = due_at
-                    send(conn, b"CONT\t" + rid + b"\tAQ==\n")
-                    if len(samples) < 5:
-                        samples.append(line.decode("utf-8", "replace"))
-                    continue
-                conn.acking.discard(rid)
-                counts["failed"] += 1
-                if len(samples) < 5:
-                    samples.append(line.decode("utf-8", "replace"))
-    for conn in conns:
-        counts["lost"] += len(conn.outstanding)
-        conn.sock.close()
-    pipe.send({"latencies": latencies, "lags": lags, "counts": dict(counts), "samples": samples,
-               "cpu": (cpu_end or time.process_time()) - (cpu_start or 0.0), "wraps": 0, "used": k})
-
-
 # -- scenarios ------------------------------------------------------------------------------------
 
 def percentile(sorted_values: array, fraction: float) -> float:
@@ -368,14 +242,60 @@ def percentile(sorted_values: array, fraction: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
 
 
-def run_load(server: BenchServer, name: str, tails: list[bytes], connections: int, pipeline: int,
-             duration: float, warmup: float, workers: int, fresh: bool, profile: Path | None = None,
-             gil: bool = True, rate: float | None = None) -> dict:
-    """One measured run; `tails` are split between the worker processes.
+def ms(seconds: float | None) -> float:
+    """Seconds as ms, rounded; no value (NaN here, None from openloop's JSON null) gives NaN."""
+    return round(1000 * (float("nan") if seconds is None else seconds), 3)
 
-    With `rate`, open loop (see open_worker): the workers share that many requests/s in
-    proportion to their connections, phase-shifted so that their sends interleave.
-    """
+
+def measure_window(server: BenchServer, name: str, t_start: float, duration: float, profile: Path | None,
+                   gil: bool) -> tuple[float, float]:
+    """The server's and the whole machine's CPU seconds over the `duration` seconds from `t_start`
+    (time.monotonic()), meanwhile sampling the server with py-spy into PROFILE/NAME.folded if asked."""
+    t_end = t_start + duration
+    time.sleep(max(0.0, t_start - time.monotonic()))
+    server_cpu, machine_cpu = cpu_seconds(server.pid), machine_busy_seconds()
+    spy = None
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        spy = subprocess.Popen(
+            [str(BIN / "py-spy"), "record", "--pid", str(server.pid), "--threads", "--function",
+             "--rate", "200", *(["--gil"] if gil else []),
+             "--duration", str(max(1, int(duration))), "--format", "raw",
+             "-o", str(profile / f"{name}.folded")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(max(0.0, t_end - time.monotonic()))
+    server_cpu = cpu_seconds(server.pid) - server_cpu
+    machine_cpu = machine_busy_seconds() - machine_cpu
+    if spy is not None:
+        spy.wait(60)
+    return server_cpu, machine_cpu
+
+
+def summarize(name: str, connections: int, pipeline: int, duration: float, counts: Mapping[str, int],
+              latency: Mapping[str, float | None], samples: list[str], client_cpu: float, server_cpu: float,
+              machine_cpu: float) -> dict:
+    """A run's result from its counts (window, failed, lost, unmatched), its latency percentiles in
+    seconds (p50, p90, p99, max) and the CPU seconds over its window."""
+    errors = counts["failed"] + counts["lost"] + counts["unmatched"]
+    return {
+        "scenario": name, "connections": connections, "pipeline": pipeline, "seconds": duration,
+        "checks": counts["window"], "checks_per_s": round(counts["window"] / duration, 1),
+        "p50_ms": ms(latency["p50"]), "p90_ms": ms(latency["p90"]), "p99_ms": ms(latency["p99"]),
+        "max_ms": ms(latency["max"]),
+        "errors": errors, "failed": counts["failed"], "lost": counts["lost"], "unmatched": counts["unmatched"],
+        "error_samples": samples[:5],
+        "server_cpu_pct": round(100 * server_cpu / duration, 1),
+        "client_cpu_pct": round(100 * client_cpu / duration, 1),
+        "other_cpu_pct": round(max(0.0, 100 * (machine_cpu - server_cpu - client_cpu) / duration), 1),
+        # Server CPU per answered check: the cost that the hot path optimisations aim at.
+        "server_us_per_check": round(1e6 * server_cpu / max(1, counts["window"]), 1),
+    }
+
+
+def run_closed(server: BenchServer, name: str, tails: list[bytes], connections: int, pipeline: int,
+               duration: float, warmup: float, workers: int, fresh: bool, profile: Path | None = None,
+               gil: bool = True) -> dict:
+    """One measured closed-loop run (see worker); with `fresh`, `tails` are split between the workers."""
     workers = max(1, min(workers, connections))
     context = multiprocessing.get_context("fork")
     procs = []
@@ -383,11 +303,7 @@ def run_load(server: BenchServer, name: str, tails: list[bytes], connections: in
     for i, count in enumerate(per_worker):
         share = tails[i::workers] if fresh else tails
         parent, child = context.Pipe()
-        if rate:
-            args = (child, server.sasl_port, count, rate * count / connections, i / rate, share)
-        else:
-            args = (child, server.sasl_port, count, pipeline, share)
-        proc = context.Process(target=open_worker if rate else worker, args=args, daemon=True)
+        proc = context.Process(target=worker, args=(child, server.sasl_port, count, pipeline, share), daemon=True)
         proc.start()
         procs.append((proc, parent))
     try:
@@ -400,66 +316,76 @@ def run_load(server: BenchServer, name: str, tails: list[bytes], connections: in
         t_end = t_start + duration
         for _, pipe in procs:
             pipe.send((go, t_start, t_end))
-        time.sleep(max(0.0, t_start - time.monotonic()))
-        server_cpu, machine_cpu = cpu_seconds(server.pid), machine_busy_seconds()
-        spy = None
-        if profile is not None:
-            profile.mkdir(parents=True, exist_ok=True)
-            spy = subprocess.Popen(
-                [str(BIN / "py-spy"), "record", "--pid", str(server.pid), "--threads", "--function",
-                 "--rate", "200", *(["--gil"] if gil else []),
-                 "--duration", str(max(1, int(duration))), "--format", "raw", "-o", str(profile / f"{name}.folded")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(max(0.0, t_end - time.monotonic()))
-        server_cpu = cpu_seconds(server.pid) - server_cpu
-        machine_cpu = machine_busy_seconds() - machine_cpu
+        server_cpu, machine_cpu = measure_window(server, name, t_start, duration, profile, gil)
         results = [pipe.recv() for _, pipe in procs]
-        if spy is not None:
-            spy.wait(60)
     finally:
         for proc, _ in procs:
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
     latencies = array("d")
-    lags = array("d")
     counts: Counter[str] = Counter()
     samples: list[str] = []
-    client_cpu = 0.0
     for r in results:
         latencies.extend(r["latencies"])
-        lags.extend(r.get("lags", ()))
         counts.update(r["counts"])
         samples += r["samples"]
-        client_cpu += r["cpu"]
     ordered = array("d", sorted(latencies))
-    errors = counts["failed"] + counts["lost"] + counts["unmatched"]
-    summary = {
-        "scenario": name, "connections": connections, "pipeline": pipeline, "seconds": duration,
-        "checks": counts["window"], "checks_per_s": round(counts["window"] / duration, 1),
-        "p50_ms": round(1000 * percentile(ordered, 0.50), 3),
-        "p90_ms": round(1000 * percentile(ordered, 0.90), 3),
-        "p99_ms": round(1000 * percentile(ordered, 0.99), 3),
-        "max_ms": round(1000 * (ordered[-1] if ordered else float("nan")), 3),
-        "errors": errors, "failed": counts["failed"], "lost": counts["lost"], "unmatched": counts["unmatched"],
-        "error_samples": samples[:5],
-        "server_cpu_pct": round(100 * server_cpu / duration, 1),
-        "client_cpu_pct": round(100 * client_cpu / duration, 1),
-        "other_cpu_pct": round(max(0.0, 100 * (machine_cpu - server_cpu - client_cpu) / duration), 1),
-    }
-    # Server CPU per answered check: the cost that the hot path optimisations aim at.
-    summary["server_us_per_check"] = round(1e6 * server_cpu / max(1, counts["window"]), 1)
-    if rate:
-        lags = array("d", sorted(lags))
-        summary.update({
-            "offered_per_s": rate, "sent_per_s": round(counts["sent"] / duration, 1),
-            "lag_p50_ms": round(1000 * percentile(lags, 0.50), 3),
-            "lag_p99_ms": round(1000 * percentile(lags, 0.99), 3),
-            "lag_max_ms": round(1000 * (lags[-1] if lags else float("nan")), 3),
-        })
+    latency = {"p50": percentile(ordered, 0.50), "p90": percentile(ordered, 0.90),
+               "p99": percentile(ordered, 0.99), "max": percentile(ordered, 1.0)}
+    summary = summarize(name, connections, pipeline, duration, counts, latency, samples,
+                        sum(r["cpu"] for r in results), server_cpu, machine_cpu)
     if fresh:
         summary["tokens_used"] = sum(r["used"] for r in results)
         summary["token_set_wraps"] = sum(r["wraps"] for r in results)
+    return summary
+
+
+def build_openloop(directory: Path) -> Path:
+    """Compile the open-loop generator, bench/openloop.c, into `directory`."""
+    compiler = os.environ.get("CC", "cc")
+    binary = directory / "openloop"
+    try:
+        subprocess.run([compiler, "-O2", "-Wall", "-o", str(binary), str(OPENLOOP_C)],
+                       check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SystemExit(f"[sasl-bench] hot@20k needs a C compiler for {OPENLOOP_C}: no `{compiler}` "
+                         "(apt-get install gcc, or set CC)") from None
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"[sasl-bench] `{compiler}` could not compile {OPENLOOP_C}:\n{e.stderr}") from None
+    return binary
+
+
+def run_open(server: BenchServer, name: str, tails: list[bytes], connections: int, rate: float,
+             duration: float, warmup: float, generator: Path, profile: Path | None = None,
+             gil: bool = True) -> dict:
+    """One measured open-loop run by `generator` (openloop.c, one process): `rate` requests/s
+    round-robin over `connections`, each due on a fixed schedule whatever the replies do and
+    timed from its due time, not its send, so that a late generator cannot hide latency."""
+    tails_path = server.directory / f"{name}.tails"
+    tails_path.write_bytes(b"".join(tails))
+    # When request 0 is due, on the generator's clock too (CLOCK_MONOTONIC): time to start and connect.
+    go = time.monotonic() + 0.5
+    proc = subprocess.Popen(
+        [str(generator), "127.0.0.1", str(server.sasl_port), str(connections), str(rate), str(go),
+         str(warmup), str(duration), str(DRAIN), str(tails_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        server_cpu, machine_cpu = measure_window(server, name, go + warmup, duration, profile, gil)
+        out, err = proc.communicate(timeout=DRAIN + 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{generator.name} exited with {proc.returncode}: {err.decode(errors='replace').strip()}")
+    r = json.loads(out)
+    summary = summarize(name, connections, 0, duration, counts=r, latency=r, samples=r["samples"],
+                        client_cpu=r["cpu"], server_cpu=server_cpu, machine_cpu=machine_cpu)
+    summary.update({
+        "offered_per_s": rate, "sent_per_s": round(r["sent"] / duration, 1),
+        "lag_p50_ms": ms(r["lag_p50"]), "lag_p99_ms": ms(r["lag_p99"]), "lag_max_ms": ms(r["lag_max"]),
+    })
     return summary
 
 
@@ -597,7 +523,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", "-d", type=float, default=10, help="measured seconds per scenario")
     p.add_argument("--warmup", type=float, default=1, help="unmeasured seconds of load before each scenario")
     p.add_argument("--pipeline", "-p", type=int, default=16, help="outstanding requests per connection")
-    p.add_argument("--workers", type=int, default=2, help="load generator processes")
+    p.add_argument("--workers", type=int, default=2,
+                   help="load generator processes of the closed-loop scenarios (hot@20k has one, in C)")
     p.add_argument("--only", action="append", choices=("hot", "hot@20k", "cold", "latency"),
                    help="run only these scenarios (hot@20k: the open-loop one, at --rate)")
     p.add_argument("--rate", type=float, default=20000,
@@ -636,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     server.sasl_port = sasl_port
     results: list[dict] = []
     try:
+        openloop = build_openloop(directory) if "hot@20k" in args.scenarios else None
         started = time.monotonic()
         username, tokens = seed(server.config_path, HOT_TOKENS + args.cold_tokens)
         log(f"seeded {len(tokens)} tokens in {time.monotonic() - started:.1f}s")
@@ -660,8 +588,13 @@ def main(argv: list[str] | None = None) -> int:
         def run(name: str, tails: list[bytes], connections: int, pipeline: int, duration: float,
                 fresh: bool = False, rate: float | None = None) -> dict:
             profile = args.profile if name in ("hot", "cold") or rate else None
-            result = run_load(server, name, tails, connections, pipeline, duration, args.warmup,
-                              args.workers, fresh, profile, not args.profile_all_threads, rate)
+            gil = not args.profile_all_threads
+            if rate:
+                result = run_open(server, name, tails, connections, rate, duration, args.warmup, openloop,
+                                  profile, gil)
+            else:
+                result = run_closed(server, name, tails, connections, pipeline, duration, args.warmup,
+                                    args.workers, fresh, profile, gil)
             judge(result)
             results.append(result)
             log(f"{name}: {result['checks_per_s']:.0f} checks/s, p50 {result['p50_ms']:.3f} ms, "
