@@ -459,11 +459,13 @@ def _outcome(parse, message):
         return "malformed"
 
 
-@pytest.mark.parametrize("message", list(_oauthbearer_variants()))
-def test_the_common_shape_is_parsed_as_the_general_parser_does(message):
+def test_the_common_shape_is_parsed_as_the_general_parser_does():
     from bearerbridge import sasl
 
-    assert _outcome(parse_oauthbearer, message) == _outcome(lambda m: sasl._parse_oauthbearer(m.decode()), message)
+    messages = list(_oauthbearer_variants())
+    disagreements = [m for m in messages
+                     if _outcome(parse_oauthbearer, m) != _outcome(lambda m: sasl._parse_oauthbearer(m.decode()), m)]
+    assert len(messages) > 2000 and disagreements == []
 
 
 def test_what_clients_send_takes_the_one_pass_route():
