@@ -27,11 +27,11 @@
  *
  * Prints one JSON object: the counts sent (requests due in the window, sent), window (OK replies
  * received in the window: the achieved rate), failed (FAIL, or an OAUTHBEARER error challenge:
- * counted once), lost (no reply: connection closed, or none within DRAIN) and unmatched (a
- * reply to no outstanding id); p50, p90, p99, max of the latency and lag_p50, lag_p99, lag_max,
- * in seconds (null if none); cpu, this process's CPU seconds over the window; samples, up to 5
- * error replies; requests, how many were due in all. Exits 1 with a message on stderr if a
- * connection or its handshake fails.
+ * counted once), lost (no reply: connection closed, or none within DRAIN; or never sent, its
+ * connection closed) and unmatched (a reply to no outstanding id); p50, p90, p99, max of the
+ * latency and lag_p50, lag_p99, lag_max, in seconds (null if none); cpu, this process's CPU
+ * seconds over the window; samples, up to 5 error replies; requests, how many were due in all.
+ * Exits 1 with a message on stderr if a connection or its handshake fails.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -334,8 +334,10 @@ static void send_due(struct schedule *s, struct conn *conns, int n_conns, double
         struct conn *c = &conns[s->k % n_conns];
         size_t tail = s->k % s->tails.n;
         char head[32];
-        if (c->fd < 0)
+        if (c->fd < 0) {  /* closed by the server: a request that could not be sent is lost */
+            n_lost++;
             continue;
+        }
         uint64_t id = c->next_id++;
         track(c, id, d);
         append(c, head, snprintf(head, sizeof head, "AUTH\t%" PRIu64, id));

@@ -346,7 +346,7 @@ def build_openloop(directory: Path) -> Path:
     compiler = os.environ.get("CC", "cc")
     binary = directory / "openloop"
     try:
-        subprocess.run([compiler, "-O2", "-Wall", "-o", str(binary), str(OPENLOOP_C)],
+        subprocess.run([compiler, "-O2", "-Wall", "-Wextra", "-o", str(binary), str(OPENLOOP_C)],
                        check=True, capture_output=True, text=True)
     except FileNotFoundError:
         raise SystemExit(f"[sasl-bench] hot@20k needs a C compiler for {OPENLOOP_C}: no `{compiler}` "

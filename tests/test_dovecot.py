@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import re
@@ -10,7 +11,10 @@ import socket
 
 import pytest
 import pytest_twisted
+from zope.interface import implementer
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.address import UNIXAddress
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
@@ -123,6 +127,11 @@ def test_parse_prosody_auth(resp, initial):
     assert request == AuthRequest(
         "1804", "XOAUTH2", "xmpp", {"service": "xmpp"}, frozenset(), initial
     )
+
+
+def test_parse_auth_takes_an_escaped_resp_key_as_the_response():
+    request = parse_line(b"AUTH\t1\tPLAIN\tservice=imap\tre\x01sp=AQ==\tx=y")
+    assert request.initial_response == b"\x01" and request.params == {"service": "imap"}
 
 
 def test_parse_auth_unescapes_values_and_ignores_fields_after_resp():
@@ -525,6 +534,27 @@ def test_verdicts_known_at_once_are_answered_in_one_write_per_read():
     assert peer.send(*(auth(str(i), "PLAIN", PLAIN) for i in range(1, 4))) == (
         b"OK\t1\tuser=alice\nOK\t2\tuser=alice\nOK\t3\tuser=alice\n")
     assert peer.transport.writes == 1
+
+
+def test_a_coroutine_validator_is_awaited():
+    async def validate(bearer, service):
+        return OK
+
+    peer = Peer(validate)
+    assert peer.send(auth("1", "PLAIN", PLAIN)) == b"OK\t1\tuser=alice\n"
+
+
+def test_no_tcp_options_on_a_unix_socket():
+    # Twisted's UNIX transports are TCP transports by inheritance, but TCP_NODELAY fails on them.
+    @implementer(ITCPTransport)
+    class UNIXTransport(StringTransport):
+        def setTcpNoDelay(self, enabled: bool) -> None:
+            raise OSError(errno.EOPNOTSUPP, "not a TCP socket")
+
+    protocol = DovecotAuthProtocol(always(OK), clock=Clock())
+    transport = UNIXTransport(hostAddress=UNIXAddress("/run/bearerbridge/auth"))
+    protocol.makeConnection(transport)
+    assert transport.value().endswith(b"DONE\n")
 
 
 def test_answers_before_a_dropping_line_are_still_written():

@@ -15,6 +15,7 @@ from bearerbridge.models import Client, Token
 from bearerbridge.recent import RecentReads
 from bearerbridge.sasl import Bearer
 from bearerbridge.store import SqlStore, make_engine
+from bearerbridge import validator as validator_module
 from bearerbridge.validator import Validator, judge
 from bearerbridge.verdict import Verdict
 
@@ -158,6 +159,49 @@ def test_a_token_in_use_is_read_again_before_it_expires(world, tmp_path):
     verdict = validator.validate(good, "imap")
     assert isinstance(verdict, Verdict) and verdict.ok and pool.hops == 3
     assert check(validator).reason == "user_disabled"  # the third read saw the change
+
+
+def test_misses_are_read_before_renewals(world, monkeypatch):
+    store, pool, clock, validator = world
+    monkeypatch.setattr(validator_module, "MAX_BATCH", 1)
+    assert check(validator, "good").ok and check(validator, "other").ok and pool.hops == 2
+    clock.advance(0.6)
+    pool.held = []
+    validator.validate(Bearer("OAUTHBEARER", None, "good"), "imap")    # renewal, read at once
+    validator.validate(Bearer("OAUTHBEARER", None, "other"), "imap")   # renewal, queued
+    waiting = validator.validate(Bearer("OAUTHBEARER", None, "nope"), "imap")  # a miss, queued after it
+    read = []
+    pool.run = (lambda run: lambda fn, digests: read.append(len(digests)) or run(fn, digests))(pool.run)
+    d, result = pool.held.pop()
+    d.callback(result)
+    assert len(pool.held) == 1 and not waiting.called
+    d, result = pool.held.pop()
+    d.callback(result)
+    assert waiting.called  # the miss went before the renewal queued ahead of it
+    assert read == [1, 1] and len(pool.held) == 1
+
+
+def test_a_failed_renewal_is_not_retried_on_every_hit(world):
+    store, pool, clock, validator = world
+    good = Bearer("OAUTHBEARER", None, "good")
+    assert check(validator).ok and pool.hops == 1
+    clock.advance(0.6)
+    pool.broken = True
+    assert validator.validate(good, "imap").ok and pool.hops == 2  # the renewal fails...
+    assert validator.validate(good, "imap").ok and pool.hops == 2  # ...and is not asked again at once
+    clock.advance(0.4)  # the record is cache_ttl old: a miss, which does ask, and gets a temporary verdict
+    assert check(validator).reason == "database_unavailable" and pool.hops == 3
+
+
+def test_a_renewal_sees_a_revocation(world):
+    store, pool, clock, validator = world
+    assert check(validator).ok
+    elsewhere = SqlStore(store.engine, Keyring(b"k" * 32))  # another process: this store's generation stays
+    with elsewhere.transaction():
+        elsewhere.revoke_token(elsewhere.find_access_token("good").id)
+    clock.advance(0.6)
+    assert check(validator).ok  # remembered, and renewed behind the answer...
+    assert check(validator).reason == "revoked"  # ...which saw the revocation, before cache_ttl
 
 
 def test_unknown_tokens_are_not_remembered(world):

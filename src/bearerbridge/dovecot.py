@@ -162,7 +162,8 @@ def _parse_auth(line: bytes) -> AuthRequest:
     """``ID TAB MECHANISM *(TAB key[=value])``: an AUTH line without its command name."""
     # Dovecot ignores whatever follows `resp`, which must come last. It is base64, with
     # nothing to unescape, so the longest field of the line is never made text.
-    head, has_response, response = line.partition(b"\tresp=")
+    head, has_response, after = line.partition(b"\tresp=")
+    response = after.partition(b"\t")[0] if has_response else None
     raw_id, _, rest = head.partition(b"\t")
     request_id = _request_id(raw_id)
     try:
@@ -178,6 +179,9 @@ def _parse_auth(line: bytes) -> AuthRequest:
     flags: set[str] = set()
     for field in fields:
         key, equals, value = field.partition("=")
+        if key == "resp" and equals:  # one whose key was escaped: unescaped, it is the response all the same
+            response = value.encode()
+            break
         if equals:
             params[key] = value
         else:
@@ -185,7 +189,7 @@ def _parse_auth(line: bytes) -> AuthRequest:
     service = params.get("service")
     if not service:
         raise DovecotProtocolError("AUTH without service", request_id)
-    initial_response = _base64(response.partition(b"\t")[0], request_id) if has_response else None
+    initial_response = None if response is None else _base64(response, request_id)
     return AuthRequest(request_id, mechanism.upper(), service, params, frozenset(flags), initial_response)
 
 
@@ -548,9 +552,10 @@ class DovecotAuthProtocol(LineOnlyReceiver):
             result = self._validate(validation.bearer, validation.request.service)
         except Exception:
             result = defer.fail()
-        if not isinstance(result, defer.Deferred):  # the validator's memory answered
+        if isinstance(result, Verdict):  # the validator's memory answered
             self._answer(result, validation)
             return
+        result = defer.maybeDeferred(lambda: result)  # a Deferred, a coroutine or a Failure
         if not result.called:
             result.addTimeout(self._timeout, self._clock)
         # One callback for both outcomes (it logs its own errors): every add* runs the chain.

@@ -12,6 +12,7 @@ processes sharing the database within `cache_ttl`.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from twisted.internet import defer
@@ -101,8 +102,10 @@ class Validator:
         self._recent = pool.store.recent
         self._settings = settings
         self._clock = clock
-        self._waiting: dict[str, list[defer.Deferred]] = {}  # by digest; an empty list: a re-read
+        self._waiting: dict[str, list[defer.Deferred]] = {}  # misses, by digest
+        self._rereads: dict[str, None] = {}  # remembered tokens to renew (a dict keeps the order)
         self._in_flight: dict[str, list[defer.Deferred]] | None = None  # the batch being read
+        self._no_rereads_until = 0.0  # after a failed re-read: the database is not asked again at once
 
     def validate(self, bearer: Bearer, service: str) -> Verdict | defer.Deferred[Verdict]:
         """Decide a SASL login; a database failure gives a temporary verdict, never an error."""
@@ -132,21 +135,32 @@ class Validator:
 
     def _read_again(self, digest: str) -> None:
         """Renew a remembered token before it expires, with no one waiting for it."""
-        if digest in self._waiting or (self._in_flight is not None and digest in self._in_flight):
+        if (digest in self._rereads or digest in self._waiting or self._clock.seconds() < self._no_rereads_until
+                or (self._in_flight is not None and digest in self._in_flight)):
             return
-        self._waiting[digest] = []
+        self._rereads[digest] = None
         if self._in_flight is None:
             self._send_batch()
 
     def _send_batch(self) -> None:
-        digests = list(self._waiting)[:MAX_BATCH]
-        batch = self._in_flight = {digest: self._waiting.pop(digest) for digest in digests}
-        d = self._pool.run(self._store.find_access_tokens, digests)
+        """Read the misses, which someone waits for, first; renewals fill the rest of a batch."""
+        batch = {digest: self._waiting[digest] for digest in itertools.islice(self._waiting, MAX_BATCH)}
+        for digest in itertools.islice(self._rereads, MAX_BATCH - len(batch)):
+            batch.setdefault(digest, [])
+        for digest in batch:
+            self._waiting.pop(digest, None)
+            self._rereads.pop(digest, None)
+        self._in_flight = batch
+        d = self._pool.run(self._store.find_access_tokens, list(batch))
         d.addBoth(self._batch_done, batch)
 
     def _batch_done(self, result: dict[str, Token] | Failure, batch: dict[str, list[defer.Deferred]]) -> None:
         self._in_flight = None
-        if self._waiting:
+        if isinstance(result, Failure) and not all(batch.values()):
+            # A renewal failed: leave the records to expire rather than ask again on every hit.
+            self._no_rereads_until = self._clock.seconds() + self._recent.ttl / 2
+            self._rereads.clear()
+        if self._waiting or self._rereads:
             self._send_batch()
         if isinstance(result, Failure):
             for waiters in batch.values():
