@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -39,6 +39,32 @@ def machine_busy_seconds() -> float:
     """CPU time the whole machine has spent busy (not idle or waiting for I/O)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
+def record_profile(pid: int, folded: Path, duration: float, gil: bool = True) -> subprocess.Popen:
+    """Start `py-spy record` on `pid` for `duration` seconds, into `folded` (raw format); wait() on it.
+
+    With `gil`, only the thread holding the GIL is sampled: in a CPU-bound Python server that
+    is what costs."""
+    folded.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [str(BIN / "py-spy"), "record", "--pid", str(pid), "--threads", "--function", "--nonblocking",
+         "--rate", "200", *(["--gil"] if gil else []), "--duration", str(max(1, int(duration))),
+         "--format", "raw", "-o", str(folded)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def folded_samples(folded: Path) -> Iterator[tuple[str | None, list[str], int]]:
+    """(thread, frames outermost first, sample count) for each stack of py-spy's raw output."""
+    for line in folded.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        thread = frames[0].split(": ", 1)[-1] if frames[0].startswith(("thread ", "process ")) else None
+        frames = [f for f in frames if not f.startswith(("thread ", "process "))]
+        if frames:
+            yield thread, frames, int(count)
 
 
 class BenchServer:

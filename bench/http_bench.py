@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchserver import BIN, BenchServer, cpu_seconds, machine_busy_seconds
+from benchserver import BIN, BenchServer, cpu_seconds, folded_samples, machine_busy_seconds, record_profile
 from urllib.parse import urlencode
 
 HERE = Path(__file__).resolve().parent
@@ -138,12 +138,7 @@ def run_wrk(url: str, authorization: str, mode: str, payload: str, connections: 
     spy = None
     if profile is not None:
         directory, name = profile
-        # Sample only the thread that holds the GIL: in a CPU-bound Python server that is what costs.
-        spy = subprocess.Popen(
-            ["py-spy", "record", "--pid", str(server_pid), "--gil", "--threads", "--function", "--nonblocking",
-             "--rate", "250", "--duration", str(max(1, int(duration))), "--format", "raw",
-             "-o", str(directory / f"{name}.folded")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spy = record_profile(server_pid, directory / f"{name}.folded", duration)
     server_cpu, machine_cpu = cpu_seconds(server_pid), machine_busy_seconds()
     started = time.monotonic()
     wrk = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -208,18 +203,8 @@ def top_functions(folded: Path, limit: int = 15) -> str:
     inclusive: Counter[str] = Counter()
     per_thread: Counter[str] = Counter()
     total = 0
-    for line in folded.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        frames = stack.split(";")
-        if frames and frames[0].startswith(("thread ", "process ")):
-            per_thread[frames[0]] += n
-            frames = frames[1:]
-        frames = [f for f in frames if not f.startswith(("thread ", "process "))]
-        if not frames:
-            continue
+    for thread, frames, n in folded_samples(folded):
+        per_thread[thread or "?"] += n
         total += n
         own[frames[-1]] += n
         for frame in set(frames):
@@ -285,7 +270,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if matches[0] not in chosen:
             chosen.append(matches[0])
     args.scenarios = chosen
-    if args.profile and not shutil.which("py-spy"):
+    if args.profile and not (BIN / "py-spy").exists():
         p.error("--profile needs py-spy (.venv/bin/pip install py-spy)")
     return args
 

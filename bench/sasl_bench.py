@@ -42,7 +42,8 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
-from benchserver import BIN, BenchServer, cpu_seconds, free_port, machine_busy_seconds
+from benchserver import (BIN, BenchServer, cpu_seconds, folded_samples, free_port, machine_busy_seconds,
+                         record_profile)
 
 SERVICE = "smtp"
 HOT_TOKENS = 8
@@ -254,15 +255,7 @@ def measure_window(server: BenchServer, name: str, t_start: float, duration: flo
     t_end = t_start + duration
     time.sleep(max(0.0, t_start - time.monotonic()))
     server_cpu, machine_cpu = cpu_seconds(server.pid), machine_busy_seconds()
-    spy = None
-    if profile is not None:
-        profile.mkdir(parents=True, exist_ok=True)
-        spy = subprocess.Popen(
-            [str(BIN / "py-spy"), "record", "--pid", str(server.pid), "--threads", "--function",
-             "--rate", "200", *(["--gil"] if gil else []),
-             "--duration", str(max(1, int(duration))), "--format", "raw",
-             "-o", str(profile / f"{name}.folded")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spy = record_profile(server.pid, profile / f"{name}.folded", duration, gil) if profile is not None else None
     time.sleep(max(0.0, t_end - time.monotonic()))
     server_cpu = cpu_seconds(server.pid) - server_cpu
     machine_cpu = machine_busy_seconds() - machine_cpu
@@ -503,17 +496,9 @@ def top_functions(folded: Path, limit: int = 12) -> str:
     parts: Counter[str] = Counter()
     threads: Counter[str] = Counter()
     total = 0
-    for line in folded.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        frames = stack.split(";")
-        names = [f.split(" (", 1)[0] for f in frames if not f.startswith(("thread ", "process "))]
-        if not names:
-            continue
-        if frames[0].startswith(("thread ", "process ")):
-            threads[frames[0].split(": ", 1)[-1]] += n
+    for thread, frames, n in folded_samples(folded):
+        names = [f.split(" (", 1)[0] for f in frames]
+        threads[thread or "?"] += n
         total += n
         own[frames[-1]] += n
         present = set(names)
@@ -565,6 +550,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.scenarios = args.only or ["hot", "hot@20k", "cold", "latency"]
     if args.cold_tokens is None:
         args.cold_tokens = int(10_000 * (args.duration + args.warmup)) if "cold" in args.scenarios else 0
+    if args.profile and not (BIN / "py-spy").exists():
+        p.error("--profile needs py-spy (.venv/bin/pip install py-spy)")
     return args
 
 
