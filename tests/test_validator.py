@@ -19,6 +19,8 @@ from bearerbridge import validator as validator_module
 from bearerbridge.validator import Validator, judge
 from bearerbridge.verdict import Verdict
 
+from .support import SyncPool
+
 SETTINGS = SaslSettings(identity=("username", "email"), plain=("imap",))
 TOKEN = Token(id=1, client_id="app", user_id=7, username="alice", email="Alice@Example.org", scope="imap smtp",
               issued_at=1000, expires_at=5000, refresh_expires_at=None, revoked=False, rotated=False, family="f")
@@ -62,28 +64,6 @@ def test_reported_name_per_service(form, expected):
     settings = SaslSettings(usernames={"xmpp": form}, realm="example.net")
     token = dataclasses.replace(TOKEN, username="alice@corp", scope="xmpp")
     assert judge(token, 3000, bearer(), "xmpp", settings).username == expected
-
-
-class SyncPool:
-    """Runs store work at once on the calling thread, counting the hops (tests/fakes in spirit)."""
-
-    def __init__(self, store: SqlStore) -> None:
-        self.store = store
-        self.hops = 0
-        self.broken = False
-        self.held: list[defer.Deferred] | None = None
-
-    def run(self, fn, *args):
-        self.hops += 1
-        if self.broken:
-            return defer.fail(RuntimeError("database gone"))
-        with self.store.transaction():
-            result = fn(*args)
-        if self.held is not None:  # let the test decide when the "thread" answers
-            d = defer.Deferred()
-            self.held.append((d, result))
-            return d
-        return defer.succeed(result)
 
 
 @pytest.fixture
@@ -202,6 +182,19 @@ def test_a_renewal_sees_a_revocation(world):
     clock.advance(0.6)
     assert check(validator).ok  # remembered, and renewed behind the answer...
     assert check(validator).reason == "revoked"  # ...which saw the revocation, before cache_ttl
+
+
+def test_a_lookup_the_caller_gives_up_on_is_not_called_an_outage(world):
+    store, pool, clock, validator = world
+    pool.held = []
+    d = validator.validate(Bearer("OAUTHBEARER", None, "good"), "imap")
+    outcomes = []
+    d.addBoth(outcomes.append)
+    d.cancel()  # as Deferred.addTimeout does
+    assert outcomes[0].check(defer.CancelledError)
+    late, result = pool.held.pop()
+    late.callback(result)  # the lookup lands after all: nothing left to answer, and no error
+    assert len(outcomes) == 1 and check(validator).ok
 
 
 def test_unknown_tokens_are_not_remembered(world):

@@ -200,17 +200,16 @@ class BearerChecker:
         return Verdict(ok=False, temporary=True, reason="validator error")
 
     def _judged(self, verdict: Verdict, bearer: Bearer, credentials: IOAuthBearer) -> bytes:
-        if verdict.ok and verdict.username:
+        if verdict.accepted:
             return verdict.username.encode("utf-8")
-        reason = verdict.reason or verdict.status
+        reason = verdict.unavailable or verdict.reason or verdict.status
         log.info(
             # The token is never logged.
             "bearer token refused: service={service!r} mechanism={mechanism} reason={reason!r}",
             service=credentials.service, mechanism=bearer.mechanism, reason=reason,
         )
-        if verdict.ok or verdict.temporary:
-            # An OK without a user name is a broken validator, not a bad token.
-            raise BearerBackendUnavailable(reason if verdict.temporary else "no user name")
+        if verdict.unavailable is not None:
+            raise BearerBackendUnavailable(reason)
         raise BearerRejected(verdict, credentials)
 
 

@@ -332,16 +332,11 @@ class DovecotAuthConnection:
             return out
         live.pending = None
         bearer = validation.bearer
-        if verdict.ok and verdict.username:
+        if verdict.accepted:
             live.exchange.accept()
             self._decide(out, live, verdict.username, True, verdict.reason or "ok")
             self._finish(out, live, format_ok(live.request.id, verdict.username))
-        elif verdict.ok or verdict.temporary:
-            # Postfix and Prosody cannot use an OK without `user=`, and the
-            # client's claimed identity is no substitute for the token owner's
-            # name: a validator that gives none is as broken as one that is down.
-            reason = verdict.reason if verdict.temporary else "no user name for token"
-            reason = reason or "temporary failure"
+        elif (reason := verdict.unavailable) is not None:
             self._decide(out, live, bearer.identity, False, reason)
             self._finish(out, live, format_fail(live.request.id, reason, temporary=True))
         else:

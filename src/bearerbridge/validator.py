@@ -131,7 +131,13 @@ class Validator:
         if self._in_flight is None:
             self._send_batch()
         d.addCallback(lambda token: decide(token, self._clock.seconds()))
-        return d.addErrback(lambda _: Verdict(False, temporary=True, reason="database_unavailable"))
+        return d.addErrback(self._database_failed)
+
+    @staticmethod
+    def _database_failed(failure: Failure) -> Verdict | Failure:
+        if failure.check(defer.CancelledError):  # the caller gave up (a timeout) and says so itself
+            return failure
+        return Verdict(False, temporary=True, reason="database_unavailable")
 
     def _read_again(self, digest: str) -> None:
         """Renew a remembered token before it expires, with no one waiting for it."""

@@ -30,6 +30,24 @@ class Verdict:
     reason: str = ""
     temporary: bool = False
 
+    @property
+    def accepted(self) -> bool:
+        """Log the client in: the token is good, and there is a name to report (Postfix and
+        Prosody cannot use a success without one)."""
+        return self.ok and bool(self.username)
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why there is no answer, or None when there is one. The backend failed, or said yes
+        without a user name (a validator that gives none is as broken as one that is down, and
+        the client's claimed identity is no substitute). Every surface then tells the client to
+        try again later, never that the token is bad: it might throw a good token away."""
+        if self.temporary:
+            return self.reason or "temporary failure"
+        if self.ok and not self.username:
+            return "no user name for token"
+        return None
+
 
 # What every surface calls to decide a login: (bearer, service name) -> the Verdict, when it is
 # known at once, or a Deferred firing with it; `defer.maybeDeferred` takes both. bearerbridge's

@@ -8,7 +8,8 @@ empty when the client sent no initial response) and relays what it gets back:
 - `{"result": "challenge", "challenge": "<base64>"}`: send the challenge, post the reply;
 - `{"result": "failure", "challenge": "<base64>"|null, "reason": "...", "temporary": bool}`: send
   the challenge if there is one (RFC 7628 §3.2.2: the client then answers with a dummy
-  message), then fail the exchange; `temporary` asks the client to try later.
+  message), then fail the exchange; `temporary` (then without a challenge: the token may be good)
+  asks the client to try later.
 
 Each call is one step of one exchange; no state is kept between calls.
 """
@@ -31,14 +32,14 @@ from .web import AsyncResource, BadRequest, Reply, json_reply, snapshot
 log = Logger()
 
 
-def _outcome(step: Step, temporary: bool = False) -> dict:
+def _outcome(step: Step) -> dict:
     """The JSON answer for a step the exchange has reached."""
     if isinstance(step, Challenge) and not step.data:
         return {"result": "challenge", "challenge": ""}
     if isinstance(step, Challenge):  # an RFC 7628 error challenge, to relay before failing
-        return {"result": "failure", "challenge": base64.b64encode(step.data).decode(), "temporary": temporary}
+        return {"result": "failure", "challenge": base64.b64encode(step.data).decode(), "temporary": False}
     if isinstance(step, Failure):
-        return {"result": "failure", "challenge": None, "reason": step.reason, "temporary": temporary}
+        return {"result": "failure", "challenge": None, "reason": step.reason, "temporary": False}
     raise TypeError(step)
 
 
@@ -83,12 +84,15 @@ class SaslEndpoint(AsyncResource):
         return d.addCallback(self._decided, exchange, mechanism, service)
 
     def _decided(self, verdict: Verdict, exchange: ServerExchange, mechanism: str, service: str) -> Reply:
-        self._record(mechanism, service, verdict.username, verdict.ok, verdict.reason)
-        if verdict.ok:
+        unavailable = verdict.unavailable
+        self._record(mechanism, service, verdict.username, verdict.accepted, unavailable or verdict.reason)
+        if verdict.accepted:
             exchange.accept()
             return json_reply(200, {"result": "ok", "username": verdict.username})
+        if unavailable is not None:  # no error challenge: the client must keep its token and retry
+            return json_reply(200, {"result": "failure", "challenge": None, "reason": unavailable, "temporary": True})
         step = exchange.reject(verdict.status, verdict.scope, verdict.reason)
-        return json_reply(200, {**_outcome(step, verdict.temporary), "reason": verdict.reason})
+        return json_reply(200, {**_outcome(step), "reason": verdict.reason})
 
     def _record(self, mechanism: str, service: str, user: str | None, ok: bool, reason: str) -> None:
         # repr(): the service name comes from the caller and must not forge log lines.
