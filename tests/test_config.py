@@ -10,6 +10,7 @@ import pytest
 from twisted.python import usage
 
 from bearerbridge import config, tap
+from bearerbridge.config import SaslSettings
 
 EXAMPLE = Path(__file__).parent.parent / "conf" / "bearerbridge.toml"
 
@@ -86,3 +87,9 @@ def test_secret_key_is_created_once_and_private(tmp_path):
     key = config.secret_key(settings)
     assert len(key) == 32 and config.secret_key(settings) == key
     assert os.stat(tmp_path / "k" / "secret.key").st_mode & 0o777 == 0o600
+
+
+def test_plain_for_a_service_adds_plain_to_the_offered_mechanisms():
+    assert SaslSettings().offered == ("OAUTHBEARER", "XOAUTH2")
+    assert SaslSettings(mechanisms=("OAUTHBEARER",), plain=("imap",)).offered == ("OAUTHBEARER", "PLAIN")
+    assert SaslSettings(mechanisms=("PLAIN", "XOAUTH2"), plain=("imap",)).offered == ("PLAIN", "XOAUTH2")

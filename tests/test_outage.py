@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from types import SimpleNamespace
@@ -12,15 +11,9 @@ from sqlalchemy.exc import OperationalError
 from treq.testing import StubTreq
 from twisted.internet import defer
 
-from bearerbridge import config, migrations, oauth, web
+from bearerbridge import config, oauth, web
 from bearerbridge.crypto import Keyring
 from bearerbridge.metrics import Metrics
-from bearerbridge.models import Client
-from bearerbridge.store import SqlStore, make_engine
-from bearerbridge.verdict import Verdict
-from bearerbridge.web_sasl import SaslEndpoint
-
-from .support import SyncPool
 
 
 class DeadPool:
@@ -90,29 +83,3 @@ def test_introspection_of_a_remembered_token_needs_no_database():
     assert results[0] == (200, {**results[0][1], "active": True, "username": "alice", "scope": "imap"})
     assert results[1][0] == 503  # a token not in memory goes to the (dead) database
 
-
-@pytest.mark.parametrize("verdict, reason", [
-    (Verdict(False, temporary=True, reason="database_unavailable"), "database_unavailable"),
-    (Verdict(True, username=None, reason="ok"), "no user name for token"),  # a broken validator
-])
-def test_sasl_over_http_without_an_answer_asks_to_retry_and_sends_no_challenge(tmp_path, verdict, reason):
-    """No error challenge, which would tell the client its token is bad and make it throw a good one away."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'o.db'}")
-    migrations.upgrade(engine)
-    settings = config.Config()
-    store = SqlStore(engine, Keyring(b"k" * 32))
-    with store.transaction():
-        store.add_client(Client("caller", "Caller", (), "imap", ("client_credentials",), False), "secret")
-    metrics = Metrics()
-    app = web.App(settings, store.keyring, SyncPool(store), oauth.BridgeServer(store, settings, metrics), metrics)
-    root = web.root(app)
-    root.putChild(b"sasl", SaslEndpoint(app, lambda bearer, service: verdict, settings.sasl.services))
-    http = StubTreq(root)
-    message = base64.b64encode(b"n,,\x01auth=Bearer tok\x01\x01").decode()
-    d = http.post("http://127.0.0.1:8080/sasl", data={"mechanism": "OAUTHBEARER", "service": "imap",
-                                                       "message": message}, auth=("caller", "secret"))
-    answers = []
-    d.addCallback(lambda r: r.json().addCallback(answers.append))
-    http.flush()
-    assert answers == [{"result": "failure", "challenge": None, "reason": reason, "temporary": True}]
-    engine.dispose()

@@ -83,6 +83,11 @@ class SaslSettings:
     # Service name = the form of user name reported to it (default: username).
     usernames: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
 
+    @property
+    def offered(self) -> tuple[str, ...]:
+        """The mechanisms every surface accepts: `mechanisms`, and PLAIN where `plain` names a service."""
+        return self.mechanisms + (("PLAIN",) if self.plain and "PLAIN" not in self.mechanisms else ())
+
 
 @dataclass(frozen=True)
 class ForwardAuthRule:

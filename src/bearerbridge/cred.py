@@ -40,7 +40,7 @@ from twisted.python.failure import Failure as TwistedFailure
 from zope.interface import Attribute, implementer
 
 from .sasl import (
-    MECHANISMS, Bearer, Challenge, Check, Failure, ProtocolStateError, ServerExchange, Step,
+    Bearer, Challenge, Check, Failure, ProtocolStateError, ServerExchange, Step, checked_mechanisms,
 )
 from .verdict import Validate, Verdict
 
@@ -159,14 +159,11 @@ def bearer_challengers(
     ``IMAP4Server`` keep it unset, as such a challenge exceeds the 57 bytes
     that its line-wrapping base64 encoder (``encodebytes``) keeps on one line.
     """
-    names = tuple(mechanisms)
-    if not names or not set(names) <= set(MECHANISMS):
-        raise ValueError(f"mechanisms must be a non-empty subset of {MECHANISMS}")
     return {
         name.encode("ascii"): functools.partial(
             BearerChallenger, name, service, openid_configuration
         )
-        for name in names
+        for name in checked_mechanisms(mechanisms)
     }
 
 

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure as TwistedFailure
 
-from .sasl import MECHANISMS, Bearer, Challenge, Check, Failure, ServerExchange, Step
+from .sasl import MECHANISMS, Bearer, Challenge, Check, Failure, ServerExchange, Step, checked_mechanisms
 from .verdict import Validate, Verdict
 
 MAX_LINE = 16384
@@ -151,13 +151,6 @@ def _base64(value: bytes, request_id: str) -> bytes:
         raise DovecotProtocolError("invalid base64", request_id) from None
 
 
-def _text(raw: bytes, request_id: str) -> str:
-    try:
-        return tabunescape(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise DovecotProtocolError("line is not UTF-8", request_id) from None
-
-
 def _parse_auth(line: bytes) -> AuthRequest:
     """``ID TAB MECHANISM *(TAB key[=value])``: an AUTH line without its command name."""
     # Dovecot ignores whatever follows `resp`, which must come last. It is base64, with
@@ -177,8 +170,8 @@ def _parse_auth(line: bytes) -> AuthRequest:
         raise DovecotProtocolError("AUTH without mechanism", request_id)
     params: dict[str, str] = {}
     flags: set[str] = set()
-    for field in fields:
-        key, equals, value = field.partition("=")
+    for entry in fields:
+        key, equals, value = entry.partition("=")
         if key == "resp" and equals:  # one whose key was escaped: unescaped, it is the response all the same
             response = value.encode()
             break
@@ -266,14 +259,9 @@ class DovecotAuthConnection:
         self,
         mechanisms: Iterable[str] = MECHANISMS,
         openid_configuration: str | None = None,
-        max_requests: int = MAX_REQUESTS,
     ) -> None:
-        self.mechanisms = tuple(mechanisms)
-        unknown = set(self.mechanisms) - set(MECHANISMS)
-        if not self.mechanisms or unknown:
-            raise ValueError(f"mechanisms must be a non-empty subset of {MECHANISMS}")
+        self.mechanisms = checked_mechanisms(mechanisms)
         self._openid_configuration = openid_configuration
-        self._max_requests = max_requests
         self._version_seen = False
         # Prosody greets with VERSION 1 1 (Postfix and Exim with 1 0), and an empty
         # challenge crashes its session whatever service name it was configured with.
@@ -353,7 +341,7 @@ class DovecotAuthConnection:
     def _auth(self, out: Output, request: AuthRequest) -> None:
         if self._live.pop(request.id, None) is not None:
             self._fail_unstarted(out, request.id, "duplicate request id", request)
-        elif len(self._live) >= self._max_requests:
+        elif len(self._live) >= MAX_REQUESTS:
             self._fail_unstarted(out, request.id, "too many concurrent requests", request)
         elif request.mechanism not in self.mechanisms:
             self._fail_unstarted(out, request.id, "unsupported mechanism", request)

@@ -21,6 +21,7 @@ import enum
 import json
 import re
 from dataclasses import dataclass
+from typing import Iterable
 
 MECHANISMS = ("OAUTHBEARER", "XOAUTH2", "PLAIN")
 
@@ -245,6 +246,14 @@ def parse_plain(message: bytes) -> Bearer:
 
 
 _PARSERS = {"OAUTHBEARER": parse_oauthbearer, "XOAUTH2": parse_xoauth2, "PLAIN": parse_plain}
+
+
+def checked_mechanisms(names: Iterable[str]) -> tuple[str, ...]:
+    """`names` as a tuple, if it is a non-empty selection of MECHANISMS (else ValueError)."""
+    mechanisms = tuple(names)
+    if not mechanisms or not set(mechanisms) <= set(MECHANISMS):
+        raise ValueError(f"mechanisms must be a non-empty subset of {MECHANISMS}")
+    return mechanisms
 
 
 def _json(fields: dict[str, str | None]) -> bytes:

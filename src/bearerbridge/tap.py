@@ -63,16 +63,15 @@ def make_app(config: configuration.Config) -> tuple[MultiService, web.App]:
     sasl = config.sasl
     validator = Validator(pool, sasl)
     resource = web.root(app)
-    resource.putChild(b"sasl", SaslEndpoint(app, validator.validate, sasl.services))
+    resource.putChild(b"sasl", SaslEndpoint(app, validator.validate, sasl.services, sasl.offered))
     resource.putChild(b"device", DevicePage(app))
     resource.putChild(b"forward-auth", ForwardAuth(app, validator.check_scope, config.forward_auth))
     site = web.BridgeSite(resource, config.http.access_log)
     for description in config.http.listen:
         strports.service(description, site).setServiceParent(top)
     if sasl.listen:
-        mechanisms = sasl.mechanisms + (("PLAIN",) if sasl.plain and "PLAIN" not in sasl.mechanisms else ())
         dovecot = DovecotAuthFactory(
-            validator.validate, openid_configuration=oauth.discovery_url(config), mechanisms=mechanisms,
+            validator.validate, openid_configuration=oauth.discovery_url(config), mechanisms=sasl.offered,
             on_decision=functools.partial(metrics.sasl_decision, "dovecot", sasl.services))
         for description in sasl.listen:
             strports.service(description, dovecot).setServiceParent(top)

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from . import oauth
-from .sasl import MECHANISMS, Challenge, Check, Failure, ServerExchange, Step
+from .sasl import Challenge, Check, Failure, ServerExchange, Step
 from .verdict import Validate, Verdict
 from .web import AsyncResource, BadRequest, Reply, json_reply, snapshot
 
@@ -46,10 +46,11 @@ def _outcome(step: Step) -> dict:
 class SaslEndpoint(AsyncResource):
     """Decides SASL logins posted over HTTP with the same validator as the Dovecot socket."""
 
-    def __init__(self, app: Any, validate: Validate, services: Any) -> None:
+    def __init__(self, app: Any, validate: Validate, services: Any, mechanisms: tuple[str, ...]) -> None:
         super().__init__(app)
         self._validate = validate
         self._services = services
+        self._mechanisms = mechanisms  # `[sasl] mechanisms`, as the Dovecot socket offers them
 
     def render_POST(self, request: Request) -> Any:
         return self._answer(request, self._post)
@@ -57,8 +58,8 @@ class SaslEndpoint(AsyncResource):
     def _post(self, request: Request) -> defer.Deferred:
         req = snapshot(request, self.app.config.server.issuer)
         mechanism, service = req.form.get("mechanism", "").upper(), req.form.get("service", "")
-        if mechanism not in MECHANISMS or not service:
-            raise BadRequest(f"mechanism must be one of {', '.join(MECHANISMS)}, and service is required")
+        if mechanism not in self._mechanisms or not service:
+            raise BadRequest(f"mechanism must be one of {', '.join(self._mechanisms)}, and service is required")
         try:
             message = base64.b64decode(req.form.get("message", ""), validate=True)
         except (binascii.Error, ValueError):
