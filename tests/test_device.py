@@ -6,8 +6,9 @@ import time
 
 import pytest
 import requests
+from twisted.internet.address import IPv4Address, UNIXAddress
 
-from bearerbridge.web_device import GuessLimiter
+from bearerbridge.web_device import GuessLimiter, guess_keys
 
 from .support import Service, form_fields, introspect
 
@@ -132,6 +133,11 @@ def test_guess_limiter_forgets_after_its_window():
     assert limiter.blocked("a") and not limiter.blocked("b")
     now[0] = 61
     assert not limiter.blocked("a")
+
+
+def test_wrong_codes_count_against_the_address_only_when_there_is_one():
+    assert guess_keys(IPv4Address("TCP", "192.0.2.7", 4711), 3) == ("address:192.0.2.7", "user:3")
+    assert guess_keys(UNIXAddress(None), 3) == ("user:3",)  # behind a proxy on a UNIX socket
 
 
 def test_refusals_at_the_device_endpoint(service, tv):

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 from treq.testing import StubTreq
 from twisted.internet import defer
+from twisted.logger import capturedLogs
 
 from bearerbridge import config, oauth, web
 from bearerbridge.crypto import Keyring
@@ -25,13 +26,16 @@ class DeadPool:
         return defer.fail(OperationalError("SELECT 1", {}, Exception("connection refused")))
 
 
-@pytest.fixture
-def http():
+def dead_app() -> web.App:
     settings = config.Config()
     metrics = Metrics()
     server = oauth.BridgeServer(DeadPool.store, settings, metrics)
-    app = web.App(settings, Keyring(b"k" * 32), DeadPool(), server, metrics)
-    return StubTreq(web.root(app))
+    return web.App(settings, Keyring(b"k" * 32), DeadPool(), server, metrics)
+
+
+@pytest.fixture
+def http():
+    return StubTreq(web.root(dead_app()))
 
 
 @pytest.mark.parametrize("path", ["/token", "/introspect", "/revoke"])
@@ -83,3 +87,22 @@ def test_introspection_of_a_remembered_token_needs_no_database():
     assert results[0] == (200, {**results[0][1], "active": True, "username": "alice", "scope": "imap"})
     assert results[1][0] == 503  # a token not in memory goes to the (dead) database
 
+
+
+def test_a_handler_that_raises_at_once_gets_our_answer_not_twisteds():
+    class Broken(web.AsyncResource):
+        def render_GET(self, request):
+            return self._answer(request, lambda request: {}["missing"])
+
+    app = dead_app()
+    root = web.root(app)
+    root.putChild(b"broken", Broken(app))
+    http = StubTreq(root)
+    results = []
+    http.get("http://127.0.0.1:8080/broken").addCallback(
+        lambda r: r.content().addCallback(lambda body: results.append((r.code, r.headers, body))))
+    with capturedLogs():
+        http.flush()
+    code, headers, body = results[0]
+    assert code == 503 and json.loads(body)["error"] == "temporarily_unavailable"
+    assert headers.getRawHeaders("X-Frame-Options") == ["DENY"]

@@ -134,14 +134,15 @@ class AsyncResource(Resource):
             request.finish()
 
         def fail(failure: Failure) -> None:
+            if failure.check(BadRequest):
+                write(self.app.bad_request(self.serves_pages, str(failure.value)))
+                return
             log.failure("Request to {path} failed", failure, path=request.path.decode("latin-1"))
             write(self.app.unavailable(self.serves_pages))
 
-        try:
-            result = handler(request)
-        except BadRequest as e:
-            result = self.app.bad_request(self.serves_pages, str(e))
-        defer.maybeDeferred(lambda: result).addCallback(write).addErrback(fail)
+        # Whether the handler raises at once or its Deferred fails later, the answer is ours
+        # (with our headers), never Twisted's bare "Processing Failed" page.
+        defer.maybeDeferred(handler, request).addCallback(write).addErrback(fail)
         return NOT_DONE_YET
 
 

@@ -17,6 +17,13 @@ WRONG_CODES_ALLOWED = 5
 WRONG_CODES_WINDOW = 300
 
 
+def guess_keys(peer: object, user_id: int) -> tuple[str, ...]:
+    """Who a wrong code counts against: the user, and the address when there is one (a UNIX
+    socket behind a proxy has none)."""
+    host = getattr(peer, "host", None)
+    return (f"user:{user_id}",) if host is None else (f"address:{host}", f"user:{user_id}")
+
+
 class GuessLimiter:
     """At most `limit` wrong user codes per `window` seconds for each key (an address, a user):
     20**8 codes would take a guesser far longer than a code lives (RFC 8628 §5.1)."""
@@ -97,7 +104,7 @@ class DevicePage(AsyncResource):
         return self.app.form_expired()
 
     def _check_code(self, request: Request, user_id: int, typed: str) -> Reply | defer.Deferred:
-        keys = (f"address:{request.getClientAddress().host}", f"user:{user_id}")
+        keys = guess_keys(request.getClientAddress(), user_id)
         if self.limiter.blocked(*keys):
             return self._code_page(request, user_id, "", "Too many wrong codes. Wait a few minutes and try again.",
                                    status=429)
