@@ -106,3 +106,13 @@ def test_a_handler_that_raises_at_once_gets_our_answer_not_twisteds():
     code, headers, body = results[0]
     assert code == 503 and json.loads(body)["error"] == "temporarily_unavailable"
     assert headers.getRawHeaders("X-Frame-Options") == ["DENY"]
+
+
+@pytest.mark.parametrize("grant_type", [*oauth.GRANT_TYPES, "password"])
+def test_token_requests_are_counted_by_grant_even_when_refused(grant_type):
+    app = dead_app()
+    http = StubTreq(web.root(app))
+    http.post("http://127.0.0.1:8080/token", data={"grant_type": grant_type})
+    http.flush()
+    label = grant_type if grant_type != "password" else "other"  # a grant we do not serve
+    assert app.metrics.registry.get_sample_value("bearerbridge_token_requests_total", {"grant_type": label}) == 1

@@ -269,6 +269,11 @@ class AskConsent:
 AuthorizeOutcome = Redirect | ErrorPage | AskLogin | AskConsent
 
 
+# Every grant the token endpoint serves: in the metadata, and as the label of token metrics.
+GRANT_TYPES = tuple(grant.GRANT_TYPE
+                    for grant in (CodeGrant, RefreshGrant, ClientCredentialsGrant, device.DeviceGrant))
+
+
 class BridgeServer(AuthorizationServer):
     """authlib's AuthorizationServer bound to our store and settings."""
 
@@ -386,7 +391,7 @@ def metadata(config: Config) -> dict:
         "scopes_supported": list(config.scopes),
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
-        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials", device.GRANT_TYPE],
+        "grant_types_supported": list(GRANT_TYPES),
         "token_endpoint_auth_methods_supported": ANY_AUTH,
         "introspection_endpoint_auth_methods_supported": SECRET_AUTH,
         "revocation_endpoint_auth_methods_supported": ANY_AUTH,

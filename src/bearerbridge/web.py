@@ -37,7 +37,6 @@ CSRF_COOKIE = b"bb_csrf"
 CSRF_TTL = 900
 MAX_BODY = 64 * 1024
 MAX_FIELDS = 64
-GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
 SECURITY_HEADERS = {
     b"X-Frame-Options": b"DENY",
     b"Content-Security-Policy": b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -319,7 +318,7 @@ class TokenEndpoint(AsyncResource):
     def _post(self, request: Request) -> defer.Deferred:
         req = snapshot(request, self.app.config.server.issuer)
         grant_type = req.form.get("grant_type", "")
-        label = grant_type if grant_type in GRANT_TYPES else "other"
+        label = grant_type if grant_type in oauth.GRANT_TYPES else "other"
         self.app.metrics.token_requests.labels(label).inc()
         d = self.app.pool.run(self.app.server.create_token_response, req)
         return d.addCallback(self._count, label)
