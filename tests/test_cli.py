@@ -33,6 +33,7 @@ def test_users(service):
     service.cli("user", "disable", name)
     assert f"{name}\t-\tdisabled" in service.cli("user", "list")
     service.cli("user", "enable", name)
+    assert f"{name}\t-\tenabled" in service.cli("user", "list")
     with pytest.raises(CliError, match="exists already"):
         service.cli("user", "add", name, "--password-stdin", stdin="x\n")
     with pytest.raises(CliError, match="empty password"):

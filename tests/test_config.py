@@ -31,6 +31,7 @@ def test_the_documented_example_is_valid_and_complete():
         known = set(getattr(config.Config(), section).__dataclass_fields__)
         assert documented == known, f"[{section}] in conf/bearerbridge.toml"
     assert loaded.scopes
+    assert loaded == config.Config()  # every documented value is the default it says it is
 
 
 def test_environment_variable(tmp_path, monkeypatch):

@@ -14,7 +14,8 @@ from .support import Service
 
 RULES = """
 [forward_auth]
-user_header = "X-Auth-User"
+user_header = "X-Remote-User"  # not the defaults, so that the settings are seen to work
+realm = "files"
 [[forward_auth.rules]]
 host = "legacy.example"
 basic = true
@@ -65,12 +66,12 @@ def test_read_and_write_scopes(proxy_service, people, style):
     both, read_only = token("webdav:read webdav:write"), token("webdav:read")
     for method in ("GET", "PROPFIND", "PUT", "DELETE", "MKCOL", "MOVE"):
         response = ask(proxy_service, method, "/dav/notes/a.txt", both, style=style)
-        assert response.status_code == 200 and response.headers["X-Auth-User"] == name
+        assert response.status_code == 200 and response.headers["X-Remote-User"] == name
     assert ask(proxy_service, "PROPFIND", "/dav/", read_only, style=style).status_code == 200
     refused = ask(proxy_service, "PUT", "/dav/a.txt", read_only, style=style)
     assert refused.status_code == 403
     assert refused.headers["WWW-Authenticate"] == \
-        'Bearer realm="bearerbridge", error="insufficient_scope", scope="webdav:write"'
+        'Bearer realm="files", error="insufficient_scope", scope="webdav:write"'
 
 
 def test_rules_pick_the_scope_by_path(proxy_service, people):
@@ -86,10 +87,10 @@ def test_rules_pick_the_scope_by_path(proxy_service, people):
 def test_bad_missing_expired_and_revoked_tokens(proxy_service, people):
     _, token = people
     missing = ask(proxy_service, "GET", "/dav/")
-    assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == 'Bearer realm="bearerbridge"'
+    assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == 'Bearer realm="files"'
     bad = ask(proxy_service, "GET", "/dav/", "not-a-token")
     assert bad.status_code == 401
-    assert bad.headers["WWW-Authenticate"] == 'Bearer realm="bearerbridge", error="invalid_token"'
+    assert bad.headers["WWW-Authenticate"] == 'Bearer realm="files", error="invalid_token"'
     revoked = token("webdav:read")
     assert ask(proxy_service, "GET", "/dav/", revoked).status_code == 200
     proxy_service.cli("token", "revoke", revoked)
@@ -104,9 +105,9 @@ def test_basic_with_the_token_as_password_only_where_the_rule_allows(proxy_servi
     name, token = people
     dav = token("webdav:read webdav:write")
     challenge = ask(proxy_service, "GET", "/", host="legacy.example")
-    assert challenge.status_code == 401 and challenge.headers["WWW-Authenticate"].startswith('Basic realm=')
+    assert challenge.status_code == 401 and challenge.headers["WWW-Authenticate"].startswith('Basic realm="files"')
     ok = ask(proxy_service, "PUT", "/f", host="legacy.example", basic=(name, dav))
-    assert ok.status_code == 200 and ok.headers["X-Auth-User"] == name
+    assert ok.status_code == 200 and ok.headers["X-Remote-User"] == name
     assert ask(proxy_service, "PUT", "/f", host="legacy.example", basic=("mallory", dav)).status_code == 401
     assert ask(proxy_service, "GET", "/dav/", basic=(name, dav)).status_code == 401  # not on that rule
 

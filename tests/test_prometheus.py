@@ -60,6 +60,11 @@ def test_metrics_needs_a_token_with_the_metrics_scope(service):
     client_credentials = frozenset({("grant_type", "client_credentials")})
     assert values[("bearerbridge_token_requests_total", client_credentials)] >= 2  # the two tokens above
     assert values[("bearerbridge_tokens_issued_total", client_credentials)] >= 2
+    # The service is shared with other tests, so count one more token from here.
+    client_credentials_token(service, metrics_client, "metrics")
+    after = samples(requests.get(url, headers={"Authorization": f"Bearer {metrics_token}"}, timeout=10).text)
+    for counter in ("bearerbridge_token_requests_total", "bearerbridge_tokens_issued_total"):
+        assert after[(counter, client_credentials)] == values[(counter, client_credentials)] + 1
 
 
 @pytest.fixture

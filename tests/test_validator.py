@@ -56,6 +56,13 @@ def test_judge(token, identity, service, mechanism, expected):
         assert verdict.scope == "xmpp"
 
 
+def test_identity_as_user_at_realm():
+    settings = SaslSettings(identity=("user@realm",), realm="example.net")
+    assert judge(TOKEN, 3000, bearer("alice@example.net"), "imap", settings).ok
+    for other in ("alice", "alice@example.org", "Alice@example.net"):  # only the one form, exactly
+        assert judge(TOKEN, 3000, bearer(other), "imap", settings).reason == "identity_mismatch"
+
+
 @pytest.mark.parametrize("form, expected", [
     ("username", "alice@corp"), ("email", "Alice@Example.org"), ("localpart", "alice"),
     ("user@realm", "alice@corp@example.net"),
