@@ -8,6 +8,7 @@ low-entropy passwords people choose.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
@@ -18,9 +19,13 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 _passwords = PasswordHasher()  # argon2id with the library's current recommended parameters
 
-# A hash to verify against when the user does not exist, so that the answer takes as
-# long as for a real user and does not reveal which names exist.
-_DUMMY_HASH = _passwords.hash(secrets.token_urlsafe(16))
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash to verify against when the user does not exist, so that the answer takes as long
+    as for a real user and does not reveal which names exist. Made on first use, not on import:
+    it costs ~100 ms, which every command and test process would pay."""
+    return _passwords.hash(secrets.token_urlsafe(16))
 
 
 def new_secret() -> str:
@@ -38,7 +43,7 @@ def hash_password(password: str) -> str:
 def check_password(password_hash: str | None, password: str) -> bool:
     """True when `password` matches; constant-ish time when there is no hash."""
     try:
-        return _passwords.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        return _passwords.verify(password_hash or _dummy_hash(), password) and password_hash is not None
     except (VerificationError, InvalidHashError):
         return False
 

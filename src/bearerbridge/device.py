@@ -39,7 +39,7 @@ class DeviceEndpoint(DeviceAuthorizationEndpoint):
         return f"{self.server.config.server.issuer.rstrip('/')}/device"
 
     def save_device_credential(self, client_id: str, scope: str | None, data: dict) -> None:
-        client: Client = self.server.store.get_client(client_id)
+        client: Client = self.server.query_client(client_id)  # authlib has just read it: memory answers
         if not client.check_grant_type(GRANT_TYPE):
             raise UnauthorizedClientError(f"The client may not use {GRANT_TYPE}")
         allowed = client.get_allowed_scope(scope)

@@ -50,7 +50,8 @@ class BadRequest(Exception):
     """Hostile or malformed HTTP input, answered with invalid_request."""
 
 
-def _parse_qs(raw: bytes | str) -> dict[str, list[str]]:
+def parse_query(raw: bytes | str) -> dict[str, list[str]]:
+    """A query string or form body: strict UTF-8, at most MAX_FIELDS fields (else BadRequest)."""
     try:
         return parse_qs(raw if isinstance(raw, str) else raw.decode("utf-8", "strict"),
                         keep_blank_values=True, max_num_fields=MAX_FIELDS)
@@ -68,11 +69,11 @@ def snapshot(request: Request, issuer: str) -> oauth.HttpRequest:
         body = request.content.read(MAX_BODY + 1)
         if len(body) > MAX_BODY:
             raise BadRequest("The request body is too large")
-        form = _parse_qs(body)
+        form = parse_query(body)
     headers = {name.decode("latin-1"): b", ".join(values).decode("latin-1")
                for name, values in request.requestHeaders.getAllRawHeaders()}
     uri = issuer.rstrip("/") + request.uri.decode("latin-1")
-    return oauth.HttpRequest(request.method.decode("ascii"), uri, headers, _parse_qs(raw_query), form)
+    return oauth.HttpRequest(request.method.decode("ascii"), uri, headers, parse_query(raw_query), form)
 
 
 def bearer_token(request: Request) -> str | None:
@@ -98,7 +99,8 @@ class Pages:
     """The Jinja2 templates, with the site name filled in."""
 
     def __init__(self, site_name: str) -> None:
-        self._env = Environment(loader=PackageLoader("bearerbridge", "templates"),
+        # auto_reload off: otherwise every page stats its template files, on the reactor thread.
+        self._env = Environment(loader=PackageLoader("bearerbridge", "templates"), auto_reload=False,
                                 autoescape=select_autoescape(default=True))
         self._site_name = site_name
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import collections
 import time
 from typing import Any, Callable
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from twisted.internet import defer
 from twisted.web.server import Request
 
 from . import device
-from .web import AsyncResource, Reply, snapshot
+from .web import AsyncResource, Reply, parse_query, snapshot
 
 WRONG_CODES_ALLOWED = 5
 WRONG_CODES_WINDOW = 300
@@ -65,7 +65,7 @@ class DevicePage(AsyncResource):
         return self._answer(request, self._post)
 
     def _typed_code(self, request: Request) -> str:
-        return parse_qs(urlsplit(request.uri).query.decode("latin-1")).get("user_code", [""])[0]
+        return parse_query(urlsplit(request.uri).query).get("user_code", [""])[0]
 
     def _get(self, request: Request) -> Reply:
         user_id = self.app.session_user(request)
