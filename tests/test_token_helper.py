@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import requests
+from twisted.internet import defer
 
 from bearerbridge.token_protocol import (HelperError, Refused, StrayCallback, authorize_url, check_callback,
                                          check_issuer, check_metadata, check_url, choose_flow, client_auth,
                                          discovery_urls, login_command, parse_device_response, pkce_pair,
                                          poll_decision, s256, status_lines)
-from bearerbridge.token_store import (DamagedProfile, Profile, ProfileFile, ProtocolError, apply_token_response,
-                                      check_profile_name, config_dir, needs_refresh)
+from bearerbridge.token_store import (LOCK_POLL, DamagedProfile, Profile, ProfileFile, ProtocolError,
+                                      apply_token_response, check_profile_name, config_dir, needs_refresh)
 
 from .support import BIN, Service, form_fields, free_port, introspect, login_and_consent, token_request
 from .test_tls import self_signed
@@ -210,18 +211,40 @@ def test_profiles_are_written_atomically_0600_in_a_0700_directory(tmp_path):
         store.load()
 
 
-def test_the_lock_is_exclusive(tmp_path):
+def test_the_lock_is_exclusive_and_is_waited_for_without_blocking(tmp_path):
     store = ProfileFile(tmp_path, "default")
-    with store.locked():
-        fd = os.open(store.lock_path, os.O_RDWR)
-        try:
-            with pytest.raises(BlockingIOError):
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        finally:
-            os.close(fd)
+    store.ensure_directory()
+    other = os.open(store.lock_path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)  # another process in the middle of a refresh
+    pauses = []
+
+    async def pause(seconds):  # the event loop's sleep: here, count the waits, then let go
+        pauses.append(seconds)
+        if len(pauses) == 3:
+            os.close(other)
+
+    async def hold():
+        async with store.locked(pause):
+            fd = os.open(store.lock_path, os.O_RDWR)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+
+    done = defer.ensureDeferred(hold())
+    assert done.called and done.result is None and pauses == [LOCK_POLL] * 3
     fd = os.open(store.lock_path, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
     os.close(fd)
+
+
+def test_a_profile_that_is_not_an_object_is_damaged(tmp_path):
+    store = ProfileFile(tmp_path, "default")
+    store.ensure_directory()
+    store.path.write_text("[]")
+    with pytest.raises(DamagedProfile):
+        store.load()
 
 
 # -- the real script against a running bearerbridge ------------------------------------------

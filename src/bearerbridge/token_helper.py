@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -286,7 +287,7 @@ async def cmd_login(reactor, args, environ: Mapping[str, str]) -> None:
     else:
         profile = await browser_login(reactor, http, base, metadata, args.scope, args.port, environ)
     previous = None
-    with store.locked():
+    async with store.locked(functools.partial(task.deferLater, reactor)):
         with contextlib.suppress(DamagedProfile):
             previous = store.load()
         store.save(profile)
@@ -304,7 +305,7 @@ async def cmd_print(reactor, args, environ: Mapping[str, str]) -> None:
     missing = LoginNeeded(f"no login under profile {args.profile!r}; run: {login_command(args.profile, None)}")
     if not store.path.exists():  # no need to create the directory for the lock
         raise missing
-    with store.locked():
+    async with store.locked(functools.partial(task.deferLater, reactor)):
         profile = store.load()
         if profile is None:
             raise missing
@@ -323,7 +324,7 @@ async def cmd_status(reactor, args, environ: Mapping[str, str]) -> None:
 
 async def cmd_logout(reactor, args, environ: Mapping[str, str]) -> None:
     store = ProfileFile(config_dir(environ), args.profile)
-    with store.locked():
+    async with store.locked(functools.partial(task.deferLater, reactor)):
         try:
             profile = store.load()
         except DamagedProfile:

@@ -20,10 +20,11 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import AsyncIterator, Awaitable, Callable, Mapping
 
 APP = "bearerbridge-token"
 REFRESH_MARGIN = 60  # seconds: refresh an access token that expires sooner than this
+LOCK_POLL = 0.05  # seconds between tries for a profile's lock that another process holds
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -56,6 +57,8 @@ class Profile:
     @classmethod
     def from_json(cls, text: str) -> "Profile":
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -152,13 +155,21 @@ class ProfileFile:
         if self.directory.stat().st_mode & 0o077:
             self.directory.chmod(0o700)
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold an exclusive `flock` on the lock file: one read-refresh-write at a time per profile."""
+    @contextlib.asynccontextmanager
+    async def locked(self, pause: Callable[[float], Awaitable[object]]) -> AsyncIterator[None]:
+        """Hold an exclusive `flock` on the lock file: one read-refresh-write at a time per profile.
+
+        While another process holds it, try again every LOCK_POLL seconds after `pause` (the
+        caller's sleep): a blocking flock would stop the caller's event loop, Ctrl-C included."""
         self.ensure_directory()
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await pause(LOCK_POLL)
             yield
         finally:
             os.close(fd)  # closing releases the lock
