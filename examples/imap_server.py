@@ -28,9 +28,12 @@ def introspection_validate(url: str, client_id: str, client_secret: str, service
         claims = await response.json()
         if not claims.get("active"):
             return Verdict(ok=False, reason="inactive")
-        username = claims.get("username")  # client_credentials tokens have none: no mailbox
-        if not username or bearer.identity not in (None, username, claims.get("email")):
-            return Verdict(ok=False, reason="identity_mismatch")
+        username, email = claims.get("username"), claims.get("email")
+        if not username:  # a client_credentials token names no one: no mailbox
+            return Verdict(ok=False, reason="no_user")
+        named = bearer.identity
+        if named is not None and named != username and not (email and named.casefold() == email.casefold()):
+            return Verdict(ok=False, reason="identity_mismatch")  # an address in any case, as judge() allows
         if service_scope not in claims.get("scope", "").split():
             return Verdict(ok=False, status="insufficient_scope", scope=service_scope)
         return Verdict(ok=True, username=username)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -21,6 +19,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 import requests
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from twisted.internet import defer
 
 from bearerbridge import cli
@@ -198,8 +197,7 @@ def _stdin(replacement):
 
 def pkce_pair() -> tuple[str, str]:
     verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-    return verifier, challenge
+    return verifier, create_s256_code_challenge(verifier)
 
 
 class _Forms(HTMLParser):

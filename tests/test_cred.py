@@ -546,7 +546,7 @@ def load_example() -> Any:
     return module
 
 
-def introspect_with(code: int, claims: dict, requests: list) -> Verdict | TwistedFailure:
+def introspect_with(code: int, claims: dict, requests: list, identity: str = "alice") -> Verdict | TwistedFailure:
     def answer(method, url, params, headers, data):
         requests.append((method, url, headers, data))
         return code, {b"Content-Type": b"application/json"}, json.dumps(claims).encode()
@@ -555,7 +555,7 @@ def introspect_with(code: int, claims: dict, requests: list) -> Verdict | Twiste
     validate = load_example().introspection_validate(
         "https://auth.example/introspect", "imapd", "s3cret", "imap", http=http
     )
-    d = validate(Bearer("XOAUTH2", "alice", "goodtoken"), "imap")
+    d = validate(Bearer("XOAUTH2", identity, "goodtoken"), "imap")
     http.flush()
     return result_of(d)
 
@@ -580,7 +580,7 @@ ALICE = {"active": True, "username": "alice", "email": "alice@example.org"}
             200, {**ALICE, "username": "bob", "email": "bob@x", "scope": "imap"},
             Verdict(ok=False, reason="identity_mismatch"),
         ),
-        (200, {"active": True, "scope": "imap"}, Verdict(ok=False, reason="identity_mismatch")),
+        (200, {"active": True, "scope": "imap"}, Verdict(ok=False, reason="no_user")),  # client credentials
         (503, {}, Verdict(ok=False, temporary=True, reason="introspection said 503")),
     ],
 )
@@ -591,3 +591,9 @@ def test_example_introspection_mapping(code, claims, verdict):
     assert (method, url) == (b"POST", "https://auth.example/introspect")
     assert headers[b"Authorization"] == [b"Basic " + b64(b"imapd:s3cret")]
     assert data == b"token=goodtoken"
+
+
+def test_example_takes_the_email_in_any_case_like_bearerbridge():
+    claims = {**ALICE, "scope": "imap"}
+    assert introspect_with(200, claims, [], identity="Alice@Example.ORG") == Verdict(ok=True, username="alice")
+    assert introspect_with(200, claims, [], identity="bob@example.org").reason == "identity_mismatch"

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from twisted.internet import defer
 
 from bearerbridge.token_protocol import (HelperError, Refused, StrayCallback, authorize_url, check_callback,
                                          check_issuer, check_metadata, check_url, choose_flow, client_auth,
                                          discovery_urls, login_command, parse_device_response, pkce_pair,
-                                         poll_decision, s256, status_lines)
+                                         poll_decision, status_lines)
 from bearerbridge.token_store import (LOCK_POLL, DamagedProfile, Profile, ProfileFile, ProtocolError,
                                       apply_token_response, check_profile_name, config_dir, needs_refresh)
 
@@ -75,6 +76,7 @@ def test_the_device_grant_is_chosen_only_without_a_display_and_when_offered():
 # -- the code grant: PKCE and the loopback answer ---------------------------------------------
 
 def test_s256_matches_rfc7636_appendix_b():
+    s256 = create_s256_code_challenge  # authlib's, which the helper uses
     assert s256("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk") == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
     verifier, challenge = pkce_pair()
     assert 43 <= len(verifier) <= 128 and challenge == s256(verifier) and pkce_pair()[0] != verifier

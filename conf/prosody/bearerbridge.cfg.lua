@@ -43,10 +43,10 @@ dovecot_auth_socket = "/run/bearerbridge/auth"
 --dovecot_auth_port = 12345
 
 -- The service name Prosody puts in each request (service=); "xmpp" is the default. It must be a
--- key of bearerbridge's [sasl.services], which says what scope a token needs. Keep "xmpp":
--- bearerbridge recognises Prosody by it and never sends it the empty challenge that crashes
--- mod_auth_dovecot's session (when a client sends <auth/> without an initial response). Under
--- another name that client's login hangs until it gives up.
+-- key of bearerbridge's [sasl.services], which says what scope a token needs. Whatever the
+-- name, bearerbridge recognises Prosody (by its VERSION 1 1 greeting, or service=xmpp) and never
+-- sends it the empty challenge that crashes mod_auth_dovecot's session (when a client sends
+-- <auth/> without an initial response): such a login is refused with "initial response required".
 --service_name = "xmpp"
 
 -- The user name. bearerbridge answers a good login with `user=<name>` and Prosody makes the JID

@@ -353,7 +353,9 @@ def _profile_name(value: str) -> str:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog=APP, description="Fresh OAuth 2.0 access tokens for mail, chat and "
-                                  "file clients (msmtp passwordeval, mbsync PassCmd, rclone bearer_token_command).")
+                                  "file clients (msmtp passwordeval, mbsync PassCmd, rclone bearer_token_command).",
+                                  epilog=f"Exit status: 0 done, {EXIT_FAILED} refused or failed, "
+                                  f"{EXIT_LOGIN_NEEDED} log in again, {EXIT_INTERRUPTED} interrupted.")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, run, help: str) -> argparse.ArgumentParser:
@@ -366,7 +368,8 @@ def parser() -> argparse.ArgumentParser:
     p = command("login", cmd_login, "log in at an authorization server and store the tokens")
     p.add_argument("--issuer", required=True, help="the server's issuer URL, e.g. https://auth.example.org")
     p.add_argument("--client-id", required=True)
-    p.add_argument("--client-secret", help="for a confidential client (sent with client_secret_post)")
+    p.add_argument("--client-secret", help="for a confidential client (sent with client_secret_post; kept in "
+                   "the profile in plain text, and visible in ps while this runs: prefer a public client)")
     p.add_argument("--scope", help='space-separated scopes, e.g. "imap smtp" (default: the client\'s)')
     flow = p.add_mutually_exclusive_group()
     flow.add_argument("--device", dest="flow", action="store_const", const="device",
@@ -374,7 +377,8 @@ def parser() -> argparse.ArgumentParser:
     flow.add_argument("--browser", dest="flow", action="store_const", const="browser",
                       help="sign in with a browser on this machine (RFC 8252)")
     p.add_argument("--ca-file", help="trust only the CA certificates in this PEM file (remembered)")
-    p.add_argument("--port", type=int, default=0, help="loopback port for --browser (default: any free one)")
+    p.add_argument("--port", type=int, default=0,
+                   help="loopback port for --browser (default: any free one; unused with --device)")
     command("print", cmd_print, "print a valid access token on stdout, refreshing it first if needed")
     command("status", cmd_status, "describe the stored login, without showing its tokens")
     p = command("logout", cmd_logout, "revoke the login at the server and delete it")

@@ -8,8 +8,6 @@ messages. Errors are typed here and turned into one stderr line and an exit stat
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 import ipaddress
 import re
@@ -19,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlencode, urlsplit
+
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from .token_store import APP, Profile, ProtocolError
 
@@ -135,15 +135,10 @@ def choose_flow(requested: str | None, metadata: Mapping[str, Any], environ: Map
     return "browser"
 
 
-def s256(verifier: str) -> str:
-    """RFC 7636 §4.2: BASE64URL(SHA256(ASCII(code_verifier))), unpadded."""
-    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).rstrip(b"=").decode()
-
-
 def pkce_pair() -> tuple[str, str]:
     """A code verifier of 86 unreserved characters (RFC 7636 §4.1) and its S256 challenge."""
     verifier = secrets.token_urlsafe(64)
-    return verifier, s256(verifier)
+    return verifier, create_s256_code_challenge(verifier)
 
 
 def authorize_url(endpoint: str, client_id: str, redirect_uri: str, scope: str | None, state: str,
