@@ -179,6 +179,14 @@ class Service:
     def client(self, *args: str) -> dict:
         return json.loads(self.cli("client", "create", "--name", self.unique("app"), "--json", *args))
 
+    def issue(self, user: str, client_id: str, scope: str, *extra: str) -> str:
+        """An access token from `bearerbridge token issue` (extra: e.g. "--ttl", "60"), checked to
+        carry exactly `scope`."""
+        issued = json.loads(self.cli("token", "issue", "--user", user, f"--client={client_id}", "--scope", scope,
+                                     "--json", *extra))
+        assert issued["scope"] == scope, issued
+        return issued["access_token"]
+
 
 class CliError(Exception):
     pass

@@ -43,7 +43,7 @@ def people(proxy_service):
     client = service.client("--redirect-uri", "https://app.example/cb")
 
     def token(scope):
-        return service.cli("token", "issue", "--user", name, "--client", client["client_id"], "--scope", scope)
+        return service.issue(name, client["client_id"], scope)
     return name, token
 
 

@@ -50,10 +50,7 @@ class Mail:
     email: str
 
     def issue(self, scope: str, *extra: str) -> str:
-        issued = json.loads(self.service.cli("token", "issue", "--user", self.user, "--client",
-                                             self.app["client_id"], "--scope", scope, "--json", *extra))
-        assert issued["scope"] == scope, issued
-        return issued["access_token"]
+        return self.service.issue(self.user, self.app["client_id"], scope, *extra)
 
     def logs(self) -> dict[str, Path]:
         return {"bearerbridge": self.service.directory / "twistd.log", "postfix": self.postfix.log_path,

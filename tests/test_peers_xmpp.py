@@ -290,9 +290,7 @@ def account(xmpp):
     cid = service.client("--redirect-uri", "https://app.example/cb")["client_id"]
 
     def token(scope: str) -> str:
-        # `--client=ID`: a client id (token_urlsafe) may begin with "-", which argparse would take
-        # for an option after a separate `--client`.
-        return service.cli("token", "issue", "--user", name, f"--client={cid}", "--scope", scope)
+        return service.issue(name, cid, scope)
     return name, token
 
 
@@ -326,7 +324,7 @@ def test_a_user_named_like_an_address_gets_its_localpart_as_the_jid(client, xmpp
     name = f"{local}@elsewhere.example"
     service.cli("user", "add", name, "--password-stdin", stdin="pw\n")
     cid = service.client("--redirect-uri", "https://app.example/cb")["client_id"]
-    access = service.cli("token", "issue", "--user", name, f"--client={cid}", "--scope", "xmpp")
+    access = service.issue(name, cid, "xmpp")
     reply = client.auth("OAUTHBEARER", oauthbearer(None, access))
     assert reply.tag == SASL + "success", f"{ET.tostring(reply)}\n{prosody.log()}"
     assert client.bind() == f"{local}@{DOMAIN}/tests"

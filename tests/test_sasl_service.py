@@ -46,8 +46,7 @@ def alice(sasl_service):
     client = service.client("--redirect-uri", "https://app.example/cb")
 
     def token(scope: str, ttl: str = "600") -> str:
-        return service.cli("token", "issue", "--user", name, "--client", client["client_id"], "--scope", scope,
-                           "--ttl", ttl)
+        return service.issue(name, client["client_id"], scope, "--ttl", ttl)
     return name, token
 
 
@@ -207,9 +206,7 @@ def test_interleaved_requests_on_one_connection(dovecot, alice):
 def test_revocation_here_takes_effect_at_once_and_from_the_cli_within_a_second(sasl_service, alice, dovecot):
     name, token = alice
     client = sasl_service.client("--redirect-uri", "https://app.example/cb", "--scope", "smtp")
-    issued = json.loads(sasl_service.cli("token", "issue", "--user", name, "--client", client["client_id"],
-                                         "--scope", "smtp", "--json"))
-    access = issued["access_token"]
+    access = sasl_service.issue(name, client["client_id"], "smtp")
     assert dovecot.auth("1", "OAUTHBEARER", "smtp", oauthbearer(name, access)).startswith("OK")
     response = requests.post(f"{sasl_service.url}/revoke", data={"token": access},
                              auth=(client["client_id"], client["client_secret"]))
