@@ -290,6 +290,13 @@ def token_request(service: Service, data: dict, client: dict | None = None, basi
     return requests.post(f"{service.url}/token", data=data, auth=auth, timeout=10, verify=service.verify)
 
 
+def exchange_code(service: Service, client: dict, code: str, verifier: str,
+                  redirect_uri: str = "https://app.example/cb", **kw) -> requests.Response:
+    """POST /token with grant_type=authorization_code (see token_request for `kw`)."""
+    return token_request(service, {"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
+                                   "redirect_uri": redirect_uri}, client, **kw)
+
+
 def introspect(service: Service, resource_server: dict, token: str, **extra: str) -> dict:
     response = requests.post(f"{service.url}/introspect", data={"token": token, **extra},
                              auth=(resource_server["client_id"], resource_server["client_secret"]),

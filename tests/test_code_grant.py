@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import requests
 
-from .support import (authorize_url, form_fields, get_code, introspect, login_and_consent, pkce_pair,
+from .support import (authorize_url, exchange_code, form_fields, get_code, introspect, login_and_consent, pkce_pair,
                       redirect_params, token_request)
 
 
@@ -73,8 +73,7 @@ def test_the_whole_code_grant(service, web_client, resource_server):
 def test_revocation_makes_introspection_inactive(service, web_client, resource_server):
     username, password = service.user()
     code, verifier = get_code(service, web_client, username, password)
-    tokens = token_request(service, {"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-                                     "redirect_uri": "https://app.example/cb"}, web_client).json()
+    tokens = exchange_code(service, web_client, code, verifier).json()
     response = requests.post(f"{service.url}/revoke", data={"token": tokens["access_token"]},
                              auth=(web_client["client_id"], web_client["client_secret"]))
     assert response.status_code == 200
@@ -99,8 +98,7 @@ def test_consent_is_remembered_for_the_same_or_fewer_scopes(service, web_client)
 def test_no_scope_parameter_gets_the_registered_scopes(service, web_client):
     username, password = service.user()
     code, verifier = get_code(service, web_client, username, password, scope=None)
-    tokens = token_request(service, {"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-                                     "redirect_uri": "https://app.example/cb"}, web_client).json()
+    tokens = exchange_code(service, web_client, code, verifier).json()
     assert tokens["scope"] == "imap smtp"
 
 
@@ -108,8 +106,7 @@ def test_public_native_client_uses_pkce_and_any_loopback_port(service, native_cl
     username, password = service.user()
     redirect_uri = "http://127.0.0.1:53682/callback"
     code, verifier = get_code(service, native_client, username, password, "smtp", redirect_uri=redirect_uri)
-    response = token_request(service, {"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-                                       "redirect_uri": redirect_uri}, native_client)
+    response = exchange_code(service, native_client, code, verifier, redirect_uri)
     assert response.status_code == 200, response.text
     tokens = response.json()
     assert introspect(service, resource_server, tokens["access_token"])["scope"] == "smtp"

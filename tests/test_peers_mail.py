@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from .peers import Dovecot, Postfix, log_since, log_size, start_dovecot, start_postfix, tail, wait_for_greeting
-from .support import Service, free_port, get_code, missing, require_peer, token_request
+from .support import Service, exchange_code, free_port, get_code, missing, require_peer
 
 pytestmark = pytest.mark.peer
 
@@ -334,8 +334,7 @@ def test_dovecot_refuses_a_revoked_token(mail):
 
 def test_a_code_grant_token_for_smtp_sends_mail_but_reads_none(mail):
     code, verifier = get_code(mail.service, mail.app, mail.user, mail.password, scope="smtp")
-    response = token_request(mail.service, {"grant_type": "authorization_code", "code": code,
-                                            "redirect_uri": REDIRECT_URI, "code_verifier": verifier}, mail.app)
+    response = exchange_code(mail.service, mail.app, code, verifier, REDIRECT_URI)
     assert response.status_code == 200, response.text
     grant = response.json()
     assert grant["scope"] == "smtp", grant

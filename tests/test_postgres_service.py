@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from .support import Service, get_code, introspect, postgres_schema, token_request
+from .support import Service, exchange_code, get_code, introspect, postgres_schema
+
 
 @pytest.fixture(scope="module")
 def pg_service(tmp_path_factory):
@@ -20,11 +21,9 @@ def test_code_grant_refresh_and_revocation_on_postgresql(pg_service):
     resource_server = service.client("--grant", "client_credentials", "--scope", "imap")
     username, password = service.user()
     code, verifier = get_code(service, client, username, password)
-    response = token_request(service, {"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-                                       "redirect_uri": "https://app.example/cb"}, client)
+    response = exchange_code(service, client, code, verifier)
     assert response.status_code == 200, response.text
     tokens = response.json()
     assert introspect(service, resource_server, tokens["access_token"])["username"] == username
-    assert token_request(service, {"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-                                   "redirect_uri": "https://app.example/cb"}, client).json()["error"] == "invalid_grant"
+    assert exchange_code(service, client, code, verifier).json()["error"] == "invalid_grant"
     assert introspect(service, resource_server, tokens["access_token"]) == {"active": False}  # the replay revoked it

@@ -7,15 +7,10 @@ import time
 import pytest
 import requests
 
-from .support import (Service, authorize_url, form_fields, get_code, introspect, pkce_pair, redirect_params,
+from .support import (Service, authorize_url, exchange_code, form_fields, get_code, introspect, pkce_pair, redirect_params,
                       token_request)
 
 CB = "https://app.example/cb"
-
-
-def exchange(service, client, code, verifier, redirect_uri=CB, **kw):
-    return token_request(service, {"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-                                   "redirect_uri": redirect_uri}, client, **kw)
 
 
 def error_of(response: requests.Response, status: int = 400) -> str:
@@ -29,15 +24,15 @@ def test_wrong_pkce_verifier(service, web_client):
     username, password = service.user()
     code, _ = get_code(service, web_client, username, password)
     wrong, _ = pkce_pair()
-    assert error_of(exchange(service, web_client, code, wrong)) == "invalid_grant"
+    assert error_of(exchange_code(service, web_client, code, wrong)) == "invalid_grant"
 
 
 def test_reused_code_is_refused_and_revokes_what_it_issued(service, web_client, resource_server):
     username, password = service.user()
     code, verifier = get_code(service, web_client, username, password)
-    first = exchange(service, web_client, code, verifier)
+    first = exchange_code(service, web_client, code, verifier)
     assert first.status_code == 200
-    assert error_of(exchange(service, web_client, code, verifier)) == "invalid_grant"
+    assert error_of(exchange_code(service, web_client, code, verifier)) == "invalid_grant"
     tokens = first.json()
     assert introspect(service, resource_server, tokens["access_token"]) == {"active": False}
     refresh = token_request(service, {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
@@ -49,22 +44,22 @@ def test_redirect_uri_must_match_at_the_token_endpoint(service):
     client = service.client("--redirect-uri", CB, "--redirect-uri", "https://app.example/other", "--scope", "imap")
     username, password = service.user()
     code, verifier = get_code(service, client, username, password)
-    assert error_of(exchange(service, client, code, verifier, "https://app.example/other")) == "invalid_grant"
+    assert error_of(exchange_code(service, client, code, verifier, "https://app.example/other")) == "invalid_grant"
 
 
 def test_wrong_client_secret(service, web_client):
     username, password = service.user()
     code, verifier = get_code(service, web_client, username, password)
     forged = {**web_client, "client_secret": "not-the-secret"}
-    assert error_of(exchange(service, forged, code, verifier), 401) == "invalid_client"
-    assert error_of(exchange(service, forged, code, verifier, basic=False), 401) == "invalid_client"
+    assert error_of(exchange_code(service, forged, code, verifier), 401) == "invalid_client"
+    assert error_of(exchange_code(service, forged, code, verifier, basic=False), 401) == "invalid_client"
 
 
 def test_code_of_another_client(service, web_client):
     other = service.client("--redirect-uri", CB, "--scope", "imap")
     username, password = service.user()
     code, verifier = get_code(service, web_client, username, password)
-    assert error_of(exchange(service, other, code, verifier)) == "invalid_grant"
+    assert error_of(exchange_code(service, other, code, verifier)) == "invalid_grant"
 
 
 def test_public_client_cannot_use_client_credentials(service, native_client):
@@ -85,11 +80,11 @@ def test_unsupported_grant_type(service, web_client):
 def test_a_disabled_user(service, web_client, resource_server):
     username, password = service.user()
     code, verifier = get_code(service, web_client, username, password)
-    tokens = exchange(service, web_client, code, verifier).json()
+    tokens = exchange_code(service, web_client, code, verifier).json()
     second_code, second_verifier = get_code(service, web_client, username, password)
     service.cli("user", "disable", username)
     assert introspect(service, resource_server, tokens["access_token"]) == {"active": False}
-    assert error_of(exchange(service, web_client, second_code, second_verifier)) == "invalid_grant"
+    assert error_of(exchange_code(service, web_client, second_code, second_verifier)) == "invalid_grant"
     refresh = token_request(service, {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
                             web_client)
     assert error_of(refresh) == "invalid_grant"
@@ -104,7 +99,7 @@ def test_a_deleted_client(service, resource_server):
     client = service.client("--redirect-uri", CB, "--scope", "imap")
     username, password = service.user()
     code, verifier = get_code(service, client, username, password)
-    tokens = exchange(service, client, code, verifier).json()
+    tokens = exchange_code(service, client, code, verifier).json()
     service.cli("client", "delete", client["client_id"])
     assert introspect(service, resource_server, tokens["access_token"]) == {"active": False}
     refresh = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}
@@ -265,11 +260,11 @@ def test_expired_code_and_token(short_lived):
     resource_server = service.client("--grant", "client_credentials", "--scope", "imap")
     username, password = service.user()
     code, verifier = get_code(service, client, username, password)
-    tokens = exchange(service, client, code, verifier).json()
+    tokens = exchange_code(service, client, code, verifier).json()
     assert tokens["expires_in"] == 2
     stale_code, stale_verifier = get_code(service, client, username, password)
     time.sleep(2.2)
-    assert error_of(exchange(service, client, stale_code, stale_verifier)) == "invalid_grant"
+    assert error_of(exchange_code(service, client, stale_code, stale_verifier)) == "invalid_grant"
     assert introspect(service, resource_server, tokens["access_token"]) == {"active": False}
     # the refresh token outlives the access token
     refreshed = token_request(service, {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .support import Service, authorize_url, form_fields, free_port, get_code, introspect, pkce_pair, token_request
+from .support import Service, authorize_url, exchange_code, form_fields, free_port, get_code, introspect, pkce_pair
 
 
 def self_signed(directory):
@@ -50,8 +50,7 @@ def test_code_grant_over_verified_tls(tls_service):
     resource_server = service.client("--grant", "client_credentials", "--scope", "imap")
     username, password = service.user()
     code, verifier = get_code(service, client, username, password)
-    response = token_request(service, {"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-                                       "redirect_uri": "https://app.example/cb"}, client)
+    response = exchange_code(service, client, code, verifier)
     assert response.status_code == 200, response.text
     assert introspect(service, resource_server, response.json()["access_token"])["active"]
     metadata = requests.get(f"{service.url}/.well-known/oauth-authorization-server", verify=service.verify).json()
