@@ -140,6 +140,20 @@ def _ids(user: str) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
+class ForegroundPeer:
+    """A peer run in the foreground as our child (`process`), leading its own process group."""
+
+    process: subprocess.Popen | None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_group(self.process.pid, self.process)
+            self.process = None
+
+
 # -- Postfix ---------------------------------------------------------------------------------
 
 @dataclass
@@ -288,7 +302,7 @@ def log_since(path: Path, offset: int, limit: int = 8000) -> str:
 # -- Dovecot ---------------------------------------------------------------------------------
 
 @dataclass
-class Dovecot:
+class Dovecot(ForegroundPeer):
     """A Dovecot instance serving IMAP on `port`, authenticating through the oauth2 passdb."""
 
     directory: Path
@@ -313,14 +327,6 @@ class Dovecot:
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_group(self.process.pid, self.process)
-            self.process = None
 
 
 DOVECOT_CONF = """\

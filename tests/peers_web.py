@@ -20,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-from .peers import CONF, START_TIMEOUT, PeerError, stop_group, tail
+from .peers import CONF, START_TIMEOUT, ForegroundPeer, PeerError, tail
 from .support import free_port
 
 NGINX = "/usr/sbin/nginx"
@@ -31,7 +31,7 @@ DAV_EXT_MODULE = Path("/usr/lib/nginx/modules/ngx_http_dav_ext_module.so")
 
 
 @dataclass
-class Nginx:
+class Nginx(ForegroundPeer):
     directory: Path
     port: int
     share: Path  # the WebDAV root
@@ -59,14 +59,6 @@ class Nginx:
     def describe(self) -> str:
         return (f"nginx in {self.directory}; its error log:\n{self.log()}\n"
                 f"its output:\n{tail(self.directory / 'nginx.out')}")
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_group(self.process.pid, self.process)
-            self.process = None
 
 
 NGINX_CONF = """\

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
 import socket
 import subprocess
 import time
@@ -22,6 +20,7 @@ from textwrap import dedent
 
 import pytest
 
+from .peers import ForegroundPeer, tail
 from .support import Service, free_port, require_peer
 
 pytestmark = pytest.mark.peer
@@ -46,15 +45,7 @@ xmpp = "localpart"
 
 # -- Prosody ---------------------------------------------------------------------------------------
 
-def tail(path: Path, limit: int = 8000) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return f"({path} does not exist)"
-    return text if len(text) <= limit else "…" + text[-limit:]
-
-
-class Prosody:
+class Prosody(ForegroundPeer):
     """`prosody -F` (in the foreground, so the PID is ours) from a config written under `directory`."""
 
     def __init__(self, directory: Path, sasl_port: int):
@@ -93,9 +84,6 @@ class Prosody:
     def log(self) -> str:
         return f"Prosody's log:\n{tail(self.log_path)}\nits output:\n{tail(self.output_path)}"
 
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
     def start(self, prosody: str) -> None:
         with self.output_path.open("wb") as output:
             self.process = subprocess.Popen(
@@ -113,22 +101,6 @@ class Prosody:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Prosody did not listen on 127.0.0.1:{self.port} within {WAIT:.0f}s\n{self.log()}")
             time.sleep(0.1)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL to the process group Prosody leads, each within a bound."""
-        if self.process is None:
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if self.process.poll() is not None:
-                break
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(WAIT / 2)
-            except subprocess.TimeoutExpired:
-                continue
 
     def instances(self) -> str:
         """Processes still running this test's config (there should be none after stop())."""
