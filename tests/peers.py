@@ -105,6 +105,13 @@ def wait_for_greeting(port: int, prefix: bytes, alive: Callable[[], bool], descr
                     f"{describe()}")
 
 
+def wait_for_sasl(service, port: int) -> None:
+    """Until bearerbridge's [sasl] listener on `port` greets. Postfix must not start before it:
+    its smtpd would exit at the first client and be throttled for a minute."""
+    wait_for_greeting(port, b"VERSION\t1\t2\n", lambda: service.process.poll() is None,
+                      lambda: f"bearerbridge's [sasl] listener; its log:\n{tail(service.directory / 'twistd.log')}")
+
+
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)

@@ -41,8 +41,7 @@ from .peers import (
     log_size,
     start_dovecot,
     start_postfix,
-    tail,
-    wait_for_greeting,
+    wait_for_sasl,
 )
 from .support import Service, free_port, introspect, missing, require_peer
 from .test_device import user_enters_code
@@ -103,9 +102,7 @@ imap = "imap"
 """)
     started: list = [service]
     try:
-        # The auth port must greet before Postfix starts (see test_peers_mail.py).
-        wait_for_greeting(sasl_port, b"VERSION\t1\t2\n", lambda: service.process.poll() is None,
-                          lambda: f"bearerbridge's [sasl] listener; its log:\n{tail(service.directory / 'twistd.log')}")
+        wait_for_sasl(service, sasl_port)
         started.append(start_postfix(directories["postfix"], f"inet:127.0.0.1:{sasl_port}"))
         resource_server = service.client("--grant", "client_credentials", "--scope", "imap")
         started.append(start_dovecot(directories["dovecot"], service.url,

@@ -22,7 +22,7 @@ from typing import Callable
 import pytest
 import requests
 
-from .peers import Dovecot, Postfix, log_since, log_size, start_dovecot, start_postfix, tail, wait_for_greeting
+from .peers import Dovecot, Postfix, log_since, log_size, start_dovecot, start_postfix, wait_for_sasl
 from .support import Service, exchange_code, free_port, get_code, missing, require_peer
 
 pytestmark = pytest.mark.peer
@@ -81,10 +81,7 @@ xmpp = "xmpp"
 """)
     started: list = [service]
     try:
-        # /healthz answers once the reactor runs; the auth port must greet before Postfix starts,
-        # or its smtpd exits at the first client and is throttled for a minute.
-        wait_for_greeting(sasl_port, b"VERSION\t1\t2\n", lambda: service.process.poll() is None,
-                          lambda: f"bearerbridge's [sasl] listener; its log:\n{tail(service.directory / 'twistd.log')}")
+        wait_for_sasl(service, sasl_port)  # /healthz answering says only that the reactor runs
         # The UNIX socket listener speaks the same protocol (Postfix here uses the TCP one).
         with socket.socket(socket.AF_UNIX) as unix:
             unix.settimeout(WAIT)
