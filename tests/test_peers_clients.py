@@ -21,9 +21,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
-import re
 import shlex
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -31,7 +29,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import requests
 
 from .peers import (
     CONF,
@@ -44,9 +41,8 @@ from .peers import (
     wait_for_sasl,
 )
 from .support import Service, free_port, introspect, missing, require_peer
-from .test_device import user_enters_code
 from .test_peers_mail import IMAP_OK, SMTP_OK, imap_auth, oauthbearer, smtp_auth
-from .test_peers_webdav import HELPER, LOGIN_TIMEOUT, Lines, require_helper, run_bounded
+from .test_peers_webdav import HELPER, helper_device_login, require_helper, run_bounded
 
 pytestmark = pytest.mark.peer
 
@@ -146,28 +142,8 @@ def device_login(stack: Stack, home: Path, scope: str = "imap smtp") -> Login:
     email = f"{service.unique('reader')}@example.org"
     user, password = service.user(email=email)
     login = Login(user, email, home / "xdg")
-    process = subprocess.Popen(
-        [str(HELPER), "login", "--issuer", service.url, "--client-id", stack.app["client_id"], "--device",
-         "--profile", "mail", "--scope", scope],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=login.env,
-        start_new_session=True)
-    stderr = Lines(process.stderr)
-    try:
-        code = stderr.wait_for(re.compile(r"\b([A-Z0-9]{4}-[A-Z0-9]{4})\b"), LOGIN_TIMEOUT).group(1)
-        with requests.Session() as browser:
-            done = user_enters_code(service, browser, user, password, f"{service.url}/device", typed=code)
-        assert 'id="device-approved"' in done.text, done.text
-        try:
-            process.wait(LOGIN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"login did not finish within {LOGIN_TIMEOUT}s:\n{stderr.text()}") from None
-        assert process.returncode == 0, stderr.text()
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(WAIT)
-        process.stdout.close()
-        print("----- bearerbridge-token login, its stderr -----\n" + stderr.text())
+    helper_device_login(service, stack.app["client_id"], ["--profile", "mail", "--scope", scope], login.env,
+                        user, password)
     assert json.loads(login.profile_path.read_text())["scope"] == scope
     return login
 

@@ -359,6 +359,35 @@ def test_rclone_with_a_bad_token(dav, tmp_path):
 
 # -- done when: rclone with tokens from a device-grant login, kept fresh by bearerbridge-token ---
 
+def helper_device_login(service, client_id: str, args: list[str], env: dict, user: str, password: str) -> str:
+    """`bearerbridge-token login --device ARGS` with the user playing along: read the code it shows,
+    enter it on the verification page, approve, and wait for the helper to finish (exit 0). Its
+    stdout; its stderr is printed for the test's log."""
+    login = subprocess.Popen(
+        [str(HELPER), "login", "--issuer", service.url, "--client-id", client_id, "--device", *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True)
+    stderr = Lines(login.stderr)
+    try:
+        code = stderr.wait_for(re.compile(r"\b([A-Z0-9]{4}-[A-Z0-9]{4})\b"), LOGIN_TIMEOUT).group(1)
+        stderr.wait_for(re.compile(re.escape(f"{service.url}/device")), LOGIN_TIMEOUT)
+        with requests.Session() as browser:
+            done = user_enters_code(service, browser, user, password, f"{service.url}/device", typed=code)
+        assert 'id="device-approved"' in done.text, done.text
+        try:
+            login.wait(LOGIN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"login did not finish within {LOGIN_TIMEOUT}s:\n{stderr.text()}") from None
+        assert login.returncode == 0, stderr.text()
+        return login.stdout.read()
+    finally:
+        if login.poll() is None:
+            os.killpg(login.pid, signal.SIGKILL)
+            login.wait(WAIT)
+        login.stdout.close()
+        print("----- bearerbridge-token login, its stderr -----\n" + stderr.text())
+
+
 def require_helper() -> None:
     if not HELPER.is_file():
         missing(f"{HELPER} is not installed (pip install . in the venv)")
@@ -431,31 +460,10 @@ def _device_grant_and_rclone(stack: Stack, tmp_path: Path) -> None:
     xdg = tmp_path / "xdg"
     env = {**os.environ, "XDG_CONFIG_HOME": str(xdg)}
 
-    # The user runs `login --device`, which prints a code and where to enter it, then polls.
-    login = subprocess.Popen(
-        [str(HELPER), "login", "--issuer", service.url, "--client-id", client["client_id"], "--device",
-         "--profile", "dav", "--scope", BOTH],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True)
-    stderr = Lines(login.stderr)
-    try:
-        code = stderr.wait_for(re.compile(r"\b([A-Z0-9]{4}-[A-Z0-9]{4})\b"), LOGIN_TIMEOUT).group(1)
-        stderr.wait_for(re.compile(re.escape(f"{service.url}/device")), LOGIN_TIMEOUT)
-        # ... and enters it on another device: bearerbridge's verification page.
-        with requests.Session() as browser:
-            done = user_enters_code(service, browser, username, password, f"{service.url}/device", typed=code)
-        assert 'id="device-approved"' in done.text, done.text
-        try:
-            login.wait(LOGIN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"login did not finish within {LOGIN_TIMEOUT}s:\n{stderr.text()}") from None
-        assert login.returncode == 0, stderr.text()
-        out = login.stdout.read()
-    finally:
-        if login.poll() is None:
-            os.killpg(login.pid, signal.SIGKILL)
-            login.wait(WAIT)
-        print("----- bearerbridge-token login, its stderr -----\n" + stderr.text())
+    # The user runs `login --device`, which prints a code and where to enter it, then polls, and
+    # enters the code on another device: bearerbridge's verification page.
+    out = helper_device_login(service, client["client_id"], ["--profile", "dav", "--scope", BOTH], env,
+                              username, password)
     held = profile(xdg)
     assert held["refresh_token"] and held["access_token"] not in out  # only `print` shows a token
     assert (xdg / "bearerbridge-token" / "dav.json").stat().st_mode & 0o777 == 0o600
