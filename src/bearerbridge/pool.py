@@ -22,9 +22,9 @@ class StorePool(Service):
 
     name = "store-pool"
 
-    def __init__(self, store: SqlStore, size: int, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, store: SqlStore, size: int) -> None:
+        from twisted.internet import reactor  # here: importing this module installs no reactor
+
         self.store = store
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=size, name="bearerbridge-store")

@@ -233,7 +233,7 @@ class SqlStore:
         return self._user(self._db.execute(_user_by_id, {"user_id": user_id}).first())
 
     def get_user_by_name(self, username: str) -> User | None:
-        return self._user(self._db.execute(users.select().where(users.c.username == username)).first())
+        return self.password_hash(username)[0]
 
     def password_hash(self, username: str) -> tuple[User | None, str | None]:
         row = self._db.execute(users.select().where(users.c.username == username)).first()
@@ -385,9 +385,9 @@ class SqlStore:
     def revoke_for_client(self, client_id: str) -> int:
         return self._revoke(tokens.c.client_id == client_id)
 
-    def purge_expired(self, now: int | None = None) -> int:
+    def purge_expired(self) -> int:
         """Delete codes and tokens past every use; returns how many rows went."""
-        now = now if now is not None else _now()
+        now = _now()
         dead_device = device_codes.c.expires_at < now
         dead_code = auth_codes.c.expires_at < now
         dead_token = sa.and_(tokens.c.expires_at < now, sa.or_(
