@@ -27,7 +27,8 @@
 -- [sasl] mechanisms lists; Prosody offers exactly the MECH lines bearerbridge sends), with an
 -- access token the user granted the app for `xmpp`. A token for `smtp` alone is refused: the
 -- client gets RFC 7628's JSON error as a <challenge>, answers <response>AQ==</response>, and gets
--- <failure><not-authorized/>. tests/test_peers_xmpp.py runs these settings against a real Prosody.
+-- <failure><not-authorized/>. tests/test_peers_xmpp.py runs these settings (the UNIX socket,
+-- [sasl.usernames]) against a real Prosody.
 
 -- Prosody's name for mod_auth_dovecot. Auth modules are not listed in modules_enabled.
 authentication = "dovecot"
