@@ -141,6 +141,7 @@ def test_guess_limiter_forgets_after_its_window():
 def test_wrong_codes_count_against_the_address_only_when_there_is_one():
     assert guess_keys(IPv4Address("TCP", "192.0.2.7", 4711), 3) == ("address:192.0.2.7", "user:3")
     assert guess_keys(UNIXAddress(None), 3) == ("user:3",)  # behind a proxy on a UNIX socket
+    assert guess_keys(IPv4Address("TCP", "127.0.0.1", 4711), 3) == ("user:3",)  # or on loopback
 
 
 def test_refusals_at_the_device_endpoint(service, tv):

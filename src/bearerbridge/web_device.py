@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import ipaddress
 import time
 from typing import Any, Callable
 from urllib.parse import urlencode, urlsplit
@@ -18,10 +19,13 @@ WRONG_CODES_WINDOW = 300
 
 
 def guess_keys(peer: object, user_id: int) -> tuple[str, ...]:
-    """Who a wrong code counts against: the user, and the address when there is one (a UNIX
-    socket behind a proxy has none)."""
+    """Who a wrong code counts against: the user, and the peer's address unless it is a local
+    proxy's (a UNIX socket, or loopback), which every user shares: five wrong codes from anyone
+    would otherwise shut the page for all."""
     host = getattr(peer, "host", None)
-    return (f"user:{user_id}",) if host is None else (f"address:{host}", f"user:{user_id}")
+    if host is None or ipaddress.ip_address(host).is_loopback:
+        return (f"user:{user_id}",)
+    return (f"address:{host}", f"user:{user_id}")
 
 
 class GuessLimiter:
