@@ -59,7 +59,7 @@ def log(message: str) -> None:
 def seed(config_path: Path, count: int) -> tuple[str, list[str]]:
     """A user, a client and `count` fresh `smtp` access tokens, written straight into the store."""
     from bearerbridge import bootstrap, config
-    from bearerbridge.models import Client
+    from bearerbridge.storage.models import Client
 
     store = bootstrap.open_store(config.load(config_path))
     username = f"bench-{secrets.token_hex(3)}"

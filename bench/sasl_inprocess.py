@@ -25,11 +25,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from bearerbridge import bootstrap, config
-from bearerbridge.dovecot import DovecotAuthFactory
+from bearerbridge.sasl.dovecot import DovecotAuthFactory
 from bearerbridge.metrics import Metrics
-from bearerbridge.pool import StorePool
-from bearerbridge.recent import RecentReads
-from bearerbridge.validator import Validator
+from bearerbridge.storage.pool import StorePool
+from bearerbridge.storage.recent import RecentReads
+from bearerbridge.sasl.validator import Validator
 from sasl_bench import HOT_TOKENS, request_tail, seed
 
 

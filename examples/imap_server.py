@@ -12,9 +12,9 @@ from twisted.internet import defer, endpoints, protocol, task
 from twisted.mail import imap4
 from zope.interface import implementer
 
-from bearerbridge.cred import BearerChecker, BearerIMAP4Server, Validate, bearer_challengers
-from bearerbridge.sasl import Bearer
-from bearerbridge.verdict import Verdict
+from bearerbridge.sasl.cred import BearerChecker, BearerIMAP4Server, Validate, bearer_challengers
+from bearerbridge.sasl.mechanisms import Bearer
+from bearerbridge.sasl.verdict import Verdict
 
 
 def introspection_validate(url: str, client_id: str, client_secret: str, service_scope: str,

@@ -23,32 +23,10 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from twisted.internet import defer
 
 from bearerbridge import cli
-from bearerbridge.store import SqlStore
+from bearerbridge.storage.store import SqlStore
 
 IN_CI = os.environ.get("CI") == "true"
 BIN = Path(sys.executable).parent
-
-
-class SyncPool:
-    """Runs store work at once on the calling thread, counting the hops (tests/fakes in spirit)."""
-
-    def __init__(self, store: SqlStore) -> None:
-        self.store = store
-        self.hops = 0
-        self.broken = False
-        self.held: list[defer.Deferred] | None = None
-
-    def run(self, fn, *args):
-        self.hops += 1
-        if self.broken:
-            return defer.fail(RuntimeError("database gone"))
-        with self.store.transaction():
-            result = fn(*args)
-        if self.held is not None:  # let the test decide when the "thread" answers
-            d = defer.Deferred()
-            self.held.append((d, result))
-            return d
-        return defer.succeed(result)
 
 
 def require_peer(*names: str) -> str:

@@ -1,4 +1,4 @@
-"""Tests for bearerbridge.cred: challengers, the checker, the IMAP/SMTP hooks, the example.
+"""Tests for bearerbridge.sasl.cred: challengers, the checker, the IMAP/SMTP hooks, the example.
 
 The challengers and checker are tested alone, the servers on a StringTransport,
 and then end to end over loopback sockets against Python's own imaplib and smtplib.
@@ -29,7 +29,7 @@ from treq.testing import StringStubbingResource, StubTreq
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from bearerbridge.cred import (
+from bearerbridge.sasl.cred import (
     BearerBackendUnavailable,
     BearerChallenger,
     BearerChecker,
@@ -39,8 +39,8 @@ from bearerbridge.cred import (
     IOAuthBearer,
     bearer_challengers,
 )
-from bearerbridge.sasl import Bearer, ProtocolStateError
-from bearerbridge.verdict import Verdict
+from bearerbridge.sasl.mechanisms import Bearer, ProtocolStateError
+from bearerbridge.sasl.verdict import Verdict
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "rfc7628.json").read_text())
 EXAMPLE = Path(__file__).parent.parent / "examples" / "imap_server.py"

@@ -8,7 +8,7 @@ import pytest
 import requests
 from twisted.internet.address import IPv4Address, UNIXAddress
 
-from bearerbridge.web_device import GuessLimiter, guess_keys
+from bearerbridge.web.device import GuessLimiter, guess_keys
 
 from .support import Service, form_fields, introspect
 

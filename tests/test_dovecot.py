@@ -1,4 +1,4 @@
-"""Tests for bearerbridge.dovecot: the codec, the connection, and the protocol on a socket."""
+"""Tests for bearerbridge.sasl.dovecot: the codec, the connection, and the protocol on a socket."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 
-from bearerbridge.dovecot import (
+from bearerbridge.sasl.dovecot import (
     MAX_LINE,
     MAX_REQUESTS,
     AuthRequest,
@@ -41,8 +41,8 @@ from bearerbridge.dovecot import (
     tabescape,
     tabunescape,
 )
-from bearerbridge.sasl import MECHANISMS, Bearer
-from bearerbridge.verdict import Verdict
+from bearerbridge.sasl.mechanisms import MECHANISMS, Bearer
+from bearerbridge.sasl.verdict import Verdict
 
 TOKEN = "vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg=="
 OAUTHBEARER = f"n,a=alice@example.org,\x01auth=Bearer {TOKEN}\x01\x01".encode()

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from bearerbridge.web_forward import canonical_path
+from bearerbridge.web.forward import canonical_path
 
 from .support import Service
 

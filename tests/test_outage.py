@@ -12,30 +12,29 @@ from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.logger import capturedLogs
 
-from bearerbridge import config, oauth, web
+from bearerbridge import config, tap
 from bearerbridge.crypto import Keyring
 from bearerbridge.metrics import Metrics
+from bearerbridge.oauth.grants import GRANT_TYPES
+from bearerbridge.sasl.validator import Validator
+from bearerbridge.storage.models import Client, Token
+from bearerbridge.storage.recent import RecentReads
+from bearerbridge.web.site import AsyncResource
+
+from .fakes import DeadPool
 
 
-class DeadPool:
-    """A StorePool whose database has gone away: the store is there, no call reaches it."""
-
-    store = SimpleNamespace(ping=lambda: None)
-
-    def run(self, fn, *args, **kwargs):
-        return defer.fail(OperationalError("SELECT 1", {}, Exception("connection refused")))
-
-
-def dead_app() -> web.App:
+def dead_root(memory: RecentReads | None = None, metrics: Metrics | None = None):
+    """The whole HTTP tree over a database that is gone."""
     settings = config.Config()
-    metrics = Metrics()
-    server = oauth.BridgeServer(DeadPool.store, settings, metrics)
-    return web.App(settings, Keyring(b"k" * 32), DeadPool(), server, metrics)
+    store = SimpleNamespace(keyring=Keyring(b"k" * 32), recent=memory or RecentReads(60.0), ping=lambda: None)
+    pool = DeadPool(store)
+    return tap.http_root(settings, pool, metrics or Metrics(), Validator(pool, settings.sasl))
 
 
 @pytest.fixture
 def http():
-    return StubTreq(web.root(dead_app()))
+    return StubTreq(dead_root())
 
 
 @pytest.mark.parametrize("path", ["/token", "/introspect", "/revoke"])
@@ -61,24 +60,16 @@ def test_pages_and_health_answer_503(http):
 
 def test_introspection_of_a_remembered_token_needs_no_database():
     """The memory of recent reads answers introspection on its own: the pool here is dead."""
-    from bearerbridge.models import Client, Token
-    from bearerbridge.recent import RecentReads, RememberedStore
-
-    settings = config.Config()
     keyring = Keyring(b"k" * 32)
-    store = SimpleNamespace(keyring=keyring, generation=0, ping=lambda: None)
     memory = RecentReads(60.0)
     rs = Client("rs", "Resource server", (), "imap", ("client_credentials",), False,
                 secret_digest=keyring.digest("rs-secret"), digest=keyring.digest)
     token = Token(id=1, client_id="app", user_id=7, username="alice", email=None, scope="imap",
                   issued_at=int(time.time()), expires_at=int(time.time()) + 600, refresh_expires_at=None,
                   revoked=False, rotated=False, family="f")
-    memory.remember("client", "rs", rs, 0)
-    memory.remember("token", keyring.digest("remembered"), token, 0)
-    metrics = Metrics()
-    app = web.App(settings, keyring, DeadPool(), oauth.BridgeServer(store, settings, metrics), metrics,
-                  remembered=oauth.BridgeServer(RememberedStore(store, memory), settings, metrics))
-    http = StubTreq(web.root(app))
+    memory.remember_client(rs, 0)
+    memory.remember_token(keyring.digest("remembered"), token, 0)
+    http = StubTreq(dead_root(memory))
     results = []
     for token_string in ("remembered", "never-seen"):
         d = http.post("http://127.0.0.1:8080/introspect", data={"token": token_string}, auth=("rs", "rs-secret"))
@@ -90,13 +81,12 @@ def test_introspection_of_a_remembered_token_needs_no_database():
 
 
 def test_a_handler_that_raises_at_once_gets_our_answer_not_twisteds():
-    class Broken(web.AsyncResource):
+    class Broken(AsyncResource):
         def render_GET(self, request):
             return self._answer(request, lambda request: {}["missing"])
 
-    app = dead_app()
-    root = web.root(app)
-    root.putChild(b"broken", Broken(app))
+    root = dead_root()
+    root.putChild(b"broken", Broken())
     http = StubTreq(root)
     results = []
     http.get("http://127.0.0.1:8080/broken").addCallback(
@@ -108,11 +98,11 @@ def test_a_handler_that_raises_at_once_gets_our_answer_not_twisteds():
     assert headers.getRawHeaders("X-Frame-Options") == ["DENY"]
 
 
-@pytest.mark.parametrize("grant_type", [*oauth.GRANT_TYPES, "password"])
+@pytest.mark.parametrize("grant_type", [*GRANT_TYPES, "password"])
 def test_token_requests_are_counted_by_grant_even_when_refused(grant_type):
-    app = dead_app()
-    http = StubTreq(web.root(app))
+    metrics = Metrics()
+    http = StubTreq(dead_root(metrics=metrics))
     http.post("http://127.0.0.1:8080/token", data={"grant_type": grant_type})
     http.flush()
     label = grant_type if grant_type != "password" else "other"  # a grant we do not serve
-    assert app.metrics.registry.get_sample_value("bearerbridge_token_requests_total", {"grant_type": label}) == 1
+    assert metrics.registry.get_sample_value("bearerbridge_token_requests_total", {"grant_type": label}) == 1

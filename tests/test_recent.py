@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
-from bearerbridge import recent
-from bearerbridge.crypto import Keyring
-from bearerbridge.recent import NeedsDatabase, RecentReads, RememberedStore
+from bearerbridge.storage import recent
+from bearerbridge.storage.models import Client, Token
+from bearerbridge.storage.recent import RecentReads
+
+CLIENT = Client("app", "App", (), "imap", ("client_credentials",), False)
+TOKEN = Token(id=1, client_id="app", user_id=7, username="alice", email=None, scope="imap", issued_at=0,
+              expires_at=10, refresh_expires_at=None, revoked=False, rotated=False, family="f")
 
 
 class Clock:
@@ -21,44 +23,44 @@ class Clock:
 def test_fresh_for_ttl_seconds():
     clock = Clock()
     memory = RecentReads(1.0, clock)
-    memory.remember("client", "app", "record", generation=3)
-    assert memory.recall("client", "app", 3) == "record"
+    memory.remember_client(CLIENT, memory.generation)
+    memory.remember_token("d", TOKEN, memory.generation)
+    assert memory.client("app") is CLIENT
     clock.now += 0.99
-    assert memory.recall("client", "app", 3) == "record"
+    assert memory.client("app") is CLIENT
+    assert memory.token("d") == (TOKEN, pytest.approx(0.99))
     clock.now += 0.02
-    with pytest.raises(NeedsDatabase):
-        memory.recall("client", "app", 3)
+    assert memory.client("app") is None
+    assert memory.token("d") is None
 
 
-def test_a_new_generation_forgets_at_once():
+def test_an_invalidation_forgets_at_once():
     memory = RecentReads(1.0, Clock())
-    memory.remember("token", "d", "record", generation=3)
-    with pytest.raises(NeedsDatabase):
-        memory.recall("token", "d", 4)
+    memory.remember_token("d", TOKEN, memory.generation)
+    memory.remember_client(CLIENT, memory.generation)
+    memory.invalidate()
+    assert memory.token("d") is None and memory.client("app") is None
+
+
+def test_a_read_that_began_before_an_invalidation_is_not_trusted():
+    """The store takes the generation before it reads: a revocation committed meanwhile wins."""
+    memory = RecentReads(1.0, Clock())
+    before = memory.generation
+    memory.invalidate()
+    memory.remember_token("d", TOKEN, before)
+    assert memory.token("d") is None
 
 
 def test_bounded(monkeypatch):
     monkeypatch.setattr(recent, "LIMIT", 3)
     memory = RecentReads(1.0, Clock())
     for key in "abcd":
-        memory.remember("token", key, key, 0)
-    assert memory.recall("token", "d", 0) == "d"
-    with pytest.raises(NeedsDatabase):
-        memory.recall("token", "a", 0)
+        memory.remember_token(key, TOKEN, 0)
+    assert memory.token("d") is not None
+    assert memory.token("a") is None
 
 
-def test_remembered_store_answers_only_from_memory():
-    keyring = Keyring(b"k" * 32)
-    store = SimpleNamespace(keyring=keyring, generation=0)
+def test_only_what_was_remembered_is_recalled():
     memory = RecentReads(1.0, Clock())
-    remembered = RememberedStore(store, memory)
-    memory.remember("token", keyring.digest("tok"), "the token", 0)
-    memory.remember("client", "app", "the client", 0)
-    assert remembered.find_access_token("tok") == "the token"
-    assert remembered.get_client("app") == "the client"
-    for call in (lambda: remembered.find_access_token("other"), lambda: remembered.find_refresh_token("tok")):
-        with pytest.raises(NeedsDatabase):
-            call()
-    store.generation = 1
-    with pytest.raises(NeedsDatabase):
-        remembered.get_client("app")
+    memory.remember_token("tok", TOKEN, 0)
+    assert memory.token("other") is None and memory.client("app") is None

@@ -1,4 +1,4 @@
-"""Tests for bearerbridge.sasl: the three parsers and the exchange state machine."""
+"""Tests for bearerbridge.sasl.mechanisms: the three parsers and the exchange state machine."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bearerbridge.sasl import (
+from bearerbridge.sasl.mechanisms import (
     MAX_MESSAGE,
     MECHANISMS,
     Bearer,
@@ -460,7 +460,7 @@ def _outcome(parse, message):
 
 
 def test_the_common_shape_is_parsed_as_the_general_parser_does():
-    from bearerbridge import sasl
+    from bearerbridge.sasl import mechanisms as sasl
 
     messages = list(_oauthbearer_variants())
     disagreements = [m for m in messages
@@ -469,7 +469,7 @@ def test_the_common_shape_is_parsed_as_the_general_parser_does():
 
 
 def test_what_clients_send_takes_the_one_pass_route():
-    from bearerbridge import sasl
+    from bearerbridge.sasl import mechanisms as sasl
 
     postfix_like = oauthbearer(b"n,a=alice,", b"host=mail.example", b"port=587", AUTH).decode()
     assert sasl._COMMON_OAUTHBEARER.fullmatch(postfix_like)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bearerbridge.crypto import Keyring, check_password, hash_password, new_secret
-from bearerbridge.models import Client
+from bearerbridge.storage.models import Client
 
 
 def test_new_secrets_carry_256_bits():

@@ -7,10 +7,12 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from bearerbridge import migrations
+from bearerbridge.storage import migrations
 from bearerbridge.crypto import Keyring
-from bearerbridge.models import Client
-from bearerbridge.store import SqlStore, StoreError, make_engine, metadata
+from bearerbridge.storage.models import Client
+from bearerbridge.storage.recent import RecentReads
+from bearerbridge.storage.schema import metadata
+from bearerbridge.storage.store import SqlStore, StoreError, make_engine
 
 from .support import postgres_schema
 
@@ -31,7 +33,7 @@ def engine(request, tmp_path):
 @pytest.fixture
 def store(engine) -> SqlStore:
     migrations.upgrade(engine)
-    return SqlStore(engine, Keyring(b"k" * 32))
+    return SqlStore(engine, Keyring(b"k" * 32), RecentReads(1.0))
 
 
 def make_client(store: SqlStore, client_id: str = "app", secret: str | None = "s3cret") -> Client:
@@ -71,7 +73,7 @@ def test_client_secrets_are_stored_as_keyed_digests(store, engine):
     with engine.connect() as conn:
         stored = conn.execute(sa.text("SELECT secret_digest FROM clients")).scalar()
     assert "s3cret" not in stored and len(stored) == 64
-    other_key = SqlStore(engine, Keyring(b"x" * 32))
+    other_key = SqlStore(engine, Keyring(b"x" * 32), RecentReads(1.0))
     with other_key.transaction():
         assert not other_key.get_client("app").check_client_secret("s3cret")
 

@@ -14,11 +14,11 @@ import requests
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from twisted.internet import defer
 
-from bearerbridge.token_protocol import (HelperError, Refused, StrayCallback, authorize_url, check_callback,
+from bearerbridge.client.protocol import (HelperError, Refused, StrayCallback, authorize_url, check_callback,
                                          check_issuer, check_metadata, check_url, choose_flow, client_auth,
                                          discovery_urls, login_command, parse_device_response, pkce_pair,
                                          poll_decision, status_lines)
-from bearerbridge.token_store import (LOCK_POLL, DamagedProfile, Profile, ProfileFile, ProtocolError,
+from bearerbridge.client.profile import (LOCK_POLL, DamagedProfile, Profile, ProfileFile, ProtocolError,
                                       apply_token_response, check_profile_name, config_dir, needs_refresh)
 
 from .support import BIN, Service, form_fields, free_port, introspect, login_and_consent, token_request

@@ -8,18 +8,18 @@ import time
 import pytest
 from twisted.internet import defer, task
 
-from bearerbridge import migrations
+from bearerbridge.storage import migrations
 from bearerbridge.config import SaslSettings
 from bearerbridge.crypto import Keyring
-from bearerbridge.models import Client, Token
-from bearerbridge.recent import RecentReads
-from bearerbridge.sasl import Bearer
-from bearerbridge.store import SqlStore, make_engine
-from bearerbridge import validator as validator_module
-from bearerbridge.validator import Validator, judge
-from bearerbridge.verdict import Verdict
+from bearerbridge.storage.models import Client, Token
+from bearerbridge.storage.recent import RecentReads
+from bearerbridge.sasl.mechanisms import Bearer
+from bearerbridge.storage.store import SqlStore, make_engine
+from bearerbridge.sasl import validator as validator_module
+from bearerbridge.sasl.validator import Validator, judge
+from bearerbridge.sasl.verdict import Verdict
 
-from .support import SyncPool
+from .fakes import SyncPool
 
 SETTINGS = SaslSettings(identity=("username", "email"), plain=("imap",))
 TOKEN = Token(id=1, client_id="app", user_id=7, username="alice", email="Alice@Example.org", scope="imap smtp",
@@ -120,7 +120,7 @@ def test_a_revocation_in_this_process_takes_effect_at_once(world):
 def test_a_revocation_in_another_process_takes_effect_within_cache_ttl(world, tmp_path):
     store, pool, clock, validator = world
     assert check(validator).ok
-    elsewhere = SqlStore(make_engine(f"sqlite:///{tmp_path / 'v.db'}"), Keyring(b"k" * 32))
+    elsewhere = SqlStore(make_engine(f"sqlite:///{tmp_path / 'v.db'}"), Keyring(b"k" * 32), RecentReads(1.0))
     with elsewhere.transaction():
         elsewhere.set_disabled("alice", True)
     assert check(validator).ok          # still remembered...
@@ -136,7 +136,7 @@ def test_a_token_in_use_is_read_again_before_it_expires(world, tmp_path):
     pool.held = []
     assert validator.validate(good, "imap").ok and pool.hops == 2
     assert validator.validate(good, "imap").ok and pool.hops == 2  # one re-read at a time
-    elsewhere = SqlStore(make_engine(f"sqlite:///{tmp_path / 'v.db'}"), Keyring(b"k" * 32))
+    elsewhere = SqlStore(make_engine(f"sqlite:///{tmp_path / 'v.db'}"), Keyring(b"k" * 32), RecentReads(1.0))
     with elsewhere.transaction():
         elsewhere.set_disabled("alice", True)
     d, result = pool.held.pop()
@@ -183,7 +183,7 @@ def test_a_failed_renewal_is_not_retried_on_every_hit(world):
 def test_a_renewal_sees_a_revocation(world):
     store, pool, clock, validator = world
     assert check(validator).ok
-    elsewhere = SqlStore(store.engine, Keyring(b"k" * 32))  # another process: this store's generation stays
+    elsewhere = SqlStore(store.engine, Keyring(b"k" * 32), RecentReads(1.0))  # another process, its own memory
     with elsewhere.transaction():
         elsewhere.revoke_token(elsewhere.find_access_token("good").id)
     clock.advance(0.6)

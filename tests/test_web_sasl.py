@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 import pytest
 from treq.testing import StubTreq
 
-from bearerbridge import config, migrations, oauth, web
+from bearerbridge import config
 from bearerbridge.metrics import Metrics
-from bearerbridge.crypto import Keyring
-from bearerbridge.models import Client
-from bearerbridge.store import SqlStore, make_engine
-from bearerbridge.verdict import Verdict
-from bearerbridge.web_sasl import SaslEndpoint
+from bearerbridge.oauth.server import BridgeServer
+from bearerbridge.sasl.verdict import Verdict
+from bearerbridge.storage.models import Client
+from bearerbridge.web.sasl import SaslEndpoint
 
-from .support import SyncPool
+from .fakes import SyncPool, sqlite_store
 
 MESSAGE = base64.b64encode(b"n,,\x01auth=Bearer tok\x01\x01").decode()
 XOAUTH2 = base64.b64encode(b"user=alice\x01auth=Bearer tok\x01\x01").decode()
@@ -24,26 +24,25 @@ XOAUTH2 = base64.b64encode(b"user=alice\x01auth=Bearer tok\x01\x01").decode()
 @pytest.fixture
 def post(tmp_path):
     """post(verdict, mechanisms, **form) -> (status, JSON answer), as the registered client "caller"."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'sasl.db'}")
-    migrations.upgrade(engine)
     settings = config.Config()
-    store = SqlStore(engine, Keyring(b"k" * 32))
+    store = sqlite_store(tmp_path / "sasl.db")
     with store.transaction():
         store.add_client(Client("caller", "Caller", (), "imap", ("client_credentials",), False), "secret")
     metrics = Metrics()
-    app = web.App(settings, store.keyring, SyncPool(store), oauth.BridgeServer(store, settings, metrics), metrics)
+    pool = SyncPool(store)
+    server = BridgeServer(store, settings, metrics)
 
     def post(verdict, mechanisms=settings.sasl.offered, **form):
-        root = web.root(app)
-        root.putChild(b"sasl", SaslEndpoint(app, lambda bearer, service: verdict, settings.sasl.services, mechanisms))
-        http = StubTreq(root)
+        sasl = dataclasses.replace(settings.sasl, mechanisms=mechanisms)
+        http = StubTreq(SaslEndpoint(settings.server.issuer, pool, server, lambda bearer, service: verdict, sasl,
+                                     metrics))
         answers = []
         d = http.post("http://127.0.0.1:8080/sasl", data=form, auth=("caller", "secret"))
         d.addCallback(lambda r: r.json().addCallback(lambda body: answers.append((r.code, body))))
         http.flush()
         return answers[0]
     yield post
-    engine.dispose()
+    store.engine.dispose()
 
 
 @pytest.mark.parametrize("verdict, reason", [

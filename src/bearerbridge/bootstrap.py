@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from . import migrations
-from .config import Config, secret_key
-from .crypto import Keyring
-from .store import SqlStore, make_engine
+from bearerbridge.config import Config, secret_key
+from bearerbridge.crypto import Keyring
+from bearerbridge.storage import migrations
+from bearerbridge.storage.recent import RecentReads
+from bearerbridge.storage.store import SqlStore, make_engine
 
 
 def open_store(config: Config) -> SqlStore:
-    """Read (or create) the secret key, connect, and bring the schema up to date."""
+    """Read (or create) the secret key, connect, and bring the schema up to date. The store
+    remembers what it reads for `[sasl] cache_ttl` seconds (`storage.recent`)."""
     keyring = Keyring(secret_key(config))
     engine = make_engine(config.database.url, config.database.threads)
     migrations.upgrade(engine)
-    return SqlStore(engine, keyring)
+    return SqlStore(engine, keyring, RecentReads(config.sasl.cache_ttl))

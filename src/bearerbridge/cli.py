@@ -11,18 +11,21 @@ import getpass
 import json
 import secrets
 import sys
-from typing import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
-from . import config as configuration
-from .bootstrap import open_store
-from .crypto import hash_password, new_secret
-from .device import GRANT_TYPE as DEVICE_GRANT
-from .models import Client, is_loopback_redirect
-from .oauth import issue_token
-from .store import SqlStore, StoreError
+from bearerbridge import config as configuration
+from bearerbridge.bootstrap import open_store
+from bearerbridge.crypto import hash_password, new_secret
+from bearerbridge.loopback import is_loopback_host
+from bearerbridge.oauth.grants import GRANT_TYPES
+from bearerbridge.storage.models import Client
+from bearerbridge.storage.store import SqlStore, StoreError
 
-GRANTS = ("authorization_code", "refresh_token", "client_credentials", "device_code")
+# The grants a client may be registered for, by the short names the command line takes
+# (`device_code` for RFC 8628's URN).
+GRANTS = {grant_type.rpartition(":")[2]: grant_type for grant_type in GRANT_TYPES}
 
 
 class CommandError(Exception):
@@ -46,7 +49,7 @@ def _check_redirect_uri(uri: str) -> str:
     parts = urlsplit(uri)
     if not parts.scheme or parts.fragment or (parts.scheme in ("http", "https") and not parts.netloc):
         raise CommandError(f"redirect URI {uri!r}: must be absolute and have no fragment")
-    if parts.scheme == "http" and not (is_loopback_redirect(uri) or parts.hostname == "localhost"):
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         raise CommandError(f"redirect URI {uri!r}: plain http is allowed only to 127.0.0.1, [::1] or localhost")
     return uri
 
@@ -82,7 +85,7 @@ def user_list(store: SqlStore, args) -> str:
 # -- clients --------------------------------------------------------------------------------
 
 def client_create(store: SqlStore, args, config: configuration.Config) -> str:
-    grants = tuple(dict.fromkeys(DEVICE_GRANT if g == "device_code" else g for g in args.grant or (
+    grants = tuple(dict.fromkeys(GRANTS[g] for g in args.grant or (
         ["client_credentials"] if not args.redirect_uri and not args.public
         else ["authorization_code", "refresh_token"])))
     if args.public and "client_credentials" in grants:
@@ -136,6 +139,24 @@ def client_delete(store: SqlStore, args) -> str:
 
 
 # -- tokens ---------------------------------------------------------------------------------
+
+def issue_token(store: SqlStore, config: configuration.Config, username: str, client_id: str, scope: Iterable[str],
+                ttl: int | None = None) -> dict[str, Any]:
+    """An operator-issued access token (for testing a service), as a token response."""
+    user = store.get_user_by_name(username)
+    if user is None or user.disabled:
+        raise ValueError(f"no enabled user {username!r}")
+    if store.get_client(client_id) is None:
+        raise ValueError(f"no client {client_id!r}")
+    scopes = list(dict.fromkeys(scope))
+    unknown = [s for s in scopes if s not in config.scopes]
+    if unknown:
+        raise ValueError(f"unknown scope(s): {' '.join(unknown)}")
+    access_token, expires_in = new_secret(), ttl or config.tokens.access_ttl
+    store.save_token(access_token, None, client_id, user.id, " ".join(scopes), expires_in, None)
+    return {"access_token": access_token, "token_type": "Bearer", "expires_in": expires_in,
+            "scope": " ".join(scopes)}
+
 
 def token_issue(store: SqlStore, args, config: configuration.Config) -> str:
     try:

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from bearerbridge.loopback import is_loopback_host
+from bearerbridge.sasl.mechanisms import MECHANISMS
+
 ENV_VAR = "BEARERBRIDGE_CONFIG"
 
 
@@ -62,7 +65,6 @@ class TokenSettings:
 # may match the token's user, and the forms of user name reported back to a service.
 IDENTITY_RULES = ("username", "email", "user@realm")
 REPORTED_NAMES = ("username", "email", "localpart", "user@realm")
-SASL_MECHANISMS = ("OAUTHBEARER", "XOAUTH2", "PLAIN")
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,7 @@ def parse(data: Mapping[str, Any]) -> Config:
     issuer = urlsplit(config.server.issuer)
     if issuer.scheme not in ("http", "https") or not issuer.netloc or issuer.query or issuer.fragment:
         raise ConfigError(f"[server] issuer: expected an http(s) URL without query, got {config.server.issuer!r}")
-    if issuer.scheme == "http" and issuer.hostname not in ("127.0.0.1", "localhost", "::1"):
+    if issuer.scheme == "http" and not is_loopback_host(issuer.hostname):
         raise ConfigError("[server] issuer: plain http is allowed only on loopback; use https")
     if issuer.path not in ("", "/"):
         raise ConfigError("[server] issuer: a path in the issuer is not supported; serve bearerbridge at the root")
@@ -227,7 +229,7 @@ def _cross_check(config: Config) -> None:
     sasl = config.sasl
     if len(config.http.listen) == 0:
         raise ConfigError("[http] listen: name at least one endpoint")
-    _one_of("[sasl] mechanisms", sasl.mechanisms, SASL_MECHANISMS)
+    _one_of("[sasl] mechanisms", sasl.mechanisms, MECHANISMS)
     _one_of("[sasl] identity", sasl.identity, IDENTITY_RULES)
     for service, form in sasl.usernames.items():
         _one_of(f"[sasl.usernames] {service}", [form], REPORTED_NAMES)

@@ -13,9 +13,13 @@ import hashlib
 import hmac
 import secrets
 import time
+from typing import TYPE_CHECKING
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+
+if TYPE_CHECKING:
+    from bearerbridge.storage.models import User
 
 _passwords = PasswordHasher()  # argon2id with the library's current recommended parameters
 
@@ -46,6 +50,15 @@ def check_password(password_hash: str | None, password: str) -> bool:
         return _passwords.verify(password_hash or _dummy_hash(), password) and password_hash is not None
     except (VerificationError, InvalidHashError):
         return False
+
+
+def verify_login(found: tuple[User | None, str | None], password: str) -> User | None:
+    """The user found by name (`SqlStore.password_hash`), if the password is right and the
+    account enabled. argon2id is slow on purpose: run this away from the store's threads."""
+    user, password_hash = found
+    if not check_password(password_hash, password) or user is None or user.disabled:
+        return None
+    return user
 
 
 class Keyring:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from bearerbridge.sasl.verdict import Reason
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-# The reasons validator.judge gives, and the surfaces' own for outages.
-SASL_REASONS = frozenset({
-    "ok", "unknown_service", "plain_not_allowed", "unknown", "revoked", "user_disabled", "expired", "no_user",
-    "identity_mismatch", "insufficient_scope", "database_unavailable", "validation timed out", "validator error",
-    "no_rule", "ambiguous_path"})
+# Any other reason (a mechanism's own words for a message it refused) is counted as malformed,
+# so that a client cannot make up labels.
+SASL_REASONS = frozenset(Reason)
 
 
 class Metrics:
@@ -42,10 +42,10 @@ class Metrics:
         self._sasl_children: dict[tuple[str, ...], Counter] = {}
 
     def sasl_decision(self, surface: str, services: Iterable[str], mechanism: str, service: str, ok: bool,
-                      reason: str) -> None:
+                      reason: Reason | str) -> None:
         """Count one SASL decision; names a client chose are folded so labels stay few."""
         service = service if service in services else "other"
-        reason = reason if reason in SASL_REASONS else "malformed"
+        reason = reason if reason in SASL_REASONS else Reason.MALFORMED
         labels = (surface, mechanism, service, "ok" if ok else "failed", reason)
         # Looking a child up by labels costs more than the rest of a remembered check.
         child = self._sasl_children.get(labels)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+from importlib import resources
 
 from twisted.application import strports
 from twisted.application.internet import TimerService
@@ -12,18 +13,24 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.resource import Resource
+from twisted.web.static import File
 
-from . import config as configuration
-from . import oauth, web
-from .dovecot import DovecotAuthFactory
-from .bootstrap import open_store
-from .metrics import Metrics
-from .pool import StorePool
-from .recent import RecentReads, RememberedStore
-from .validator import Validator
-from .web_device import DevicePage
-from .web_forward import ForwardAuth
-from .web_sasl import SaslEndpoint
+from bearerbridge import config as configuration
+from bearerbridge.bootstrap import open_store
+from bearerbridge.metrics import Metrics
+from bearerbridge.oauth.server import BridgeServer, discovery_url, metadata
+from bearerbridge.sasl.dovecot import DovecotAuthFactory
+from bearerbridge.sasl.validator import Validator
+from bearerbridge.storage.pool import StorePool
+from bearerbridge.web.authorize import Authorize, Logout
+from bearerbridge.web.device import DevicePage
+from bearerbridge.web.forward import ForwardAuth
+from bearerbridge.web.monitoring import Health, MetricsResource
+from bearerbridge.web.sasl import SaslEndpoint
+from bearerbridge.web.sessions import PasswordLogin, Sessions
+from bearerbridge.web.site import BridgeSite, JsonDocument, Pages
+from bearerbridge.web.token import EndpointResource, IntrospectionResource, TokenEndpoint
 
 log = Logger()
 PURGE_INTERVAL = 3600
@@ -50,34 +57,54 @@ class Options(usage.Options):
                     raise usage.UsageError(f"{key}[{i}]: bad endpoint {description!r}: {e}") from None
 
 
-def make_app(config: configuration.Config) -> tuple[MultiService, web.App]:
+def make_service(config: configuration.Config) -> MultiService:
     """Build the service tree; the pool comes first so that it stops last."""
     store = open_store(config)
-    recent = store.recent = RecentReads(config.sasl.cache_ttl)
     metrics = Metrics()
     top = MultiService()
     pool = StorePool(store, config.database.threads)
     pool.setServiceParent(top)
-    app = web.App(config, store.keyring, pool, oauth.BridgeServer(store, config, metrics), metrics,
-                  remembered=oauth.BridgeServer(RememberedStore(store, recent), config, metrics))
-    sasl = config.sasl
-    validator = Validator(pool, sasl)
-    resource = web.root(app)
-    resource.putChild(b"sasl", SaslEndpoint(app, validator.validate, sasl.services, sasl.offered))
-    resource.putChild(b"device", DevicePage(app))
-    resource.putChild(b"forward-auth", ForwardAuth(app, validator.check_scope, config.forward_auth))
-    site = web.BridgeSite(resource, config.http.access_log)
+    validator = Validator(pool, config.sasl)
+    site = BridgeSite(http_root(config, pool, metrics, validator), config.http.access_log)
     for description in config.http.listen:
         strports.service(description, site).setServiceParent(top)
-    if sasl.listen:
+    if config.sasl.listen:
         dovecot = DovecotAuthFactory(
-            validator.validate, openid_configuration=oauth.discovery_url(config), mechanisms=sasl.offered,
-            on_decision=functools.partial(metrics.sasl_decision, "dovecot", sasl.services))
-        for description in sasl.listen:
+            validator.validate, openid_configuration=discovery_url(config.server.issuer),
+            mechanisms=config.sasl.offered,
+            on_decision=functools.partial(metrics.sasl_decision, "dovecot", config.sasl.services))
+        for description in config.sasl.listen:
             strports.service(description, dovecot).setServiceParent(top)
     TimerService(PURGE_INTERVAL, _purge, pool).setServiceParent(top)
     reactor.callWhenRunning(_settle_garbage_collector)
-    return top, app
+    return top
+
+
+def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, validator: Validator) -> Resource:
+    """The resource tree served on every [http] listener, each resource given what it uses."""
+    issuer = config.server.issuer
+    server = BridgeServer(pool.store, config, metrics)
+    pages = Pages(config.server.site_name)
+    sessions = Sessions(pool.store.keyring, config.server.session_ttl, secure=config.https)
+    login = PasswordLogin(pool, sessions, metrics)
+    top = Resource()
+    top.putChild(b"authorize", Authorize(pages, issuer, sessions, login, pool, server, metrics))
+    top.putChild(b"logout", Logout(pages, issuer, sessions))
+    top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics))
+    top.putChild(b"token", TokenEndpoint(issuer, pool, server, metrics))
+    top.putChild(b"introspect", IntrospectionResource(issuer, pool, server, pool.store.recent,
+                                                      config.sasl.services, metrics))
+    top.putChild(b"revoke", EndpointResource(issuer, pool, server, "revocation"))
+    top.putChild(b"device_authorization", EndpointResource(issuer, pool, server, "device_authorization"))
+    top.putChild(b"sasl", SaslEndpoint(issuer, pool, server, validator.validate, config.sasl, metrics))
+    top.putChild(b"forward-auth", ForwardAuth(validator.check_scope, config.forward_auth, metrics))
+    top.putChild(b"metrics", MetricsResource(pool, metrics))
+    top.putChild(b"healthz", Health(pool))
+    well_known = Resource()
+    well_known.putChild(b"oauth-authorization-server", JsonDocument(metadata(config)))
+    top.putChild(b".well-known", well_known)
+    top.putChild(b"static", File(str(resources.files("bearerbridge.web") / "static")))
+    return top
 
 
 def _settle_garbage_collector() -> None:
@@ -96,4 +123,4 @@ def _purge(pool: StorePool) -> None:
 
 
 def makeService(options: Options) -> MultiService:
-    return make_app(options.config)[0]
+    return make_service(options.config)

@@ -12,8 +12,7 @@ from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, TokenMix
 from authlib.oauth2.rfc6749.util import scope_to_list
 from authlib.oauth2.rfc8628 import DeviceCredentialMixin
 
-LOOPBACK_HOSTS = ("127.0.0.1", "::1")
-
+from bearerbridge.loopback import is_loopback_address
 
 @dataclass(frozen=True)
 class User:
@@ -29,7 +28,7 @@ class User:
 def is_loopback_redirect(uri: str) -> bool:
     """An `http://127.0.0.1:PORT/...` or `http://[::1]:PORT/...` URI (RFC 8252 §7.3)."""
     parts = urlsplit(uri)
-    return parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS
+    return parts.scheme == "http" and is_loopback_address(parts.hostname)
 
 
 def _without_port(uri: str) -> tuple[str, str, str, str, str]:

@@ -9,7 +9,7 @@ from sqlalchemy.engine import Engine
 
 def alembic_config() -> Config:
     config = Config()
-    config.set_main_option("script_location", "bearerbridge:migrations")
+    config.set_main_option("script_location", "bearerbridge.storage:migrations")
     return config
 
 

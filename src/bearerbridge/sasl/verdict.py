@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # stdlib only at run time
     from twisted.internet.defer import Deferred
 
-    from .sasl import Bearer
+    from bearerbridge.sasl.mechanisms import Bearer
+
+
+class Reason(enum.StrEnum):
+    """Why a login was decided as it was: bearerbridge's own reasons, in the decision log and
+    as the `reason` label of `bearerbridge_sasl_decisions_total`. A validator of another
+    kind (introspecting elsewhere, say) may give reasons of its own, as plain strings."""
+
+    OK = "ok"
+    # validator.judge: the request
+    UNKNOWN_SERVICE = "unknown_service"
+    PLAIN_NOT_ALLOWED = "plain_not_allowed"
+    # validator.judge_token: the token
+    UNKNOWN = "unknown"
+    REVOKED = "revoked"
+    USER_DISABLED = "user_disabled"
+    EXPIRED = "expired"
+    NO_USER = "no_user"  # a client-credentials token names no one to log in
+    IDENTITY_MISMATCH = "identity_mismatch"
+    INSUFFICIENT_SCOPE = "insufficient_scope"
+    # forward-auth: the request matched no rule, or a path that could name two
+    NO_RULE = "no_rule"
+    AMBIGUOUS_PATH = "ambiguous_path"
+    # no decision: the backend failed
+    DATABASE_UNAVAILABLE = "database_unavailable"
+    VALIDATION_TIMED_OUT = "validation timed out"
+    VALIDATOR_ERROR = "validator error"
+    # the metrics' label for a client message the mechanism refused (its own reason is logged)
+    MALFORMED = "malformed"
 
 
 # Not frozen: one is built for every check, and a frozen dataclass's __init__ costs four
@@ -18,16 +48,16 @@ class Verdict:
     """Whether a token is accepted, and what to tell the client if not.
 
     ``status`` and ``scope`` go into the RFC 7628 §3.2.2 error challenge;
-    ``reason`` is for logs only (e.g. ``unknown``, ``expired``, ``revoked``,
-    ``identity_mismatch``, ``insufficient_scope``). ``temporary`` marks a
-    backend outage, which clients should report as "try again later".
+    ``reason`` (a `Reason`, for logs and metrics) is never told to the client.
+    ``temporary`` marks a backend outage, which clients should report as "try
+    again later".
     """
 
     ok: bool
     username: str | None = None
     status: str = "invalid_token"
     scope: str | None = None
-    reason: str = ""
+    reason: Reason | str = ""
     temporary: bool = False
 
     @property

@@ -3,13 +3,12 @@
 Discovery URLs and metadata checks (RFC 8414), PKCE (RFC 7636), the loopback redirect's answer
 (RFC 6749 §4.1.2, RFC 9207), device polling (RFC 8628 §3.5), client authentication, and the
 messages. Errors are typed here and turned into one stderr line and an exit status in
-`bearerbridge.token_helper`; no message quotes a token or a response body.
+`bearerbridge.client.cli`; no message quotes a token or a response body.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import re
 import secrets
 import sys
@@ -20,7 +19,8 @@ from urllib.parse import urlencode, urlsplit
 
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
-from .token_store import APP, Profile, ProtocolError
+from bearerbridge.client.profile import APP, Profile, ProtocolError
+from bearerbridge.loopback import is_loopback_host
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 EXIT_FAILED, EXIT_LOGIN_NEEDED, EXIT_INTERRUPTED = 1, 3, 130
@@ -69,19 +69,10 @@ def terminal_safe(value: object) -> str:
 
 # -- protocol decisions (pure) ---------------------------------------------------------------
 
-def is_loopback(host: str | None) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_url(url: str, what: str) -> str:
     """Endpoints must use TLS (RFC 6749 §3.1, §3.2); plain http is accepted only to loopback."""
     parts = urlsplit(url)
-    if parts.hostname and (parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname))):
+    if parts.hostname and (parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname))):
         return url
     raise HelperError(f"{what} {terminal_safe(url)!r} must be an https URL (plain http only to loopback)")
 

@@ -12,7 +12,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
-from .store import SqlStore
+from bearerbridge.storage.store import SqlStore
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""Storage: the schema and `SqlStore`, a blocking SQLAlchemy Core store.
+"""`SqlStore`, the one blocking SQLAlchemy Core store over the tables of `schema`.
 
 Every method runs inside `transaction()`, which binds one connection to the calling
 thread: a web request makes one hop to the pool and does all its queries in one
@@ -19,117 +19,12 @@ from typing import Iterator
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from .crypto import Keyring
-from .models import AuthCode, Client, DeviceCode, Token, User
-from .recent import NeedsDatabase, RecentReads
-
-metadata = sa.MetaData()
-
-users = sa.Table(
-    "users", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("username", sa.String(255), nullable=False, unique=True),
-    sa.Column("email", sa.String(255)),
-    sa.Column("password_hash", sa.String(255)),
-    sa.Column("disabled", sa.Boolean, nullable=False, default=False),
-    sa.Column("created_at", sa.BigInteger, nullable=False),
-)
-
-clients = sa.Table(
-    "clients", metadata,
-    sa.Column("client_id", sa.String(64), primary_key=True),
-    sa.Column("name", sa.String(255), nullable=False),
-    sa.Column("secret_digest", sa.String(64)),
-    sa.Column("redirect_uris", sa.Text, nullable=False),  # one per line
-    sa.Column("scope", sa.Text, nullable=False),
-    sa.Column("grant_types", sa.Text, nullable=False),     # space-separated
-    sa.Column("public", sa.Boolean, nullable=False),
-    sa.Column("created_at", sa.BigInteger, nullable=False),
-)
-
-
-
-def _client_fk() -> sa.ForeignKey:
-    return sa.ForeignKey("clients.client_id", ondelete="CASCADE")
-
-
-def _user_fk() -> sa.ForeignKey:
-    return sa.ForeignKey("users.id", ondelete="CASCADE")
-
-
-auth_codes = sa.Table(
-    "auth_codes", metadata,
-    sa.Column("code_digest", sa.String(64), primary_key=True),
-    sa.Column("client_id", sa.String(64), _client_fk(), nullable=False),
-    sa.Column("user_id", sa.Integer, _user_fk(), nullable=False),
-    sa.Column("redirect_uri", sa.Text, nullable=False),
-    sa.Column("scope", sa.Text, nullable=False),
-    sa.Column("code_challenge", sa.String(128)),
-    sa.Column("code_challenge_method", sa.String(16)),
-    sa.Column("expires_at", sa.BigInteger, nullable=False),
-    sa.Column("used", sa.Boolean, nullable=False, default=False),
-)
-
-tokens = sa.Table(
-    "tokens", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("access_digest", sa.String(64), nullable=False, unique=True),
-    sa.Column("refresh_digest", sa.String(64), unique=True),
-    sa.Column("client_id", sa.String(64), _client_fk(), nullable=False, index=True),
-    sa.Column("user_id", sa.Integer, _user_fk(), index=True),
-    sa.Column("scope", sa.Text, nullable=False),
-    sa.Column("issued_at", sa.BigInteger, nullable=False),
-    sa.Column("expires_at", sa.BigInteger, nullable=False),
-    sa.Column("refresh_expires_at", sa.BigInteger),
-    sa.Column("revoked", sa.Boolean, nullable=False, default=False),
-    sa.Column("rotated", sa.Boolean, nullable=False, default=False),
-    sa.Column("family", sa.String(32), nullable=False, index=True),
-    sa.Column("code_digest", sa.String(64), index=True),
-)
-
-consents = sa.Table(
-    "consents", metadata,
-    sa.Column("user_id", sa.Integer, _user_fk(), primary_key=True),
-    sa.Column("client_id", sa.String(64), _client_fk(), primary_key=True),
-    sa.Column("scope", sa.Text, nullable=False),
-    sa.Column("updated_at", sa.BigInteger, nullable=False),
-)
-
-
-# The statements on the hot paths, built once: constructing a statement costs more than a
-# point lookup on a held connection (bench/README.md), so they take their values as parameters.
-_client_by_id = clients.select().where(clients.c.client_id == sa.bindparam("client_id"))
-_user_by_id = users.select().where(users.c.id == sa.bindparam("user_id"))
-_code_by_digest = auth_codes.select().where(auth_codes.c.code_digest == sa.bindparam("digest"))
-_use_code = (auth_codes.update().where(auth_codes.c.code_digest == sa.bindparam("digest"),
-                                       auth_codes.c.used.is_(False)).values(used=True))
-_insert_code = auth_codes.insert()
-_insert_token = tokens.insert()
-_mark_rotated = (tokens.update().where(tokens.c.id == sa.bindparam("token_id"), tokens.c.rotated.is_(False))
-                 .values(rotated=True))
-_token_query = (
-    sa.select(tokens, users.c.username, users.c.email,
-              sa.func.coalesce(users.c.disabled, False).label("user_disabled"))
-    .select_from(tokens.outerjoin(users, tokens.c.user_id == users.c.id))
-)
-_token_by_access = _token_query.where(tokens.c.access_digest == sa.bindparam("digest"))
-_token_by_refresh = _token_query.where(tokens.c.refresh_digest == sa.bindparam("digest"))
-_tokens_by_access = _token_query.where(tokens.c.access_digest.in_(sa.bindparam("digests", expanding=True)))
-
-
-device_codes = sa.Table(
-    "device_codes", metadata,
-    sa.Column("device_digest", sa.String(64), primary_key=True),
-    sa.Column("user_code", sa.String(16), nullable=False, unique=True),
-    sa.Column("client_id", sa.String(64), _client_fk(), nullable=False),
-    sa.Column("scope", sa.Text, nullable=False),
-    sa.Column("expires_at", sa.BigInteger, nullable=False),
-    sa.Column("interval", sa.Integer, nullable=False),
-    sa.Column("last_poll_at", sa.Float),
-    sa.Column("user_id", sa.Integer, _user_fk()),
-    sa.Column("approved", sa.Boolean),      # None until the user decides
-    sa.Column("used", sa.Boolean, nullable=False),
-)
+from bearerbridge.crypto import Keyring
+from bearerbridge.storage.models import AuthCode, Client, DeviceCode, Token, User
+from bearerbridge.storage.recent import RecentReads
+from bearerbridge.storage.schema import (CLIENT_BY_ID, CODE_BY_DIGEST, INSERT_CODE, INSERT_TOKEN, MARK_ROTATED,
+                                         TOKEN_BY_ACCESS, TOKEN_BY_REFRESH, TOKENS_BY_ACCESS, USE_CODE, USER_BY_ID,
+                                         auth_codes, clients, consents, device_codes, tokens, users)
 
 
 class StoreError(Exception):
@@ -168,16 +63,13 @@ def _now() -> int:
 class SqlStore:
     """The one place that speaks SQL. Blocking: call it from the pool, inside `transaction()`."""
 
-    def __init__(self, engine: Engine, keyring: Keyring, recent: RecentReads | None = None) -> None:
+    def __init__(self, engine: Engine, keyring: Keyring, recent: RecentReads) -> None:
         self.engine = engine
         self.keyring = keyring
-        # Where clients and access tokens read are noted, for paths that answer from memory.
+        # Where the clients and access tokens read are noted, for the paths that answer from
+        # memory; told after every commit that takes validity from tokens.
         self.recent = recent
         self._local = threading.local()
-        # Bumped after each commit that took validity from tokens (a revocation, a disabled
-        # user, a deleted client), so that caches in this process can drop what they hold.
-        self.generation = 0
-        self._generation_lock = threading.Lock()
 
     # -- transactions -------------------------------------------------------------------
 
@@ -193,8 +85,7 @@ class SqlStore:
                 self._local.active = conn
                 yield
             if self._local.invalidates:
-                with self._generation_lock:
-                    self.generation += 1
+                self.recent.invalidate()
         except sa.exc.DBAPIError:
             # The connection may be broken (database restarted); take a fresh one next time.
             self._local.conn = None
@@ -204,7 +95,7 @@ class SqlStore:
             self._local.active = None
 
     def _invalidates(self) -> None:
-        """Note that this transaction takes validity from tokens (see `generation`)."""
+        """Note that this transaction takes validity from tokens: on commit, `recent` forgets."""
         self._local.invalidates = True
 
     @property
@@ -230,7 +121,7 @@ class SqlStore:
         return None if row is None else User(row.id, row.username, row.email, row.disabled)
 
     def get_user(self, user_id: int) -> User | None:
-        return self._user(self._db.execute(_user_by_id, {"user_id": user_id}).first())
+        return self._user(self._db.execute(USER_BY_ID, {"user_id": user_id}).first())
 
     def get_user_by_name(self, username: str) -> User | None:
         return self.password_hash(username)[0]
@@ -272,25 +163,17 @@ class SqlStore:
             scope=row.scope, grant_types=tuple(row.grant_types.split()), public=row.public,
             secret_digest=row.secret_digest, created_at=row.created_at, digest=self.keyring.digest)
 
-    def _note(self, kind: str, key: str, value: object, generation: int) -> None:
-        if self.recent is not None and value is not None:
-            self.recent.remember(kind, key, value, generation)
-
     def get_client(self, client_id: str) -> Client | None:
-        generation = self.generation
-        client = self._client(self._db.execute(_client_by_id, {"client_id": client_id}).first())
-        self._note("client", client_id, client, generation)
+        generation = self.recent.generation
+        client = self._client(self._db.execute(CLIENT_BY_ID, {"client_id": client_id}).first())
+        if client is not None:
+            self.recent.remember_client(client, generation)
         return client
 
     def find_client(self, client_id: str) -> Client | None:
         """A client read within `recent`'s ttl (and generation), else from the database: every
         token request looks its client up, and clients change rarely."""
-        if self.recent is not None:
-            try:
-                return self.recent.recall("client", client_id, self.generation)
-            except NeedsDatabase:
-                pass
-        return self.get_client(client_id)
+        return self.recent.client(client_id) or self.get_client(client_id)
 
     def list_clients(self) -> list[Client]:
         return [self._client(row) for row in self._db.execute(clients.select().order_by(clients.c.name))]
@@ -304,18 +187,18 @@ class SqlStore:
 
     def save_code(self, code: str, client_id: str, user_id: int, redirect_uri: str, scope: str,
                   code_challenge: str | None, code_challenge_method: str | None, expires_at: int) -> None:
-        self._db.execute(_insert_code, {
+        self._db.execute(INSERT_CODE, {
             "code_digest": self.keyring.digest(code), "client_id": client_id, "user_id": user_id,
             "redirect_uri": redirect_uri, "scope": scope, "code_challenge": code_challenge,
             "code_challenge_method": code_challenge_method, "expires_at": expires_at, "used": False})
 
     def find_code(self, code: str) -> AuthCode | None:
-        row = self._db.execute(_code_by_digest, {"digest": self.keyring.digest(code)}).first()
+        row = self._db.execute(CODE_BY_DIGEST, {"digest": self.keyring.digest(code)}).first()
         return None if row is None else AuthCode(**row._mapping)
 
     def use_code(self, code_digest: str) -> bool:
         """Mark a code used; False if it already was (a concurrent exchange won the race)."""
-        return self._db.execute(_use_code, {"digest": code_digest}).rowcount == 1
+        return self._db.execute(USE_CODE, {"digest": code_digest}).rowcount == 1
 
     # -- tokens -------------------------------------------------------------------------
 
@@ -323,7 +206,7 @@ class SqlStore:
                    scope: str, expires_in: int, refresh_ttl: int | None, family: str | None = None,
                    code_digest: str | None = None) -> None:
         now = _now()
-        self._db.execute(_insert_token, {
+        self._db.execute(INSERT_TOKEN, {
             "access_digest": self.keyring.digest(access_token),
             "refresh_digest": self.keyring.digest(refresh_token) if refresh_token else None,
             "client_id": client_id, "user_id": user_id, "scope": scope, "issued_at": now,
@@ -341,26 +224,27 @@ class SqlStore:
             family=row.family, user_disabled=bool(row.user_disabled))
 
     def find_access_token(self, access_token: str) -> Token | None:
-        generation, digest = self.generation, self.keyring.digest(access_token)
-        token = self._token(self._db.execute(_token_by_access, {"digest": digest}).first())
-        self._note("token", digest, token, generation)
+        generation, digest = self.recent.generation, self.keyring.digest(access_token)
+        token = self._token(self._db.execute(TOKEN_BY_ACCESS, {"digest": digest}).first())
+        if token is not None:
+            self.recent.remember_token(digest, token, generation)
         return token
 
     def find_access_tokens(self, digests: list[str]) -> dict[str, Token]:
         """Tokens by the digests of their access tokens, in one query (for batched validation)."""
-        generation = self.generation
+        generation = self.recent.generation
         found = {row.access_digest: self._token(row)
-                 for row in self._db.execute(_tokens_by_access, {"digests": digests})}
+                 for row in self._db.execute(TOKENS_BY_ACCESS, {"digests": digests})}
         for digest, token in found.items():
-            self._note("token", digest, token, generation)
+            self.recent.remember_token(digest, token, generation)
         return found
 
     def find_refresh_token(self, refresh_token: str) -> Token | None:
-        return self._token(self._db.execute(_token_by_refresh, {"digest": self.keyring.digest(refresh_token)}).first())
+        return self._token(self._db.execute(TOKEN_BY_REFRESH, {"digest": self.keyring.digest(refresh_token)}).first())
 
     def mark_rotated(self, token_id: int) -> bool:
         """Retire a refresh token after use; False if another request rotated it first."""
-        return self._db.execute(_mark_rotated, {"token_id": token_id}).rowcount == 1
+        return self._db.execute(MARK_ROTATED, {"token_id": token_id}).rowcount == 1
 
     def _revoke(self, condition) -> int:
         self._invalidates()

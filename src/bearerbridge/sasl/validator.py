@@ -1,7 +1,7 @@
 """The one decision every SASL surface uses: may this token log in to this service as this user?
 
 `judge` is pure. `Validator` wraps it with the store's memory of recent reads
-(`recent.RecentReads`) and a batching lookup: the Dovecot socket can ask tens of
+(`storage.recent`) and a batching lookup: the Dovecot socket can ask tens of
 thousands of times a second, so tokens read in the last `[sasl] cache_ttl` seconds
 are answered from memory, and the misses that arrive while a lookup is in flight go
 to the pool together, as one query. A token still in use when its record is half
@@ -18,12 +18,11 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from .config import SaslSettings
-from .models import Token
-from .pool import StorePool
-from .recent import NeedsDatabase
-from .sasl import Bearer
-from .verdict import Verdict
+from bearerbridge.config import SaslSettings
+from bearerbridge.storage.models import Token
+from bearerbridge.storage.pool import StorePool
+from bearerbridge.sasl.mechanisms import Bearer
+from bearerbridge.sasl.verdict import Reason, Verdict
 
 MAX_BATCH = 512
 
@@ -59,9 +58,9 @@ def judge(token: Token | None, now: float, bearer: Bearer, service: str, setting
     """Decide one SASL login to `service` (RFC 7628 §3.2.2 statuses; `reason` is for logs and metrics)."""
     required = settings.services.get(service)
     if required is None:
-        return Verdict(False, status="invalid_request", reason="unknown_service")
+        return Verdict(False, status="invalid_request", reason=Reason.UNKNOWN_SERVICE)
     if bearer.mechanism == "PLAIN" and service not in settings.plain:
-        return Verdict(False, status="invalid_request", reason="plain_not_allowed")
+        return Verdict(False, status="invalid_request", reason=Reason.PLAIN_NOT_ALLOWED)
     return judge_token(token, now, bearer.identity, required, settings, settings.usernames.get(service, "username"))
 
 
@@ -70,20 +69,20 @@ def judge_token(token: Token | None, now: float, identity: str | None, required:
     """May `token` act as `identity` (if one is named) with scope `required`? The same rules for
     SASL and forward-auth (RFC 6750 §3.1 errors are RFC 7628's statuses too)."""
     if token is None:
-        return Verdict(False, reason="unknown")
+        return Verdict(False, reason=Reason.UNKNOWN)
     if token.revoked:
-        return Verdict(False, reason="revoked")
+        return Verdict(False, reason=Reason.REVOKED)
     if token.user_disabled:
-        return Verdict(False, reason="user_disabled")
+        return Verdict(False, reason=Reason.USER_DISABLED)
     if token.is_expired(now):
-        return Verdict(False, reason="expired")
+        return Verdict(False, reason=Reason.EXPIRED)
     if token.user_id is None:
-        return Verdict(False, reason="no_user")  # a client-credentials token names no one to log in
+        return Verdict(False, reason=Reason.NO_USER)  # a client-credentials token names no one to log in
     if identity is not None and not identity_matches(identity, token, settings):
-        return Verdict(False, reason="identity_mismatch")
+        return Verdict(False, reason=Reason.IDENTITY_MISMATCH)
     if required not in token.scope.split():
-        return Verdict(False, status="insufficient_scope", scope=required, reason="insufficient_scope")
-    return Verdict(True, username=reported_name(token, reported, settings.realm), reason="ok")
+        return Verdict(False, status="insufficient_scope", scope=required, reason=Reason.INSUFFICIENT_SCOPE)
+    return Verdict(True, username=reported_name(token, reported, settings.realm), reason=Reason.OK)
 
 
 class Validator:
@@ -94,7 +93,6 @@ class Validator:
     """
 
     def __init__(self, pool: StorePool, settings: SaslSettings, clock: Any = None) -> None:
-        """`pool.store.recent` must be set: the store notes there what the lookups read."""
         if clock is None:
             from twisted.internet import reactor as clock
         self._pool = pool
@@ -118,11 +116,9 @@ class Validator:
 
     def _decide(self, access_token: str, decide) -> Verdict | defer.Deferred[Verdict]:
         digest = self._store.keyring.digest(access_token)
-        try:
-            token, age = self._recent.recall_with_age("token", digest, self._store.generation)
-        except NeedsDatabase:
-            pass
-        else:
+        remembered = self._recent.token(digest)
+        if remembered is not None:
+            token, age = remembered
             if age >= self._recent.ttl / 2:
                 self._read_again(digest)
             return decide(token, self._clock.seconds())
@@ -137,7 +133,7 @@ class Validator:
     def _database_failed(failure: Failure) -> Verdict | Failure:
         if failure.check(defer.CancelledError):  # the caller gave up (a timeout) and says so itself
             return failure
-        return Verdict(False, temporary=True, reason="database_unavailable")
+        return Verdict(False, temporary=True, reason=Reason.DATABASE_UNAVAILABLE)
 
     def _read_again(self, digest: str) -> None:
         """Renew a remembered token before it expires, with no one waiting for it."""

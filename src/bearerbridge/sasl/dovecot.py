@@ -30,8 +30,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure as TwistedFailure
 
-from .sasl import MECHANISMS, Bearer, Challenge, Check, Failure, ServerExchange, Step, checked_mechanisms
-from .verdict import Validate, Verdict
+from bearerbridge.sasl.mechanisms import MECHANISMS, Bearer, Challenge, Check, Failure, ServerExchange, Step, checked_mechanisms
+from bearerbridge.sasl.verdict import Reason, Validate, Verdict
 
 MAX_LINE = 16384
 MAX_REQUESTS = 256
@@ -226,7 +226,7 @@ class Decision:
     service: str
     user: str | None
     ok: bool
-    reason: str
+    reason: Reason | str
 
 
 @dataclass(slots=True)
@@ -421,7 +421,7 @@ class DecisionLog:
         # repr() because user and service come from the client and could otherwise forge lines.
         self._lines.append(
             f"auth {'ok' if decision.ok else 'failed'}: user={decision.user!r} service={decision.service!r} "
-            f"mechanism={decision.mechanism} id={decision.request_id} reason={decision.reason!r}")
+            f"mechanism={decision.mechanism} id={decision.request_id} reason={str(decision.reason)!r}")
         if len(self._lines) >= self._max_lines:
             self.flush()
         elif self._flush_call is None:
@@ -554,9 +554,9 @@ class DovecotAuthProtocol(LineOnlyReceiver):
 
     def _validator_failed(self, failure: TwistedFailure) -> Verdict:
         if failure.check(defer.TimeoutError):
-            return Verdict(ok=False, temporary=True, reason="validation timed out")
+            return Verdict(ok=False, temporary=True, reason=Reason.VALIDATION_TIMED_OUT)
         log.failure("token validation failed", failure)
-        return Verdict(ok=False, temporary=True, reason="validator error")
+        return Verdict(ok=False, temporary=True, reason=Reason.VALIDATOR_ERROR)
 
 
 class DovecotAuthFactory(Factory):

@@ -6,7 +6,7 @@ so every read-refresh-write happens under an exclusive `flock` on `<name>.lock` 
 every write is atomic (temp file + `os.replace`): the server rotates refresh tokens and treats the
 reuse of an old one as theft (RFC 9700 §4.14.2), so losing a rotated one ends the login.
 
-Stdlib only, no network: `bearerbridge.token_helper` does the talking.
+Stdlib only, no network: `bearerbridge.client.cli` does the talking.
 """
 
 from __future__ import annotations

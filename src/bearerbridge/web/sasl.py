@@ -20,19 +20,25 @@ import base64
 import binascii
 from typing import Any
 
+from authlib.oauth2.rfc6749 import OAuth2Error
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure as TwistedFailure
 from twisted.web.server import Request
 
-from . import oauth
-from .sasl import Challenge, Check, Failure, ServerExchange, Step
-from .verdict import Validate, Verdict
-from .web import AsyncResource, BadRequest, Reply, json_reply, snapshot
+from bearerbridge.config import SaslSettings
+from bearerbridge.metrics import Metrics
+from bearerbridge.oauth.grants import SECRET_AUTH
+from bearerbridge.oauth.server import BridgeServer, discovery_url
+from bearerbridge.sasl.mechanisms import Challenge, Check, Failure, ServerExchange, Step
+from bearerbridge.sasl.verdict import Reason, Validate, Verdict
+from bearerbridge.storage.pool import StorePool
+from bearerbridge.web.site import AsyncResource, BadRequest, Reply, json_reply, snapshot
 
 log = Logger()
 
 
-def _outcome(step: Step) -> dict:
+def _outcome(step: Step) -> dict[str, Any]:
     """The JSON answer for a step the exchange has reached."""
     if isinstance(step, Challenge) and not step.data:
         return {"result": "challenge", "challenge": ""}
@@ -46,17 +52,22 @@ def _outcome(step: Step) -> dict:
 class SaslEndpoint(AsyncResource):
     """Decides SASL logins posted over HTTP with the same validator as the Dovecot socket."""
 
-    def __init__(self, app: Any, validate: Validate, services: Any, mechanisms: tuple[str, ...]) -> None:
-        super().__init__(app)
+    def __init__(self, issuer: str, pool: StorePool, server: BridgeServer, validate: Validate,
+                 settings: SaslSettings, metrics: Metrics) -> None:
+        super().__init__()
+        self._issuer = issuer
+        self._pool = pool
+        self._server = server
         self._validate = validate
-        self._services = services
-        self._mechanisms = mechanisms  # `[sasl] mechanisms`, as the Dovecot socket offers them
+        self._services = settings.services
+        self._mechanisms = settings.offered  # `[sasl] mechanisms`, as the Dovecot socket offers them
+        self._metrics = metrics
 
-    def render_POST(self, request: Request) -> Any:
+    def render_POST(self, request: Request) -> int:
         return self._answer(request, self._post)
 
-    def _post(self, request: Request) -> defer.Deferred:
-        req = snapshot(request, self.app.config.server.issuer)
+    def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
+        req = snapshot(request, self._issuer)
         mechanism, service = req.form.get("mechanism", "").upper(), req.form.get("service", "")
         if mechanism not in self._mechanisms or not service:
             raise BadRequest(f"mechanism must be one of {', '.join(self._mechanisms)}, and service is required")
@@ -64,22 +75,22 @@ class SaslEndpoint(AsyncResource):
             message = base64.b64decode(req.form.get("message", ""), validate=True)
         except (binascii.Error, ValueError):
             raise BadRequest("message must be base64") from None
-        d = self.app.pool.run(self.app.server.authenticate_client, req, oauth.SECRET_AUTH, "sasl")
+        d = self._pool.run(self._server.authenticate_client, req, SECRET_AUTH, "sasl")
         d.addCallback(lambda client: self._exchange(mechanism, service, message))
         d.addErrback(self._refused_client)
         return d
 
-    def _refused_client(self, failure) -> Reply:
-        failure.trap(oauth.OAuth2Error)
+    def _refused_client(self, failure: TwistedFailure) -> Reply:
+        failure.trap(OAuth2Error)
         error = failure.value
         return json_reply(401, {"error": error.error, "error_description": error.get_error_description()},
                           {"WWW-Authenticate": "Basic"})
 
-    def _exchange(self, mechanism: str, service: str, message: bytes) -> defer.Deferred | Reply:
-        exchange = ServerExchange(mechanism, oauth.discovery_url(self.app.config))
+    def _exchange(self, mechanism: str, service: str, message: bytes) -> Reply | defer.Deferred[Reply]:
+        exchange = ServerExchange(mechanism, discovery_url(self._issuer))
         step = exchange.receive(message or None)
         if not isinstance(step, Check):
-            self._record(mechanism, service, None, False, "malformed")
+            self._record(mechanism, service, None, False, Reason.MALFORMED)
             return json_reply(200, _outcome(step))
         d = defer.maybeDeferred(self._validate, step.bearer, service)
         return d.addCallback(self._decided, exchange, mechanism, service)
@@ -95,8 +106,8 @@ class SaslEndpoint(AsyncResource):
         step = exchange.reject(verdict.status, verdict.scope, verdict.reason)
         return json_reply(200, {**_outcome(step), "reason": verdict.reason})
 
-    def _record(self, mechanism: str, service: str, user: str | None, ok: bool, reason: str) -> None:
+    def _record(self, mechanism: str, service: str, user: str | None, ok: bool, reason: Reason | str) -> None:
         # repr(): the service name comes from the caller and must not forge log lines.
         log.info("auth {result}: user={user!r} service={service!r} mechanism={mechanism} reason={reason}",
                  result="ok" if ok else "failed", user=user, service=service, mechanism=mechanism, reason=reason)
-        self.app.metrics.sasl_decision("http", self._services, mechanism, service, ok, reason)
+        self._metrics.sasl_decision("http", self._services, mechanism, service, ok, reason)

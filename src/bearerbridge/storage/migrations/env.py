@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from bearerbridge.store import metadata
+from bearerbridge.storage.schema import metadata
 
 connection = context.config.attributes["connection"]
 # Batch mode lets later migrations alter tables on SQLite (it rebuilds them).

@@ -3,10 +3,10 @@
 Three pieces, as ``twisted.cred`` wants them:
 
 - :class:`BearerChallenger`, an ``IChallengeResponse`` that runs one
-  :class:`~bearerbridge.sasl.ServerExchange` and is itself the credentials
+  :class:`~bearerbridge.sasl.mechanisms.ServerExchange` and is itself the credentials
   (:class:`IOAuthBearer`) handed to the portal;
 - :class:`BearerChecker`, which asks bearerbridge's one validation function
-  and turns its :class:`~bearerbridge.verdict.Verdict` into an avatar id or
+  and turns its :class:`~bearerbridge.sasl.verdict.Verdict` into an avatar id or
   a typed error;
 - :class:`BearerIMAP4Server` and :class:`BearerESMTP`, small subclasses
   that relay the RFC 7628 §3.2.2 error challenge after the portal refuses.
@@ -39,10 +39,10 @@ from twisted.mail.interfaces import IChallengeResponse
 from twisted.python.failure import Failure as TwistedFailure
 from zope.interface import Attribute, implementer
 
-from .sasl import (
+from bearerbridge.sasl.mechanisms import (
     Bearer, Challenge, Check, Failure, ProtocolStateError, ServerExchange, Step, checked_mechanisms,
 )
-from .verdict import Validate, Verdict
+from bearerbridge.sasl.verdict import Reason, Validate, Verdict
 
 log = Logger()
 
@@ -194,12 +194,12 @@ class BearerChecker:
 
     def _validator_failed(self, failure: TwistedFailure) -> Verdict:
         log.failure("token validation failed", failure)
-        return Verdict(ok=False, temporary=True, reason="validator error")
+        return Verdict(ok=False, temporary=True, reason=Reason.VALIDATOR_ERROR)
 
     def _judged(self, verdict: Verdict, bearer: Bearer, credentials: IOAuthBearer) -> bytes:
         if verdict.accepted:
             return verdict.username.encode("utf-8")
-        reason = verdict.unavailable or verdict.reason or verdict.status
+        reason = str(verdict.unavailable or verdict.reason or verdict.status)
         log.info(
             # The token is never logged.
             "bearer token refused: service={service!r} mechanism={mechanism} reason={reason!r}",

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import collections
-import ipaddress
 import time
-from typing import Any, Callable
+from collections.abc import Callable
 from urllib.parse import urlencode, urlsplit
 
 from twisted.internet import defer
 from twisted.web.server import Request
 
-from . import device
-from .web import AsyncResource, Reply, parse_query, snapshot
+from bearerbridge.loopback import is_loopback_address
+from bearerbridge.metrics import Metrics
+from bearerbridge.oauth import device
+from bearerbridge.oauth.server import BridgeServer
+from bearerbridge.storage.pool import StorePool
+from bearerbridge.web.sessions import PasswordLogin, Sessions
+from bearerbridge.web.site import PageResource, Pages, Reply, parse_query, snapshot
 
 WRONG_CODES_ALLOWED = 5
 WRONG_CODES_WINDOW = 300
@@ -23,7 +27,7 @@ def guess_keys(peer: object, user_id: int) -> tuple[str, ...]:
     proxy's (a UNIX socket, or loopback), which every user shares: five wrong codes from anyone
     would otherwise shut the page for all."""
     host = getattr(peer, "host", None)
-    if host is None or ipaddress.ip_address(host).is_loopback:
+    if host is None or is_loopback_address(host):
         return (f"user:{user_id}",)
     return (f"address:{host}", f"user:{user_id}")
 
@@ -53,67 +57,72 @@ class GuessLimiter:
             self._failures.setdefault(key, collections.deque()).append(self._clock())
 
 
-class DevicePage(AsyncResource):
+class DevicePage(PageResource):
     """The verification page: login, the code, then the same consent page as the code grant."""
 
-    serves_pages = True
-
-    def __init__(self, app: Any) -> None:
-        super().__init__(app)
+    def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
+                 server: BridgeServer, metrics: Metrics) -> None:
+        super().__init__(pages)
+        self._issuer = issuer
+        self._sessions = sessions
+        self._login = login
+        self._pool = pool
+        self._server = server
+        self._metrics = metrics
         self.limiter = GuessLimiter()
 
-    def render_GET(self, request: Request) -> Any:
+    def render_GET(self, request: Request) -> int:
         return self._answer(request, self._get)
 
-    def render_POST(self, request: Request) -> Any:
+    def render_POST(self, request: Request) -> int:
         return self._answer(request, self._post)
 
     def _typed_code(self, request: Request) -> str:
         return parse_query(urlsplit(request.uri).query).get("user_code", [""])[0]
 
     def _get(self, request: Request) -> Reply:
-        user_id = self.app.session_user(request)
+        user_id = self._sessions.user_id(request)
         if user_id is None:
             return self._login_page(request, failed=False)
         return self._code_page(request, user_id, self._typed_code(request))
 
     def _login_page(self, request: Request, failed: bool) -> Reply:
-        csrf = self.app.csrf_token(request, f"device-login|{request.uri.decode('latin-1')}")
-        return self.app.pages.render(401 if failed else 200, "login.html", client_name="A device", failed=failed,
+        csrf = self._sessions.csrf_token(request, f"device-login|{request.uri.decode('latin-1')}")
+        return self.pages.render(401 if failed else 200, "login.html", client_name="A device", failed=failed,
                                      action=request.uri.decode("latin-1"), csrf=csrf)
 
     def _code_page(self, request: Request, user_id: int, user_code: str, error: str = "", status: int = 200) -> Reply:
-        csrf = self.app.csrf_token(request, f"device|{user_id}")
-        return self.app.pages.render(status, "device.html", action="/device", csrf=csrf, user_code=user_code,
+        csrf = self._sessions.csrf_token(request, f"device|{user_id}")
+        return self.pages.render(status, "device.html", action="/device", csrf=csrf, user_code=user_code,
                                      error=error)
 
-    def _post(self, request: Request) -> Reply | defer.Deferred:
-        form = snapshot(request, self.app.config.server.issuer).form
-        step, user_id = form.get("step"), self.app.session_user(request)
+    def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
+        form = snapshot(request, self._issuer).form
+        step, user_id = form.get("step"), self._sessions.user_id(request)
         if step == "login":
-            if not self.app.csrf_ok(request, form, f"device-login|{request.uri.decode('latin-1')}"):
-                return self.app.form_expired()
-            return self.app.login(request, form).addCallback(
+            if not self._sessions.csrf_ok(request, form, f"device-login|{request.uri.decode('latin-1')}"):
+                return self.pages.form_expired()
+            return self._login(request, form).addCallback(
                 lambda user: self._code_page(request, user.id, self._typed_code(request)) if user
                 else self._login_page(request, failed=True))
         if user_id is None:
             return self._login_page(request, failed=False)
-        if step == "code" and self.app.csrf_ok(request, form, f"device|{user_id}"):
+        if step == "code" and self._sessions.csrf_ok(request, form, f"device|{user_id}"):
             return self._check_code(request, user_id, form.get("user_code", ""))
         user_code = device.normalize_user_code(self._typed_code(request))
-        if step == "consent" and user_code and self.app.csrf_ok(request, form, f"device-consent|{user_id}|{user_code}"):
+        if step == "consent" and user_code and self._sessions.csrf_ok(request, form, f"device-consent|{user_id}|{user_code}"):
             approved = form.get("decision") == "approve"
-            d = self.app.pool.run(device.decide, self.app.server, user_code, user_id, approved)
+            d = self._pool.run(device.decide, self._server, user_code, user_id, approved)
             return d.addCallback(self._decided, request, user_id, approved)
-        return self.app.form_expired()
+        return self.pages.form_expired()
 
-    def _check_code(self, request: Request, user_id: int, typed: str) -> Reply | defer.Deferred:
+    def _check_code(self, request: Request, user_id: int, typed: str) -> Reply | defer.Deferred[Reply]:
         keys = guess_keys(request.getClientAddress(), user_id)
         if self.limiter.blocked(*keys):
             return self._code_page(request, user_id, "", "Too many wrong codes. Wait a few minutes and try again.",
                                    status=429)
         user_code = device.normalize_user_code(typed)
-        d = self.app.pool.run(device.find_by_user_code, self.app.server, user_code) if user_code \
+        d = self._pool.run(device.find_by_user_code, self._server, user_code) if user_code \
             else defer.succeed(None)
         return d.addCallback(self._found, request, user_id, typed, keys)
 
@@ -122,13 +131,13 @@ class DevicePage(AsyncResource):
         if found is None:
             self.limiter.failed(*keys)
             return self._code_page(request, user_id, typed, "That code is not valid, or it has expired.", status=400)
-        csrf = self.app.csrf_token(request, f"device-consent|{user_id}|{found.user_code}")
-        return self.app.pages.render(200, "consent.html", client_name=found.client_name, username=None,
+        csrf = self._sessions.csrf_token(request, f"device-consent|{user_id}|{found.user_code}")
+        return self.pages.render(200, "consent.html", client_name=found.client_name, username=None,
                                      scopes=found.scopes, csrf=csrf,
                                      action="/device?" + urlencode({"user_code": found.user_code}))
 
     def _decided(self, recorded: bool, request: Request, user_id: int, approved: bool) -> Reply:
-        self.app.metrics.authorizations.labels("device_" + ("approved" if approved else "denied")).inc()
+        self._metrics.authorizations.labels("device_" + ("approved" if approved else "denied")).inc()
         if not recorded:
             return self._code_page(request, user_id, "", "That code is not valid, or it has expired.", status=400)
-        return self.app.pages.render(200, "device_done.html", approved=approved, client_name="The device")
+        return self.pages.render(200, "device_done.html", approved=approved, client_name="The device")

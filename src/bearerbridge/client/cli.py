@@ -14,7 +14,7 @@ one. Exit status: 0, 1 on a failure that may pass (network, server), 3 when only
 help, 130 when interrupted; stdout is empty unless `print` succeeds.
 
 This module is the I/O: argparse, treq, the loopback listener. The decisions are in
-`token_protocol` and the state in `token_store`. treq runs on an `Agent` whose
+`client.protocol` and the state in `client.profile`. treq runs on an `Agent` whose
 `BrowserLikePolicyForHTTPS` verifies the certificate chain and the host name (service-identity),
 trusting the platform's roots or, with `--ca-file`, only the certificates in that PEM file.
 """
@@ -40,12 +40,12 @@ from twisted.internet.error import CannotListenError
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from .token_protocol import (DEVICE_GRANT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOGIN_NEEDED, HelperError,
+from bearerbridge.client.protocol import (DEVICE_GRANT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOGIN_NEEDED, HelperError,
                              LoginNeeded, Refused, StrayCallback, Unreachable, authorize_url, check_callback,
                              check_issuer, check_metadata, choose_flow, client_auth, discovery_urls, graphical,
                              login_command, parse_device_response, pkce_pair, poll_decision, status_lines,
                              terminal_safe)
-from .token_store import (APP, DamagedProfile, Profile, ProfileFile, ProtocolError, apply_token_response,
+from bearerbridge.client.profile import (APP, DamagedProfile, Profile, ProfileFile, ProtocolError, apply_token_response,
                           check_profile_name, config_dir, needs_refresh)
 
 HTTP_TIMEOUT = 30  # seconds for a whole request, body included

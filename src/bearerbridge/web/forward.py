@@ -16,16 +16,17 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Any
+from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from .config import ForwardAuthRule, ForwardAuthSettings
-from .verdict import Verdict
-from .web import AsyncResource, Reply, bearer_token
+from bearerbridge.config import ForwardAuthRule, ForwardAuthSettings
+from bearerbridge.metrics import Metrics
+from bearerbridge.sasl.verdict import Reason, Verdict
+from bearerbridge.web.site import AsyncResource, Reply, bearer_token
 
 log = Logger()
 
@@ -94,13 +95,20 @@ def credentials(request: Request, rule: ForwardAuthRule) -> tuple[str | None, st
     return (user or None), (password or None)
 
 
+# (token, identity named or None, scope) -> the Verdict, now or later: `Validator.check_scope`.
+CheckScope = Callable[[str, "str | None", str], "Verdict | defer.Deferred[Verdict]"]
+
+
 class ForwardAuth(AsyncResource):
-    def __init__(self, app: Any, check_scope, settings: ForwardAuthSettings) -> None:
-        super().__init__(app)
+    """/forward-auth: 200 with the user, 401 or 403 with an RFC 6750 challenge, or 503."""
+
+    def __init__(self, check_scope: CheckScope, settings: ForwardAuthSettings, metrics: Metrics) -> None:
+        super().__init__()
         self._check_scope = check_scope
         self._settings = settings
+        self._metrics = metrics
 
-    def render_GET(self, request: Request) -> Any:
+    def render_GET(self, request: Request) -> int:
         return self._answer(request, self._get)
 
     def _challenge(self, rule: ForwardAuthRule | None, error: str = "", scope: str = "") -> dict[bytes, bytes]:
@@ -115,11 +123,11 @@ class ForwardAuth(AsyncResource):
             headers[b"WWW-Authenticate"] = f'Basic realm="{self._settings.realm}", {bearer}'.encode()
         return headers
 
-    def _get(self, request: Request) -> Reply | defer.Deferred:
+    def _get(self, request: Request) -> Reply | defer.Deferred[Reply]:
         method, host, path = original_request(request)
         rule = matching_rule(self._settings.rules, host, path) if path is not None else None
         if rule is None:
-            self._record(method, host, path, None, "-", False, "no_rule" if path is not None else "ambiguous_path")
+            self._record(method, host, path, None, "-", False, Reason.NO_RULE if path is not None else Reason.AMBIGUOUS_PATH)
             return Reply(403, b"", self._challenge(None, "insufficient_scope"))
         scope = rule.read_scope if method in READ_METHODS else rule.write_scope
         identity, token = credentials(request, rule)
@@ -140,9 +148,9 @@ class ForwardAuth(AsyncResource):
         return Reply(401, b"", self._challenge(rule, "invalid_token"))
 
     def _record(self, method: str, host: str, path: str, user: str | None, scope: str, ok: bool,
-                reason: str) -> None:
+                reason: Reason | str) -> None:
         # repr(): method, host and path come from the client and must not forge log lines.
         log.info("forward-auth {result}: user={user!r} {method!r} {host!r}{path!r} scope={scope} reason={reason}",
                  result="ok" if ok else "failed", user=user, method=method, host=host, path=path, scope=scope,
                  reason=reason)
-        self.app.metrics.sasl_decision("forward_auth", {scope}, "bearer", scope, ok, reason)
+        self._metrics.sasl_decision("forward_auth", {scope}, "bearer", scope, ok, reason)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from authlib.oauth2.rfc6749 import InvalidGrantError, InvalidScopeError, UnauthorizedClientError
 from authlib.oauth2.rfc8628 import DeviceAuthorizationEndpoint, DeviceCodeGrant
 
-from .models import Client, DeviceCode, User
+from bearerbridge.storage.models import Client, DeviceCode, User
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
 # authlib's user codes: two groups of four consonants, with no vowels (no words) and nothing

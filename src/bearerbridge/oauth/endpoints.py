@@ -1,0 +1,136 @@
+"""Introspection (RFC 7662) and revocation (RFC 7009) on authlib's endpoints.
+
+Introspection has two ways in. `Introspection` is authlib's endpoint, run in the pool
+against the store. `introspect_remembered` answers without the pool when the calling client
+and the token were read lately (`storage.recent`), and says it cannot (None) otherwise.
+Both decide with the same `answer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from authlib.oauth2.rfc6749.util import extract_basic_authorization
+from authlib.oauth2.rfc7009 import RevocationEndpoint
+from authlib.oauth2.rfc7662 import IntrospectionEndpoint
+
+from bearerbridge.oauth.grants import ANY_AUTH, SECRET_AUTH
+from bearerbridge.oauth.requests import HttpRequest
+from bearerbridge.storage.models import Client, Token
+from bearerbridge.storage.recent import RecentReads
+from bearerbridge.storage.store import SqlStore
+
+
+def query_token(store: SqlStore, token_string: str, hint: str | None) -> Token | None:
+    """Look a token up as an access token or a refresh token, the hinted kind first.
+
+    A refresh token is returned as a Token whose lifetime is the refresh token's,
+    so that `is_expired`/`is_revoked` answer for it."""
+    def as_refresh() -> Token | None:
+        found = store.find_refresh_token(token_string)
+        if found is None:
+            return None
+        return dataclasses.replace(found, expires_at=found.refresh_expires_at or 0,
+                                   revoked=found.revoked or found.rotated, refresh=True)
+    lookups = [as_refresh, lambda: store.find_access_token(token_string)]
+    if hint != "refresh_token":
+        lookups.reverse()
+    for lookup in lookups:
+        if (found := lookup()) is not None:
+            return found
+    return None
+
+
+def introspection_claims(token: Token) -> dict[str, Any]:
+    """The RFC 7662 §2.2 members for an active token."""
+    claims: dict[str, Any] = {"active": True, "scope": token.scope, "client_id": token.client_id,
+              "token_type": "refresh_token" if token.refresh else "Bearer", "exp": token.expires_at, "iat": token.issued_at,
+              "sub": token.username or token.client_id}
+    if token.username:
+        claims["username"] = token.username
+    if token.email:
+        claims["email"] = token.email
+    return claims
+
+
+# Dovecot (`send_auth_headers = yes`) names the service being logged into.
+SERVICE_HEADER = "X-Dovecot-Auth-Service"
+
+
+def may_see(token: Token, client: Client, service: str | None, services: Mapping[str, str]) -> bool:
+    """Whether `client` may see `token` active.
+
+    A refresh token only by the client it was issued to: a resource server must never take
+    one for an access token. And when the caller names the service being logged into, a
+    token lacking that service's scope (`[sasl.services]`) is reported inactive."""
+    if token.refresh:
+        return token.client_id == client.client_id
+    if service is None:
+        return True
+    required = services.get(service)
+    return required is not None and required in token.scope.split()
+
+
+def answer(token: Token | None, client: Client, service: str | None, services: Mapping[str, str]) -> dict[str, Any]:
+    """The RFC 7662 §2.2 answer: the claims of an active token the client may see, else
+    `{"active": false}` alone (§2.2: an unknown, expired, revoked or hidden token)."""
+    if token is None or token.is_expired() or token.is_revoked() or not may_see(token, client, service, services):
+        return {"active": False}
+    return introspection_claims(token)
+
+
+class Introspection(IntrospectionEndpoint):
+    """RFC 7662 in the pool. Any registered confidential client (a resource server) may ask."""
+
+    CLIENT_AUTH_METHODS = SECRET_AUTH
+
+    def create_endpoint_response(self, request: HttpRequest) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+        """authlib's steps (client authentication, parameter checks, lookup), then `answer`."""
+        client = self.authenticate_endpoint_client(request)
+        self.check_params(request, client)
+        token = self.query_token(request.form["token"], request.form.get("token_type_hint"))
+        return 200, answer(token, client, request.headers.get(SERVICE_HEADER), self.server.config.sasl.services), []
+
+    def query_token(self, token_string: str, token_type_hint: str | None) -> Token | None:
+        return query_token(self.server.store, token_string, token_type_hint)
+
+
+def introspect_remembered(request: HttpRequest, recent: RecentReads, digest: Callable[[str], str],
+                          services: Mapping[str, str]) -> dict[str, Any] | None:
+    """The introspection answer from memory alone, or None when the pool must be asked: the
+    client or the access token was not read lately, the client did not authenticate, or the
+    request is anything but a plain one (which authlib then answers, errors included)."""
+    client = _remembered_client(request, recent)
+    token_string = request.form.get("token")
+    if client is None or not token_string or request.form.get("token_type_hint") not in (None, "", "access_token"):
+        return None
+    remembered = recent.token(digest(token_string))
+    if remembered is None:
+        return None
+    return answer(remembered[0], client, request.headers.get(SERVICE_HEADER), services)
+
+
+def _remembered_client(request: HttpRequest, recent: RecentReads) -> Client | None:
+    """The calling client if it was read lately and its secret is right (client_secret_basic,
+    else client_secret_post, as authlib tries them)."""
+    client_id, secret = extract_basic_authorization(request.headers)
+    if not (client_id and secret):
+        client_id, secret = request.form.get("client_id"), request.form.get("client_secret")
+    if not (client_id and secret):
+        return None
+    client = recent.client(client_id)
+    return client if client is not None and client.check_client_secret(secret) else None
+
+
+class Revocation(RevocationEndpoint):
+    """RFC 7009. Revoking either token of a grant revokes the grant's whole family."""
+
+    CLIENT_AUTH_METHODS = ANY_AUTH
+
+    def query_token(self, token_string: str, token_type_hint: str | None) -> Token | None:
+        return query_token(self.server.store, token_string, token_type_hint)
+
+    def revoke_token(self, token: Token, request: HttpRequest) -> None:
+        self.server.store.revoke_family(token.family)

@@ -1,0 +1,101 @@
+"""The token grants: the code grant with PKCE S256, refresh with rotation, client credentials.
+
+authlib's grants, bound to the store through `server` (a `BridgeServer`) and made strict where
+authlib's defaults are permissive (RFC 9700). Blocking: they run in a pool thread.
+"""
+
+from __future__ import annotations
+
+import time
+
+from authlib.oauth2.rfc6749 import InvalidRequestError, OAuth2Request, grants
+from authlib.oauth2.rfc7636 import CodeChallenge
+
+from bearerbridge.oauth import device
+from bearerbridge.storage.models import AuthCode, Client, Token, User
+
+SECRET_AUTH = ["client_secret_basic", "client_secret_post"]
+ANY_AUTH = SECRET_AUTH + ["none"]
+
+
+class S256Challenge(CodeChallenge):
+    """PKCE (RFC 7636) with S256 only: required for public clients, honoured for all.
+
+    authlib accepts `plain` and a missing challenge; RFC 9700 §2.1.1 wants neither.
+    """
+
+    SUPPORTED_CODE_CHALLENGE_METHOD = ["S256"]
+
+    def validate_code_challenge(self, grant, redirect_uri):
+        data = grant.request.payload.data
+        if data.get("code_challenge") and data.get("code_challenge_method") != "S256":
+            raise InvalidRequestError("code_challenge_method must be S256")
+        if grant.request.client.public and not data.get("code_challenge"):
+            raise InvalidRequestError("PKCE is required: send code_challenge with code_challenge_method=S256")
+        super().validate_code_challenge(grant, redirect_uri)
+
+
+class CodeGrant(grants.AuthorizationCodeGrant):
+    TOKEN_ENDPOINT_AUTH_METHODS = ANY_AUTH  # "none" is for public clients, which must use PKCE
+
+    def save_authorization_code(self, code: str, request: OAuth2Request) -> None:
+        data = request.payload.data
+        self.server.store.save_code(
+            code, request.client.client_id, request.user.id, request.payload.redirect_uri or "",
+            request.scope, data.get("code_challenge"), data.get("code_challenge_method"),
+            int(time.time()) + self.server.config.tokens.code_ttl)
+
+    def query_authorization_code(self, code: str, client: Client) -> AuthCode | None:
+        """A code is good once: the first exchange marks it used, and presenting a used
+        code again revokes every token issued from it (RFC 6749 §4.1.2)."""
+        store = self.server.store
+        found = store.find_code(code)
+        if found is None or found.client_id != client.client_id:
+            return None
+        if found.used or not store.use_code(found.code_digest):
+            store.revoke_from_code(found.code_digest)
+            self.server.note_failure("authorization_code", "code_reused")
+            return None
+        return None if found.is_expired() else found
+
+    def delete_authorization_code(self, authorization_code: AuthCode) -> None:
+        """Nothing to do: the code was marked used when it was queried, and stays
+        until it expires so that a replay can be detected."""
+
+    def authenticate_user(self, authorization_code: AuthCode) -> User | None:
+        return self.server.active_user(authorization_code.user_id)
+
+
+class RefreshGrant(grants.RefreshTokenGrant):
+    TOKEN_ENDPOINT_AUTH_METHODS = ANY_AUTH
+    INCLUDE_NEW_REFRESH_TOKEN = True  # rotation: RFC 9700 §4.14.2
+
+    def authenticate_refresh_token(self, refresh_token: str) -> Token | None:
+        """The token if it may be used now; a rotated token presented again is a replay,
+        so its whole family is revoked."""
+        store = self.server.store
+        token = store.find_refresh_token(refresh_token)
+        if token is None or token.client_id != self.request.client.client_id:
+            return None
+        if not token.rotated and not token.refresh_usable():
+            return None  # expired, revoked, or its user disabled
+        if token.rotated or not store.mark_rotated(token.id):
+            store.revoke_family(token.family)
+            self.server.note_failure("refresh_token", "refresh_reused")
+            return None
+        return token
+
+    def authenticate_user(self, refresh_token: Token) -> User | None:
+        return self.server.active_user(refresh_token.user_id)
+
+    def revoke_old_credential(self, refresh_token: Token) -> None:
+        """Nothing to do: the old refresh token was retired when it was accepted."""
+
+
+class ClientCredentialsGrant(grants.ClientCredentialsGrant):
+    TOKEN_ENDPOINT_AUTH_METHODS = SECRET_AUTH  # confidential clients only
+
+
+# Every grant the token endpoint serves: in the metadata, in the admin CLI's choices, and as
+# the label of token metrics.
+GRANT_TYPES = tuple(grant.GRANT_TYPE for grant in (CodeGrant, RefreshGrant, ClientCredentialsGrant, device.DeviceGrant))

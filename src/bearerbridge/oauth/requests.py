@@ -1,0 +1,62 @@
+"""`HttpRequest`: what authlib needs of an HTTP request, copied off the reactor thread's request."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from authlib.oauth2.rfc6749 import OAuth2Payload, OAuth2Request
+
+
+class _Headers(dict):
+    """Request headers keyed by lower-case name, as authlib looks them up by any case."""
+
+    def get(self, key, default=None):
+        return super().get(key.lower(), default)
+
+    def __getitem__(self, key):
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key):
+        return super().__contains__(key.lower())
+
+
+class _Payload(OAuth2Payload):
+    def __init__(self, datalist: Mapping[str, list[str]]) -> None:
+        self._datalist = dict(datalist)
+        self._data = {key: values[0] for key, values in self._datalist.items() if values}
+
+    @property
+    def data(self):
+        return self._data
+
+    @property
+    def datalist(self):
+        return self._datalist
+
+
+class HttpRequest(OAuth2Request):
+    """A snapshot of an HTTP request, safe to hand to a pool thread.
+
+    twisted.web merges the query and the form in `request.args`; we keep them apart
+    (`args` and `form`, as RFC 6749 says where each parameter belongs) and give
+    authlib their union as the payload.
+    """
+
+    def __init__(self, method: str, uri: str, headers: Mapping[str, str],
+                 query: Mapping[str, list[str]], form: Mapping[str, list[str]]) -> None:
+        super().__init__(method, uri, headers=_Headers({k.lower(): v for k, v in headers.items()}))
+        self._args = {k: v[0] for k, v in query.items() if v}
+        self._form = {k: v[0] for k, v in form.items() if v}
+        merged: dict[str, list[str]] = {k: list(v) for k, v in query.items()}
+        for key, values in form.items():
+            merged.setdefault(key, []).extend(values)
+        self.payload = _Payload(merged)
+
+    @property
+    def args(self):
+        return self._args
+
+    @property
+    def form(self):
+        return self._form

@@ -1,0 +1,179 @@
+"""`BridgeServer`: authlib's authorization server bound to our store and settings, the
+authorization step (`authorize`: what a browser doing the code grant is shown next), and the
+RFC 8414 metadata.
+
+Blocking: everything here runs in a pool thread inside one store transaction. The web
+layer snapshots a twisted.web request into `HttpRequest` on the reactor thread and writes
+back whatever these functions return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from authlib.common.urls import add_params_to_uri
+from authlib.oauth2 import AuthorizationServer
+from authlib.oauth2.rfc6749 import OAuth2Error, OAuth2Request
+from authlib.oauth2.rfc6750 import BearerTokenGenerator
+from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
+
+from bearerbridge.config import Config
+from bearerbridge.crypto import new_secret
+from bearerbridge.metrics import Metrics
+from bearerbridge.oauth import device
+from bearerbridge.oauth.endpoints import Introspection, Revocation
+from bearerbridge.oauth.grants import (ANY_AUTH, GRANT_TYPES, SECRET_AUTH, ClientCredentialsGrant, CodeGrant,
+                                       RefreshGrant, S256Challenge)
+from bearerbridge.oauth.requests import HttpRequest
+from bearerbridge.storage.models import AuthCode, Client, Token, User
+from bearerbridge.storage.store import SqlStore
+
+
+# -- the authorization step ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Redirect:
+    location: str
+
+
+@dataclass(frozen=True)
+class ErrorPage:
+    """An error that must not redirect: unknown client or unverified redirect URI."""
+    error: str
+    description: str
+
+
+@dataclass(frozen=True)
+class AskLogin:
+    client_name: str
+    failed: bool = False
+
+
+@dataclass(frozen=True)
+class AskConsent:
+    client_name: str
+    user: User
+    scopes: tuple[tuple[str, str], ...]  # (name, description)
+
+
+AuthorizeOutcome = Redirect | ErrorPage | AskLogin | AskConsent
+
+
+class BridgeServer(AuthorizationServer):
+    """authlib's AuthorizationServer bound to our store and settings."""
+
+    def __init__(self, store: SqlStore, config: Config, metrics: Metrics | None = None) -> None:
+        super().__init__(scopes_supported=list(config.scopes))
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self.register_token_generator("default", BearerTokenGenerator(
+            access_token_generator=lambda **_: new_secret(),
+            refresh_token_generator=lambda **_: new_secret(),
+            expires_generator=lambda client, grant_type: config.tokens.access_ttl))
+        self.register_grant(CodeGrant, [S256Challenge(required=True)])
+        self.register_grant(RefreshGrant)
+        self.register_grant(ClientCredentialsGrant)
+        self.register_grant(device.DeviceGrant)
+        self.register_endpoint(Introspection)
+        self.register_endpoint(Revocation)
+        device_endpoint = device.DeviceEndpoint(self)
+        device_endpoint.EXPIRES_IN = config.tokens.device_ttl
+        self.register_endpoint(device_endpoint)
+
+    # authlib's framework hooks
+
+    def query_client(self, client_id: str) -> Client | None:
+        return self.store.find_client(client_id)
+
+    def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None:
+        previous: Token | None = request.refresh_token
+        code: AuthCode | None = request.authorization_code
+        self.store.save_token(
+            token["access_token"], token.get("refresh_token"), request.client.client_id,
+            request.user.id if request.user else None, token.get("scope", ""), token["expires_in"],
+            self.config.tokens.refresh_ttl, family=previous.family if previous else None,
+            code_digest=code.code_digest if code else None)
+
+    def create_oauth2_request(self, request: OAuth2Request) -> OAuth2Request:
+        return request
+
+    def handle_response(self, status: int, body: Any, headers: Any) -> tuple[int, Any, Any]:
+        return status, body, headers
+
+    def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
+        """authlib's signals; we count outcomes in the web layer instead."""
+
+    # helpers for the grants
+
+    def note_failure(self, grant_type: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.token_failures.labels(grant_type, reason).inc()
+
+    def active_user(self, user_id: int | None) -> User | None:
+        user = self.store.get_user(user_id) if user_id is not None else None
+        return user if user is not None and not user.disabled else None
+
+    # the authorization endpoint
+
+    def _with_issuer(self, response: tuple[int, Any, Any]) -> Redirect:
+        """RFC 9207: every authorization response names its issuer."""
+        location = dict(response[2])["Location"]
+        return Redirect(add_params_to_uri(location, [("iss", self.config.server.issuer)]))
+
+    def authorize(self, request: HttpRequest, user_id: int | None, decision: str | None) -> AuthorizeOutcome:
+        """Decide what one request to /authorize gets.
+
+        `decision` is None when the user has not answered the consent form yet,
+        else "approve" or "deny". Consent is remembered per user and client; a later
+        request for the same or fewer scopes skips the page.
+        """
+        user = self.active_user(user_id)
+        try:
+            grant = self.get_consent_grant(request, end_user=user)
+        except OAuth2Error as error:
+            if error.redirect_uri:
+                return self._with_issuer(self.handle_error_response(request, error))
+            return ErrorPage(error.error, error.get_error_description() or error.error)
+        client: Client = grant.client
+        if user is None:
+            return AskLogin(client.name)
+        scope = set(request.scope.split())
+        if decision == "approve":
+            self.store.save_consent(user.id, client.client_id, scope)
+        elif decision != "deny" and not scope <= self.store.consented_scope(user.id, client.client_id):
+            return AskConsent(client.name, user,
+                              tuple((s, self.config.scopes.get(s, s)) for s in request.scope.split()))
+        granted = user if decision != "deny" else None
+        return self._with_issuer(self.create_authorization_response(request, grant_user=granted, grant=grant))
+
+
+def discovery_url(issuer: str) -> str:
+    """Where the metadata is served; SASL error challenges point clients at it (RFC 7628 §3.2.2)."""
+    return f"{issuer.rstrip('/')}/.well-known/oauth-authorization-server"
+
+
+def metadata(config: Config) -> dict[str, Any]:
+    """RFC 8414 authorization server metadata."""
+    issuer = config.server.issuer.rstrip("/")
+    data = AuthorizationServerMetadata({
+        "issuer": config.server.issuer,
+        "authorization_endpoint": f"{issuer}/authorize",
+        "token_endpoint": f"{issuer}/token",
+        "introspection_endpoint": f"{issuer}/introspect",
+        "revocation_endpoint": f"{issuer}/revoke",
+        "device_authorization_endpoint": f"{issuer}/device_authorization",
+        "scopes_supported": list(config.scopes),
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": list(GRANT_TYPES),
+        "token_endpoint_auth_methods_supported": ANY_AUTH,
+        "introspection_endpoint_auth_methods_supported": SECRET_AUTH,
+        "revocation_endpoint_auth_methods_supported": ANY_AUTH,
+        "code_challenge_methods_supported": ["S256"],
+        "authorization_response_iss_parameter_supported": True,
+    })
+    if config.https:  # authlib's validator insists on an https issuer
+        data.validate()
+    return dict(data)

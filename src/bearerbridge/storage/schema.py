@@ -1,0 +1,112 @@
+"""The schema: every table bearerbridge keeps, and the statements on hot paths built once."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+users = sa.Table(
+    "users", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("username", sa.String(255), nullable=False, unique=True),
+    sa.Column("email", sa.String(255)),
+    sa.Column("password_hash", sa.String(255)),
+    sa.Column("disabled", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+clients = sa.Table(
+    "clients", metadata,
+    sa.Column("client_id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("secret_digest", sa.String(64)),
+    sa.Column("redirect_uris", sa.Text, nullable=False),  # one per line
+    sa.Column("scope", sa.Text, nullable=False),
+    sa.Column("grant_types", sa.Text, nullable=False),     # space-separated
+    sa.Column("public", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+
+def _client_fk() -> sa.ForeignKey:
+    return sa.ForeignKey("clients.client_id", ondelete="CASCADE")
+
+
+def _user_fk() -> sa.ForeignKey:
+    return sa.ForeignKey("users.id", ondelete="CASCADE")
+
+
+auth_codes = sa.Table(
+    "auth_codes", metadata,
+    sa.Column("code_digest", sa.String(64), primary_key=True),
+    sa.Column("client_id", sa.String(64), _client_fk(), nullable=False),
+    sa.Column("user_id", sa.Integer, _user_fk(), nullable=False),
+    sa.Column("redirect_uri", sa.Text, nullable=False),
+    sa.Column("scope", sa.Text, nullable=False),
+    sa.Column("code_challenge", sa.String(128)),
+    sa.Column("code_challenge_method", sa.String(16)),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Column("used", sa.Boolean, nullable=False, default=False),
+)
+
+tokens = sa.Table(
+    "tokens", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("access_digest", sa.String(64), nullable=False, unique=True),
+    sa.Column("refresh_digest", sa.String(64), unique=True),
+    sa.Column("client_id", sa.String(64), _client_fk(), nullable=False, index=True),
+    sa.Column("user_id", sa.Integer, _user_fk(), index=True),
+    sa.Column("scope", sa.Text, nullable=False),
+    sa.Column("issued_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Column("refresh_expires_at", sa.BigInteger),
+    sa.Column("revoked", sa.Boolean, nullable=False, default=False),
+    sa.Column("rotated", sa.Boolean, nullable=False, default=False),
+    sa.Column("family", sa.String(32), nullable=False, index=True),
+    sa.Column("code_digest", sa.String(64), index=True),
+)
+
+consents = sa.Table(
+    "consents", metadata,
+    sa.Column("user_id", sa.Integer, _user_fk(), primary_key=True),
+    sa.Column("client_id", sa.String(64), _client_fk(), primary_key=True),
+    sa.Column("scope", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+)
+
+
+# The statements on the hot paths, built once: constructing a statement costs more than a
+# point lookup on a held connection (bench/README.md), so they take their values as parameters.
+CLIENT_BY_ID = clients.select().where(clients.c.client_id == sa.bindparam("client_id"))
+USER_BY_ID = users.select().where(users.c.id == sa.bindparam("user_id"))
+CODE_BY_DIGEST = auth_codes.select().where(auth_codes.c.code_digest == sa.bindparam("digest"))
+USE_CODE = (auth_codes.update().where(auth_codes.c.code_digest == sa.bindparam("digest"),
+                                       auth_codes.c.used.is_(False)).values(used=True))
+INSERT_CODE = auth_codes.insert()
+INSERT_TOKEN = tokens.insert()
+MARK_ROTATED = (tokens.update().where(tokens.c.id == sa.bindparam("token_id"), tokens.c.rotated.is_(False))
+                 .values(rotated=True))
+TOKEN_QUERY = (
+    sa.select(tokens, users.c.username, users.c.email,
+              sa.func.coalesce(users.c.disabled, False).label("user_disabled"))
+    .select_from(tokens.outerjoin(users, tokens.c.user_id == users.c.id))
+)
+TOKEN_BY_ACCESS = TOKEN_QUERY.where(tokens.c.access_digest == sa.bindparam("digest"))
+TOKEN_BY_REFRESH = TOKEN_QUERY.where(tokens.c.refresh_digest == sa.bindparam("digest"))
+TOKENS_BY_ACCESS = TOKEN_QUERY.where(tokens.c.access_digest.in_(sa.bindparam("digests", expanding=True)))
+
+
+device_codes = sa.Table(
+    "device_codes", metadata,
+    sa.Column("device_digest", sa.String(64), primary_key=True),
+    sa.Column("user_code", sa.String(16), nullable=False, unique=True),
+    sa.Column("client_id", sa.String(64), _client_fk(), nullable=False),
+    sa.Column("scope", sa.Text, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Column("interval", sa.Integer, nullable=False),
+    sa.Column("last_poll_at", sa.Float),
+    sa.Column("user_id", sa.Integer, _user_fk()),
+    sa.Column("approved", sa.Boolean),      # None until the user decides
+    sa.Column("used", sa.Boolean, nullable=False),
+)

@@ -1,0 +1,120 @@
+"""/authorize, the code grant's front door with its login and consent pages, and /logout.
+
+Path 1 of the architecture, steps 1 to 3: a GET is snapshot and handed to
+`BridgeServer.authorize` in the pool, which says what to show (`AskLogin`, `AskConsent`,
+`ErrorPage`) or where to send the browser (`Redirect`, with `iss`, RFC 9207). The login form
+posts back here (`PasswordLogin`), and so does the consent form; each form's CSRF token is
+bound to the request it was shown for.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from twisted.internet import defer
+from twisted.web.server import Request
+
+from bearerbridge.metrics import Metrics
+from bearerbridge.oauth.requests import HttpRequest
+from bearerbridge.oauth.server import AskConsent, AskLogin, AuthorizeOutcome, BridgeServer, ErrorPage, Redirect
+from bearerbridge.storage.models import User
+from bearerbridge.storage.pool import StorePool
+from bearerbridge.web.sessions import PasswordLogin, Sessions
+from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, snapshot
+
+
+class Authorize(PageResource):
+    """/authorize (RFC 6749 §3.1, §4.1.1)."""
+
+    def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
+                 server: BridgeServer, metrics: Metrics) -> None:
+        super().__init__(pages)
+        self._issuer = issuer
+        self._sessions = sessions
+        self._login = login
+        self._pool = pool
+        self._server = server
+        self._metrics = metrics
+
+    def render_GET(self, request: Request) -> int:
+        return self._answer(request, self._get)
+
+    def render_POST(self, request: Request) -> int:
+        return self._answer(request, self._post)
+
+    def _binding(self, request: Request, user_id: int | None) -> str:
+        return f"{user_id or ''}|{urlsplit(request.uri).query.decode('latin-1')}"
+
+    def _get(self, request: Request) -> defer.Deferred[Reply]:
+        req = snapshot(request, self._issuer)
+        user_id = self._sessions.user_id(request)
+        d = self._pool.run(self._server.authorize, req, user_id, None)
+        return d.addCallback(self._render, request, user_id)
+
+    def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
+        req = snapshot(request, self._issuer)
+        form = req.form
+        user_id = self._sessions.user_id(request) if form.get("step") == "consent" else None
+        if not self._sessions.csrf_ok(request, form, self._binding(request, user_id)):
+            return self.pages.form_expired()
+        if form.get("step") == "consent":
+            decision = form.get("decision")
+            if decision not in ("approve", "deny"):
+                raise BadRequest("decision must be approve or deny")
+            d = self._pool.run(self._server.authorize, req, user_id, decision)
+            return d.addCallback(self._render, request, user_id)
+        login = self._login(request, form)
+        login.addCallback(lambda user: self._pool.run(self._after_login, req, user))
+        return login.addCallback(self._logged_in, request)
+
+    def _after_login(self, req: HttpRequest, user: User | None) -> tuple[User | None, AuthorizeOutcome]:
+        """In the pool: go on as a fresh request from the user who logged in, if one did."""
+        outcome = self._server.authorize(req, user.id if user else None, None)
+        if user is None and isinstance(outcome, AskLogin):
+            outcome = AskLogin(outcome.client_name, failed=True)
+        return user, outcome
+
+    def _logged_in(self, result: tuple[User | None, AuthorizeOutcome], request: Request) -> Reply:
+        user, outcome = result
+        return self._render(outcome, request, user.id if user else None)
+
+    def _render(self, outcome: AuthorizeOutcome, request: Request, user_id: int | None) -> Reply:
+        self._metrics.authorizations.labels(type(outcome).__name__.lower()).inc()
+        action = request.uri.decode("latin-1")
+        match outcome:
+            case Redirect(location):
+                return Reply(302, b"", {b"Location": location.encode()})
+            case ErrorPage(error, description):
+                return self.pages.error(400, error, description)
+            case AskLogin(client_name, failed):
+                csrf = self._sessions.csrf_token(request, self._binding(request, None))
+                return self.pages.render(401 if failed else 200, "login.html", client_name=client_name,
+                                          failed=failed, action=action, csrf=csrf)
+            case AskConsent(client_name, user, scopes):
+                csrf = self._sessions.csrf_token(request, self._binding(request, user.id))
+                return self.pages.render(200, "consent.html", client_name=client_name, username=user.username,
+                                          scopes=scopes, action=action, csrf=csrf)
+        raise TypeError(outcome)
+
+
+class Logout(PageResource):
+    """/logout: a form (with its CSRF token) that ends the login session."""
+
+    def __init__(self, pages: Pages, issuer: str, sessions: Sessions) -> None:
+        super().__init__(pages)
+        self._issuer = issuer
+        self._sessions = sessions
+
+    def render_GET(self, request: Request) -> int:
+        return self._answer(request, lambda r: self.pages.render(
+            200, "logout.html", done=False, csrf=self._sessions.csrf_token(r, "logout")))
+
+    def render_POST(self, request: Request) -> int:
+        return self._answer(request, self._post)
+
+    def _post(self, request: Request) -> Reply:
+        form = snapshot(request, self._issuer).form
+        if not self._sessions.csrf_ok(request, form, "logout"):
+            return self.pages.form_expired()
+        self._sessions.end(request)
+        return self.pages.render(200, "logout.html", done=True)

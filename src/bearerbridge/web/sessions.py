@@ -1,0 +1,91 @@
+"""Who the browser is: the login session cookie, CSRF tokens for forms, and the password login.
+
+Sessions are signed cookies holding the user's id (`crypto.Keyring.sign`), valid for
+`[server] session_ttl` seconds. Every form carries a CSRF token bound to this browser (a
+random cookie) and to what the form is for (`binding`: the very request, the step, the user),
+so a token taken from one form is refused by any other.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+
+from twisted.internet import defer
+from twisted.web.server import Request
+
+from bearerbridge.crypto import Keyring, verify_login
+from bearerbridge.metrics import Metrics
+from bearerbridge.storage.models import User
+from bearerbridge.storage.pool import StorePool
+
+SESSION_COOKIE = b"bb_session"
+CSRF_COOKIE = b"bb_csrf"
+CSRF_TTL = 900
+
+
+class Sessions:
+    """Cookies: the login session and the browser's CSRF secret. `HttpOnly`, `SameSite=Lax`,
+    and `Secure` when the issuer is https."""
+
+    def __init__(self, keyring: Keyring, session_ttl: int, secure: bool) -> None:
+        self._keyring = keyring
+        self._session_ttl = session_ttl
+        self._secure = secure
+
+    def _set_cookie(self, request: Request, name: bytes, value: str, max_age: int | None) -> None:
+        request.addCookie(name, value.encode(), path=b"/", httpOnly=True, sameSite=b"lax", secure=self._secure,
+                          max_age=None if max_age is None else str(max_age).encode())
+
+    def user_id(self, request: Request) -> int | None:
+        """The signed-in user's id, if the session cookie is good and young enough."""
+        value = request.getCookie(SESSION_COOKIE)
+        payload = value and self._keyring.unsign("session", value.decode("latin-1"), self._session_ttl)
+        return int(payload) if payload and payload.isdigit() else None
+
+    def start(self, request: Request, user_id: int) -> None:
+        self._set_cookie(request, SESSION_COOKIE, self._keyring.sign("session", str(user_id)), self._session_ttl)
+
+    def end(self, request: Request) -> None:
+        self._set_cookie(request, SESSION_COOKIE, "", 0)
+
+    def csrf_token(self, request: Request, binding: str) -> str:
+        """A form token bound to this browser (a cookie, set now if missing) and to `binding`."""
+        browser = (request.getCookie(CSRF_COOKIE) or b"").decode("latin-1")
+        if not browser:
+            browser = secrets.token_urlsafe(16)
+            self._set_cookie(request, CSRF_COOKIE, browser, None)
+            request.received_cookies[CSRF_COOKIE] = browser.encode()
+        return self._keyring.sign(f"csrf|{browser}|{binding}", "form")
+
+    def csrf_ok(self, request: Request, form: Mapping[str, str], binding: str) -> bool:
+        """Whether the form's `csrf` field was made by `csrf_token` for this browser and binding,
+        less than CSRF_TTL seconds ago."""
+        browser = (request.getCookie(CSRF_COOKIE) or b"").decode("latin-1")
+        token = form.get("csrf", "")
+        return bool(browser and token) and self._keyring.unsign(
+            f"csrf|{browser}|{binding}", token, CSRF_TTL) == "form"
+
+
+class PasswordLogin:
+    """The login form's check, shared by /authorize and /device."""
+
+    def __init__(self, pool: StorePool, sessions: Sessions, metrics: Metrics) -> None:
+        self._pool = pool
+        self._sessions = sessions
+        self._metrics = metrics
+
+    def __call__(self, request: Request, form: Mapping[str, str]) -> defer.Deferred[User | None]:
+        """Check a login form's username and password; on success start a session.
+
+        Three steps: read the password hash (pool), verify it (argon2id, slow on purpose:
+        away from the store's threads), and fire with the User or None."""
+        d = self._pool.run(self._pool.store.password_hash, form.get("username", ""))
+        d.addCallback(lambda found: self._pool.run_apart(verify_login, found, form.get("password", "")))
+
+        def started(user: User | None) -> User | None:
+            self._metrics.logins.labels("ok" if user else "failed").inc()
+            if user is not None:
+                self._sessions.start(request, user.id)
+            return user
+        return d.addCallback(started)

@@ -1,0 +1,195 @@
+"""The plumbing every HTTP face shares: reading a request, writing a reply, error pages, the Site.
+
+Each handler snapshots the request on the reactor thread (`snapshot`), makes at most one
+hop to the store pool, and returns a `Reply` (or a Deferred of one) that `AsyncResource`
+writes. Pages are Jinja2 templates; every response refuses framing. A failure becomes our
+own answer, a page for a person or JSON for a program, never Twisted's traceback page.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from bearerbridge.oauth.requests import HttpRequest
+
+log = Logger()
+
+MAX_BODY = 64 * 1024
+MAX_FIELDS = 64
+SECURITY_HEADERS = {
+    b"X-Frame-Options": b"DENY",
+    b"Content-Security-Policy": b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'",
+    b"X-Content-Type-Options": b"nosniff",
+    b"Referrer-Policy": b"no-referrer",
+}
+JSON_HEADERS = {b"Content-Type": b"application/json", b"Cache-Control": b"no-store", b"Pragma": b"no-cache"}
+
+
+class BadRequest(Exception):
+    """Hostile or malformed HTTP input, answered with invalid_request."""
+
+
+def parse_query(raw: bytes | str) -> dict[str, list[str]]:
+    """A query string or form body: strict UTF-8, at most MAX_FIELDS fields (else BadRequest)."""
+    try:
+        return parse_qs(raw if isinstance(raw, str) else raw.decode("utf-8", "strict"),
+                        keep_blank_values=True, max_num_fields=MAX_FIELDS)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("The parameters are malformed or too many") from None
+
+
+def snapshot(request: Request, issuer: str) -> HttpRequest:
+    """Copy what authlib needs out of a twisted.web request (query and form kept apart)."""
+    raw_query = urlsplit(request.uri).query
+    form: dict[str, list[str]] = {}
+    content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if request.method == b"POST" and content_type == b"application/x-www-form-urlencoded":
+        request.content.seek(0)
+        body = request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise BadRequest("The request body is too large")
+        form = parse_query(body)
+    headers = {name.decode("latin-1"): b", ".join(values).decode("latin-1")
+               for name, values in request.requestHeaders.getAllRawHeaders()}
+    uri = issuer.rstrip("/") + request.uri.decode("latin-1")
+    return HttpRequest(request.method.decode("ascii"), uri, headers, parse_query(raw_query), form)
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an `Authorization: Bearer` header (RFC 6750 §2.1), if any."""
+    scheme, _, token = (request.getHeader(b"authorization") or b"").decode("latin-1").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[bytes, bytes]
+
+
+def json_reply(status: int, body: Any, headers: Mapping[str, str] | list[tuple[str, str]] = ()) -> Reply:
+    """A JSON answer that no cache keeps (RFC 6749 §5.1), with any headers authlib added."""
+    merged = dict(JSON_HEADERS)
+    merged.update({k.encode(): v.encode() for k, v in dict(headers).items()})
+    return Reply(status, json.dumps(body).encode(), merged)
+
+
+def json_error(status: int, error: str, description: str) -> Reply:
+    """An OAuth-style error for a program (RFC 6749 §5.2)."""
+    return json_reply(status, {"error": error, "error_description": description})
+
+
+UNAVAILABLE = "The service is temporarily unavailable; try again shortly"
+
+
+class Pages:
+    """The Jinja2 templates, with the site name filled in."""
+
+    def __init__(self, site_name: str) -> None:
+        # auto_reload off: otherwise every page stats its template files, on the reactor thread.
+        self._env = Environment(loader=PackageLoader("bearerbridge.web", "templates"), auto_reload=False,
+                                autoescape=select_autoescape(default=True))
+        self._site_name = site_name
+
+    def render(self, status: int, name: str, **values: Any) -> Reply:
+        html = self._env.get_template(name).render(site_name=self._site_name, **values)
+        return Reply(status, html.encode(), {b"Content-Type": b"text/html; charset=utf-8",
+                                             b"Cache-Control": b"no-store"})
+
+    def error(self, status: int, error: str, description: str) -> Reply:
+        """An OAuth-style error, as a page for a person."""
+        return self.render(status, "error.html", error=error, description=description)
+
+    def form_expired(self) -> Reply:
+        """A form whose CSRF token is missing, forged, too old, or bound to another request."""
+        return self.error(400, "invalid_request", "The form has expired or did not come from this site. "
+                                                  "Go back and try again.")
+
+
+class AsyncResource(Resource):
+    """A leaf whose handlers return a Reply, or a Deferred of one, written when ready. Its
+    errors are JSON, for a program; a `PageResource`'s are pages, for a person."""
+
+    isLeaf = True
+
+    def _error(self, status: int, error: str, description: str) -> Reply:
+        return json_error(status, error, description)
+
+    def _answer(self, request: Request, handler: Callable[[Request], Reply | defer.Deferred[Reply]]) -> int:
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def write(reply: Reply) -> None:
+            if gone:
+                return
+            request.setResponseCode(reply.status)
+            for name, value in {**SECURITY_HEADERS, **reply.headers}.items():
+                request.setHeader(name, value)
+            request.write(reply.body)
+            request.finish()
+
+        def fail(failure: Failure) -> None:
+            if failure.check(BadRequest):
+                write(self._error(400, "invalid_request", str(failure.value)))
+                return
+            log.failure("Request to {path} failed", failure, path=request.path.decode("latin-1"))
+            write(self._error(503, "temporarily_unavailable", UNAVAILABLE))
+
+        # Whether the handler raises at once or its Deferred fails later, the answer is ours
+        # (with our headers), never Twisted's bare "Processing Failed" page.
+        defer.maybeDeferred(handler, request).addCallback(write).addErrback(fail)
+        return NOT_DONE_YET
+
+
+class PageResource(AsyncResource):
+    """An AsyncResource that people visit: it renders `pages`, errors included."""
+
+    def __init__(self, pages: Pages) -> None:
+        super().__init__()
+        self.pages = pages
+
+    def _error(self, status: int, error: str, description: str) -> Reply:
+        return self.pages.error(status, error, description)
+
+
+class JsonDocument(Resource):
+    """A fixed JSON document anyone may read, from any origin (discovery metadata)."""
+
+    isLeaf = True
+
+    def __init__(self, document: Mapping[str, Any]) -> None:
+        super().__init__()
+        self._body = json.dumps(document, indent=2).encode()
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        return self._body
+
+
+class BridgeSite(Site):
+    """The Site for every [http] listener. Twisted's own form parsing is off (`snapshot` parses
+    what it needs, and Twisted's Content-Type parsing costs more than a database lookup), and
+    the access log is written only to the file `[http] access_log` names."""
+
+    displayTracebacks = False
+
+    def __init__(self, resource: Resource, access_log: str = "") -> None:
+        super().__init__(resource, logPath=access_log or None, parsePOSTFormSubmission=False)
+        self._access_log = bool(access_log)
+
+    def log(self, request: Request) -> None:
+        if self._access_log:
+            super().log(request)

@@ -1,0 +1,108 @@
+"""The token endpoint and its siblings for programs: /token, /introspect, /revoke, /device_authorization.
+
+Path 1, step 4: a POST is snapshot and handed to authlib in the pool
+(`BridgeServer.create_token_response` or `create_endpoint_response`), which runs the grants
+against the store; the answer is written back as JSON. Introspection first tries memory
+(`oauth.endpoints.introspect_remembered`): resource servers ask about the same tokens over
+and over, and a token read lately needs no trip to the pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet import defer
+from twisted.web.server import Request
+
+from bearerbridge.metrics import Metrics
+from bearerbridge.oauth.endpoints import introspect_remembered
+from bearerbridge.oauth.grants import GRANT_TYPES
+from bearerbridge.oauth.requests import HttpRequest
+from bearerbridge.oauth.server import BridgeServer
+from bearerbridge.storage.pool import StorePool
+from bearerbridge.storage.recent import RecentReads
+from bearerbridge.web.site import AsyncResource, Reply, json_reply, snapshot
+
+AuthlibResponse = tuple[int, Any, Any]  # (status, body, headers), as BridgeServer.handle_response gives them
+
+
+class TokenEndpoint(AsyncResource):
+    """/token (RFC 6749 §3.2), counted by grant type."""
+
+    def __init__(self, issuer: str, pool: StorePool, server: BridgeServer, metrics: Metrics) -> None:
+        super().__init__()
+        self._issuer = issuer
+        self._pool = pool
+        self._server = server
+        self._metrics = metrics
+
+    def render_POST(self, request: Request) -> int:
+        return self._answer(request, self._post)
+
+    def _post(self, request: Request) -> defer.Deferred[Reply]:
+        req = snapshot(request, self._issuer)
+        grant_type = req.form.get("grant_type", "")
+        label = grant_type if grant_type in GRANT_TYPES else "other"
+        self._metrics.token_requests.labels(label).inc()
+        d = self._pool.run(self._server.create_token_response, req)
+        return d.addCallback(self._count, label)
+
+    def _count(self, response: AuthlibResponse, grant_type: str) -> Reply:
+        status, body, headers = response
+        if status == 200:
+            self._metrics.tokens_issued.labels(grant_type).inc()
+        else:
+            self._metrics.token_failures.labels(grant_type, body.get("error", "unknown")).inc()
+        return json_reply(status, body, headers)
+
+
+class EndpointResource(AsyncResource):
+    """An authlib endpoint reached by POST: `revocation` (RFC 7009), `device_authorization`
+    (RFC 8628 §3.1), `introspection` (RFC 7662)."""
+
+    def __init__(self, issuer: str, pool: StorePool, server: BridgeServer, endpoint_name: str) -> None:
+        super().__init__()
+        self._issuer = issuer
+        self._pool = pool
+        self._server = server
+        self._endpoint_name = endpoint_name
+
+    def render_POST(self, request: Request) -> int:
+        return self._answer(request, self._post)
+
+    def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
+        return self._in_pool(snapshot(request, self._issuer))
+
+    def _in_pool(self, req: HttpRequest) -> defer.Deferred[Reply]:
+        d = self._pool.run(self._server.create_endpoint_response, self._endpoint_name, req)
+        return d.addCallback(self._reply)
+
+    def _reply(self, response: AuthlibResponse) -> Reply:
+        status, body, headers = response
+        return json_reply(status, body, headers)
+
+
+class IntrospectionResource(EndpointResource):
+    """/introspect (RFC 7662): a client and token read lately are answered from memory."""
+
+    def __init__(self, issuer: str, pool: StorePool, server: BridgeServer, recent: RecentReads,
+                 services: Mapping[str, str], metrics: Metrics) -> None:
+        super().__init__(issuer, pool, server, "introspection")
+        self._recent = recent
+        self._digest = pool.store.keyring.digest
+        self._services = services
+        self._metrics = metrics
+
+    def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
+        req = snapshot(request, self._issuer)
+        remembered = introspect_remembered(req, self._recent, self._digest, self._services)
+        if remembered is not None:
+            return self._reply((200, remembered, []))
+        return self._in_pool(req)
+
+    def _reply(self, response: AuthlibResponse) -> Reply:
+        status, body, _ = response
+        result = "error" if status != 200 else ("active" if body.get("active") else "inactive")
+        self._metrics.introspections.labels(result).inc()
+        return super()._reply(response)
