@@ -158,7 +158,7 @@ def _gs2_header(text: str) -> tuple[str | None, str]:
 # It is matched in one pass: at tens of thousands of logins a second the general parser's
 # per-pair loop was the largest cost of a check. Whatever else is valid (escapes in the
 # name, other keys or orders) and every error go to `_parse_oauthbearer`, which decides and
-# says why; tests/test_sasl.py checks that both agree. ASCII, so that no other script's
+# says why; tests/sasl/test_mechanisms.py checks that both agree. ASCII, so that no other script's
 # letter passes for one of "bearer" when the case is ignored.
 _COMMON_OAUTHBEARER = re.compile(
     r"n,(?:a=(?P<identity>[^,=\x00]+))?,\x01"

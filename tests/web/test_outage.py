@@ -21,7 +21,7 @@ from bearerbridge.storage.models import Client, Token
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.web.site import AsyncResource
 
-from .fakes import DeadPool
+from ..fakes import DeadPool
 
 
 def dead_root(memory: RecentReads | None = None, metrics: Metrics | None = None):

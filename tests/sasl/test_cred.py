@@ -42,8 +42,8 @@ from bearerbridge.sasl.cred import (
 from bearerbridge.sasl.mechanisms import Bearer, ProtocolStateError
 from bearerbridge.sasl.verdict import Verdict
 
-VECTORS = json.loads((Path(__file__).parent / "vectors" / "rfc7628.json").read_text())
-EXAMPLE = Path(__file__).parent.parent / "examples" / "imap_server.py"
+VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "rfc7628.json").read_text())
+EXAMPLE = Path(__file__).parents[2] / "examples" / "imap_server.py"
 
 
 def oauthbearer(token: str, authzid: str = "alice") -> bytes:

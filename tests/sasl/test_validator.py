@@ -19,7 +19,7 @@ from bearerbridge.sasl import validator as validator_module
 from bearerbridge.sasl.validator import Validator, judge
 from bearerbridge.sasl.verdict import Verdict
 
-from .fakes import SyncPool
+from ..fakes import SyncPool
 
 SETTINGS = SaslSettings(identity=("username", "email"), plain=("imap",))
 TOKEN = Token(id=1, client_id="app", user_id=7, username="alice", email="Alice@Example.org", scope="imap smtp",

@@ -21,8 +21,8 @@ from bearerbridge.client.protocol import (HelperError, Refused, StrayCallback, a
 from bearerbridge.client.profile import (LOCK_POLL, DamagedProfile, Profile, ProfileFile, ProtocolError,
                                       apply_token_response, check_profile_name, config_dir, needs_refresh)
 
-from .support import BIN, Service, form_fields, free_port, introspect, login_and_consent, token_request
-from .test_tls import self_signed
+from ..support import BIN, Service, form_fields, free_port, introspect, login_and_consent, token_request
+from ..test_tls import self_signed
 
 HELPER = str(BIN / "bearerbridge-token")
 ISSUER = "https://auth.example.org"

@@ -14,7 +14,7 @@ from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.schema import metadata
 from bearerbridge.storage.store import SqlStore, StoreError, make_engine
 
-from .support import postgres_schema
+from ..support import postgres_schema
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

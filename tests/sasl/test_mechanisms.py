@@ -25,7 +25,7 @@ from bearerbridge.sasl.mechanisms import (
     parse_xoauth2,
 )
 
-VECTORS = json.loads((Path(__file__).parent / "vectors" / "rfc7628.json").read_text())
+VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "rfc7628.json").read_text())
 TOKEN = VECTORS["token"]
 A = b"\x01"
 

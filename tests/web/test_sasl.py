@@ -15,7 +15,7 @@ from bearerbridge.sasl.verdict import Verdict
 from bearerbridge.storage.models import Client
 from bearerbridge.web.sasl import SaslEndpoint
 
-from .fakes import SyncPool, sqlite_store
+from ..fakes import SyncPool, sqlite_store
 
 MESSAGE = base64.b64encode(b"n,,\x01auth=Bearer tok\x01\x01").decode()
 XOAUTH2 = base64.b64encode(b"user=alice\x01auth=Bearer tok\x01\x01").decode()
