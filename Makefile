@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test peers bench clean
+.PHONY: run test lint peers bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,17 @@ test: install
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then scripts/install-peers; \
 	 else echo "not root: peer tests skip where their peer is missing"; fi
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Style (ruff), types (mypy) and the rules of the rooms (import-linter contracts in
+# pyproject.toml), on the working tree. The tools come with the `lint` extra, installed once.
+$(BIN)/lint-imports: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q ".[lint]"
+	touch $@
+
+lint: $(BIN)/lint-imports
+	$(BIN)/ruff check src tests bench examples twisted
+	PYTHONPATH=src $(BIN)/mypy
+	PYTHONPATH=src $(BIN)/lint-imports --no-cache
 
 bench: install
 	$(BIN)/python bench/http_bench.py $(BENCH_ARGS)

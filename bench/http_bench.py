@@ -29,9 +29,9 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 from benchserver import BIN, BenchServer, cpu_seconds, folded_samples, machine_busy_seconds, record_profile
-from urllib.parse import urlencode
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "post.lua"
@@ -49,7 +49,8 @@ class Scenario:
 
 SCENARIOS = (
     Scenario("client_credentials", "/token", 1500, 25, "POST /token grant_type=client_credentials, Basic auth"),
-    Scenario("authorization_code", "/token", 800, 40, "POST /token grant_type=authorization_code + PKCE, one code each"),
+    Scenario("authorization_code", "/token", 800, 40,
+             "POST /token grant_type=authorization_code + PKCE, one code each"),
     Scenario("introspection", "/introspect", 2600, 15, "POST /introspect token=<valid access token>, Basic auth"),
 )
 
@@ -193,7 +194,8 @@ def summarize(scenario: Scenario, raw: dict) -> dict:
 
 # Frames every stack passes through (thread start-up, the reactor loop, the pool's plumbing):
 # left out of the inclusive list so that it shows where the time actually goes.
-PLUMBING = re.compile(r"\((threading|contextlib)\.py|\(twistd\)|twisted/(_threads|scripts|application|python/(log|context|threadpool))"
+PLUMBING = re.compile(r"\((threading|contextlib)\.py|\(twistd\)"
+                      r"|twisted/(_threads|scripts|application|python/(log|context|threadpool))"
                       r"|twisted/internet/(base|epollreactor|posixbase|tcp)\.py|<module>")
 
 
@@ -253,7 +255,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run only this scenario (a name or a unique prefix; repeatable): "
                         + ", ".join(s.name for s in SCENARIOS))
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout (table on stderr)")
-    p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1 is plenty; it leaves a core to the server)")
+    p.add_argument("--wrk-threads", type=int, default=1,
+                   help="wrk threads (1 is plenty; it leaves a core to the server)")
     p.add_argument("--threads", type=int, help="[database] threads of the server (default: the config's default)")
     p.add_argument("--codes-per-second", type=int, default=3000,
                    help="authorization codes seeded per second of the code scenario (each is used once)")

@@ -42,8 +42,7 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
-from benchserver import (BIN, BenchServer, cpu_seconds, folded_samples, free_port, machine_busy_seconds,
-                         record_profile)
+from benchserver import BIN, BenchServer, cpu_seconds, folded_samples, free_port, machine_busy_seconds, record_profile
 
 SERVICE = "smtp"
 HOT_TOKENS = 8
@@ -300,7 +299,7 @@ def run_closed(server: BenchServer, name: str, tails: list[bytes], connections: 
         proc.start()
         procs.append((proc, parent))
     try:
-        for proc, pipe in procs:
+        for _proc, pipe in procs:
             answer = pipe.recv()
             if "error" in answer:
                 raise RuntimeError(answer["error"])
@@ -431,7 +430,8 @@ def missed_targets(results: list[dict]) -> list[str]:
 
 def print_table(results: list[dict], stream) -> None:
     header = (f"{'scenario':<14} {'conn':>4} {'pipe':>4} {'checks/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-              f"{'max ms':>7} {'errors':>6}  {'target':<22} {'ok':<3} {'server':>6} {'us/chk':>6} {'client':>6} {'other':>5}")
+              f"{'max ms':>7} {'errors':>6}  {'target':<22} {'ok':<3} {'server':>6} {'us/chk':>6} {'client':>6} "
+              f"{'other':>5}")
     print(header, file=stream)
     print("-" * len(header), file=stream)
     for r in results:
@@ -441,7 +441,8 @@ def print_table(results: list[dict], stream) -> None:
             f"p99<={t['max_p99_ms']:g}" if "max_p99_ms" in t else "",
             f"p50<={t['max_p50_ms']:g}" if "max_p50_ms" in t else ""]))
         ok = "" if "meets_target" not in r else ("yes" if r["meets_target"] else "NO")
-        print(f"{r['scenario']:<14} {r['connections']:>4} {'open' if 'offered_per_s' in r else r['pipeline']:>4} {r['checks_per_s']:>9.0f} "
+        pipeline = "open" if "offered_per_s" in r else r["pipeline"]
+        print(f"{r['scenario']:<14} {r['connections']:>4} {pipeline:>4} {r['checks_per_s']:>9.0f} "
               f"{r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} {r['max_ms']:>7.2f} {r['errors']:>6}  {target:<22} "
               f"{ok:<3} {r['server_cpu_pct']:>5.0f}% {r['server_us_per_check']:>6.1f} {r['client_cpu_pct']:>5.0f}% "
               f"{r['other_cpu_pct']:>4.0f}%",

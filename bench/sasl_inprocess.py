@@ -21,16 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from sasl_bench import HOT_TOKENS, request_tail, seed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from bearerbridge import bootstrap, config
-from bearerbridge.sasl.dovecot import DovecotAuthFactory
 from bearerbridge.metrics import Metrics
-from bearerbridge.storage.pool import StorePool
-from bearerbridge.storage.recent import RecentReads
+from bearerbridge.sasl.dovecot import DovecotAuthFactory
 from bearerbridge.sasl.validator import Validator
-from sasl_bench import HOT_TOKENS, request_tail, seed
+from bearerbridge.storage.pool import StorePool
 
 
 def main() -> None:
@@ -49,7 +48,6 @@ def main() -> None:
         settings = config.load(config_path)
         username, tokens = seed(config_path, HOT_TOKENS)
         store = bootstrap.open_store(settings)
-        store.recent = RecentReads(settings.sasl.cache_ttl)
         with store.transaction():  # what a lookup in the pool would have noted
             store.find_access_tokens([store.keyring.digest(token) for token in tokens])
         metrics, clock = Metrics(), Clock()

@@ -71,7 +71,8 @@ class Stack:
 
 
 def no_process_left(directory: Path) -> None:
-    left = subprocess.run(["pgrep", "-a", "-f", str(directory)], check=False, capture_output=True, text=True, timeout=WAIT)
+    left = subprocess.run(["pgrep", "-a", "-f", str(directory)], check=False, capture_output=True, text=True,
+                          timeout=WAIT)
     assert left.stdout == "", f"processes left behind:\n{left.stdout}"
 
 

@@ -15,9 +15,9 @@ import os
 import smtplib
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import requests
@@ -198,7 +198,8 @@ def expect_imap_refusals(mail: Mail, token: str, dovecot: Dovecot | None = None)
     attempt = imap_auth(port, "OAUTHBEARER", oauthbearer(mail.user, token))
     assert (attempt.code, attempt.text, attempt.challenges) == ("NO", IMAP_REFUSED, [invalid_token(mail)]), attempt
     attempt = imap_auth(port, "XOAUTH2", xoauth2(mail.user, token))
-    assert (attempt.code, attempt.text, attempt.challenges) == ("NO", IMAP_REFUSED, [dovecot_xoauth2_error(mail)]), attempt
+    expected = ("NO", IMAP_REFUSED, [dovecot_xoauth2_error(mail)])
+    assert (attempt.code, attempt.text, attempt.challenges) == expected, attempt
 
 
 def dovecot_xoauth2_error(mail: Mail) -> dict:

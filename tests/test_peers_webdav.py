@@ -34,7 +34,7 @@ pytestmark = pytest.mark.peer
 
 WAIT = 10  # seconds: the bound on every HTTP exchange
 RCLONE_TIMEOUT = 60  # seconds for one rclone command, killed with its process group after
-# peers.md: on a failed upload rclone retries DELETE, MKCOL and PUT, for minutes with the defaults.
+# On a failed upload rclone retries DELETE, MKCOL and PUT, for minutes with its defaults.
 RCLONE_BOUNDS = ("--retries", "1", "--low-level-retries", "1", "--timeout", "10s", "--contimeout", "5s")
 LOGIN_TIMEOUT = 60  # seconds for `bearerbridge-token login --device` to print its code, then to finish
 RCLONE_SNIPPET = CONF / "rclone" / "rclone.conf"
@@ -488,7 +488,7 @@ def _device_grant_and_rclone(stack: Stack, tmp_path: Path) -> None:
 
     # One rclone run outliving its token: `rcat` takes its token at start, then waits for its
     # input; we send it only after the token expired. rclone's next request gets a 401, rclone
-    # runs the command again (peers.md: only after a 401) and retries with the fresh token. That
+    # runs the command again (it does so only after a 401) and retries with the fresh token. That
     # retry is a low-level one: with --low-level-retries 1 rclone gets the new token but fails.
     offset = stack.nginx.access_log_path.stat().st_size
     rcat = subprocess.Popen(

@@ -4,7 +4,9 @@ Prosody runs as root from a throwaway config under the test's temporary director
 directory, pidfile and log, one c2s port on loopback) with Debian's prosody-modules'
 mod_auth_dovecot pointed at bearerbridge's `[sasl] listen` TCP endpoint; the tests speak XMPP to it
 over a raw socket, as a client would. See conf/prosody/bearerbridge.cfg.lua for the operator's
-version, and ../shared/notes/peers.md for what Prosody sends.
+version. Prosody sends only `service=xmpp` and `resp=` (`resp==` when its client had no initial
+response), keeps one connection with ids that are not consecutive, and escapes an `@` in the name
+it is given, so the snippet reports the localpart.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The SASL authority of a running bearerbridge: the Dovecot auth socket and POST /sasl.
 
 The Dovecot client here sends, byte for byte, what Postfix, Exim and Prosody send
-(../shared/notes/peers.md); the live peers are driven in test_peers_mail.py.
+(their handshakes and AUTH parameters, below); the live peers are driven in test_peers_mail.py.
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def test_a_token_is_good_only_for_its_services(dovecot, alice, sasl_service):
 
 def test_xoauth2_failure_is_acknowledged_by_an_empty_response(dovecot, alice):
     line = dovecot.auth("4", "XOAUTH2", "smtp", xoauth2(alice[0], "no-such-token"))
-    assert line.startswith("CONT\t4\t") and json.loads(base64.b64decode(line.split("\t")[2]))["status"] == "invalid_token"
+    assert line.startswith("CONT\t4\t")
+    assert json.loads(base64.b64decode(line.split("\t")[2]))["status"] == "invalid_token"
     dovecot.send(b"CONT\t4\t\n")
     assert dovecot.line().startswith("FAIL\t4\t")
 

@@ -56,35 +56,35 @@ def _check_redirect_uri(uri: str) -> str:
 
 # -- users ----------------------------------------------------------------------------------
 
-def user_add(store: SqlStore, args) -> str:
+def user_add(store: SqlStore, args: argparse.Namespace) -> str:
     password = hash_password(_read_password(args.password_stdin))
     user = store.add_user(args.name, args.email, password)
     return f"added user {user.username}"
 
 
-def user_passwd(store: SqlStore, args) -> str:
+def user_passwd(store: SqlStore, args: argparse.Namespace) -> str:
     store.set_password(args.name, hash_password(_read_password(args.password_stdin)))
     return f"password of {args.name} changed"
 
 
-def user_disable(store: SqlStore, args) -> str:
+def user_disable(store: SqlStore, args: argparse.Namespace) -> str:
     store.set_disabled(args.name, True)
     return f"disabled {args.name}: its tokens no longer work"
 
 
-def user_enable(store: SqlStore, args) -> str:
+def user_enable(store: SqlStore, args: argparse.Namespace) -> str:
     store.set_disabled(args.name, False)
     return f"enabled {args.name}"
 
 
-def user_list(store: SqlStore, args) -> str:
+def user_list(store: SqlStore, args: argparse.Namespace) -> str:
     return "\n".join(f"{u.username}\t{u.email or '-'}\t{'disabled' if u.disabled else 'enabled'}"
                      for u in store.list_users())
 
 
 # -- clients --------------------------------------------------------------------------------
 
-def client_create(store: SqlStore, args, config: configuration.Config) -> str:
+def client_create(store: SqlStore, args: argparse.Namespace, config: configuration.Config) -> str:
     grants = tuple(dict.fromkeys(GRANTS[g] for g in args.grant or (
         ["client_credentials"] if not args.redirect_uri and not args.public
         else ["authorization_code", "refresh_token"])))
@@ -120,19 +120,19 @@ def _describe(client: Client) -> dict:
             "grant_types": list(client.grant_types)}
 
 
-def client_list(store: SqlStore, args) -> str:
+def client_list(store: SqlStore, args: argparse.Namespace) -> str:
     return "\n".join(f"{c.client_id}\t{c.name}\t{'public' if c.public else 'confidential'}\t{c.scope}"
                      for c in store.list_clients())
 
 
-def client_show(store: SqlStore, args) -> str:
+def client_show(store: SqlStore, args: argparse.Namespace) -> str:
     client = store.get_client(args.id)
     if client is None:
         raise CommandError(f"no client {args.id!r}")
     return json.dumps(_describe(client), indent=2)
 
 
-def client_delete(store: SqlStore, args) -> str:
+def client_delete(store: SqlStore, args: argparse.Namespace) -> str:
     if not store.delete_client(args.id):
         raise CommandError(f"no client {args.id!r}")
     return f"deleted client {args.id} with its codes, tokens and consents"
@@ -158,7 +158,7 @@ def issue_token(store: SqlStore, config: configuration.Config, username: str, cl
             "scope": " ".join(scopes)}
 
 
-def token_issue(store: SqlStore, args, config: configuration.Config) -> str:
+def token_issue(store: SqlStore, args: argparse.Namespace, config: configuration.Config) -> str:
     try:
         token = issue_token(store, config, args.user, args.client, args.scope.split(), args.ttl)
     except ValueError as e:
@@ -166,7 +166,7 @@ def token_issue(store: SqlStore, args, config: configuration.Config) -> str:
     return json.dumps(token) if args.json else token["access_token"]
 
 
-def token_revoke(store: SqlStore, args) -> str:
+def token_revoke(store: SqlStore, args: argparse.Namespace) -> str:
     if args.user:
         user = store.get_user_by_name(args.user)
         if user is None:
@@ -181,11 +181,12 @@ def token_revoke(store: SqlStore, args) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="bearerbridge", description=__doc__.splitlines()[0])
+    top = argparse.ArgumentParser(prog="bearerbridge", description=(__doc__ or "").splitlines()[0])
     top.add_argument("--config", help=f"the TOML config (default: ${configuration.ENV_VAR}, else built-in defaults)")
     nouns = top.add_subparsers(dest="noun", required=True)
 
-    def verb(noun, name: str, func: Callable, help: str):
+    def verb(noun: argparse._SubParsersAction[argparse.ArgumentParser], name: str, func: Callable[..., str],
+             help: str) -> argparse.ArgumentParser:
         p = noun.add_parser(name, help=help)
         p.set_defaults(func=func)
         return p

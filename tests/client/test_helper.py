@@ -14,12 +14,35 @@ import requests
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from twisted.internet import defer
 
-from bearerbridge.client.protocol import (HelperError, Refused, StrayCallback, authorize_url, check_callback,
-                                         check_issuer, check_metadata, check_url, choose_flow, client_auth,
-                                         discovery_urls, login_command, parse_device_response, pkce_pair,
-                                         poll_decision, status_lines)
-from bearerbridge.client.profile import (LOCK_POLL, DamagedProfile, Profile, ProfileFile, ProtocolError,
-                                      apply_token_response, check_profile_name, config_dir, needs_refresh)
+from bearerbridge.client.profile import (
+    LOCK_POLL,
+    DamagedProfile,
+    Profile,
+    ProfileFile,
+    ProtocolError,
+    apply_token_response,
+    check_profile_name,
+    config_dir,
+    needs_refresh,
+)
+from bearerbridge.client.protocol import (
+    HelperError,
+    Refused,
+    StrayCallback,
+    authorize_url,
+    check_callback,
+    check_issuer,
+    check_metadata,
+    check_url,
+    choose_flow,
+    client_auth,
+    discovery_urls,
+    login_command,
+    parse_device_response,
+    pkce_pair,
+    poll_decision,
+    status_lines,
+)
 
 from ..support import BIN, Service, form_fields, free_port, introspect, login_and_consent, token_request
 from ..test_tls import self_signed
@@ -27,7 +50,8 @@ from ..test_tls import self_signed
 HELPER = str(BIN / "bearerbridge-token")
 ISSUER = "https://auth.example.org"
 METADATA = {"issuer": ISSUER, "authorization_endpoint": f"{ISSUER}/authorize", "token_endpoint": f"{ISSUER}/token",
-            "revocation_endpoint": f"{ISSUER}/revoke", "device_authorization_endpoint": f"{ISSUER}/device_authorization"}
+            "revocation_endpoint": f"{ISSUER}/revoke",
+            "device_authorization_endpoint": f"{ISSUER}/device_authorization"}
 PROFILE = Profile(issuer=ISSUER, client_id="cid", token_endpoint=f"{ISSUER}/token", scope="imap",
                   access_token="AT-secret", expires_at=1000.0, refresh_token="RT-secret")
 
@@ -145,7 +169,8 @@ def test_refresh_when_missing_or_expiring_within_a_minute():
 def test_a_token_response_rotates_or_keeps_the_refresh_token():
     rotated = apply_token_response(PROFILE, {"access_token": "A2", "token_type": "bearer", "expires_in": 3600,
                                              "refresh_token": "R2", "scope": "smtp"}, requested_at=5000)
-    assert (rotated.access_token, rotated.refresh_token, rotated.expires_at, rotated.scope) == ("A2", "R2", 8600, "smtp")
+    assert (rotated.access_token, rotated.refresh_token, rotated.expires_at, rotated.scope) == (
+        "A2", "R2", 8600, "smtp")
     kept = apply_token_response(PROFILE, {"access_token": "A2", "token_type": "Bearer"}, requested_at=5000)
     assert kept.refresh_token == "RT-secret" and kept.scope == "imap" and kept.expires_at is None
     asked = apply_token_response(Profile(ISSUER, "cid", "t"), {"access_token": "A", "token_type": "Bearer"}, 0, "smtp")
@@ -158,7 +183,8 @@ def test_a_token_response_rotates_or_keeps_the_refresh_token():
 
 
 def test_errors_quote_only_the_error_fields_never_the_body():
-    refusal = Refused("the token endpoint", 400, {"error": "invalid_grant", "error_description": "Refresh token is gone",
+    refusal = Refused("the token endpoint", 400, {"error": "invalid_grant",
+                                                  "error_description": "Refresh token is gone",
                                                   "refresh_token": "RT-secret"})
     assert refusal.error == "invalid_grant"
     assert str(refusal) == "the token endpoint refused the request (HTTP 400, invalid_grant: Refresh token is gone)"
@@ -371,7 +397,8 @@ def test_browser_login_print_and_status(service, native_client, resource_server,
 
     status = helper(tmp_path, "status")
     assert status.returncode == 0
-    assert f"issuer: {service.url}" in status.stdout and f"client: {native_client['client_id']} (public)" in status.stdout
+    assert f"issuer: {service.url}" in status.stdout
+    assert f"client: {native_client['client_id']} (public)" in status.stdout
     assert "scope: imap" in status.stdout and "refresh token: held" in status.stdout
     assert "access token: expires" in status.stdout
     for output in (login.stderr, status.stdout, status.stderr):

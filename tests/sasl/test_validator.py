@@ -8,16 +8,16 @@ import time
 import pytest
 from twisted.internet import defer, task
 
-from bearerbridge.storage import migrations
 from bearerbridge.config import SaslSettings
 from bearerbridge.crypto import Keyring
-from bearerbridge.storage.models import Client, Token
-from bearerbridge.storage.recent import RecentReads
-from bearerbridge.sasl.mechanisms import Bearer
-from bearerbridge.storage.store import SqlStore, make_engine
 from bearerbridge.sasl import validator as validator_module
+from bearerbridge.sasl.mechanisms import Bearer
 from bearerbridge.sasl.validator import Validator, judge
 from bearerbridge.sasl.verdict import Verdict
+from bearerbridge.storage import migrations
+from bearerbridge.storage.models import Client, Token
+from bearerbridge.storage.recent import RecentReads
+from bearerbridge.storage.store import SqlStore, make_engine
 
 from ..fakes import SyncPool
 
@@ -224,7 +224,7 @@ def test_concurrent_misses_share_one_lookup(world):
     d.callback(result)
     outcomes = []
     for each in [first, *waiting]:
-        defer.maybeDeferred(lambda: each).addCallback(lambda v: outcomes.append(v.reason))
+        defer.maybeDeferred(lambda each=each: each).addCallback(lambda v: outcomes.append(v.reason))
     assert outcomes == ["ok", "ok", "ok", "unknown"]
 
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from authlib.oauth2.rfc6749 import InvalidGrantError, InvalidScopeError, UnauthorizedClientError
 from authlib.oauth2.rfc8628 import DeviceAuthorizationEndpoint, DeviceCodeGrant
 
 from bearerbridge.storage.models import Client, DeviceCode, User
+
+if TYPE_CHECKING:  # the server registers this module's grant: no import at run time
+    from bearerbridge.oauth.server import BridgeServer
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
 # authlib's user codes: two groups of four consonants, with no vowels (no words) and nothing
@@ -38,7 +42,7 @@ class DeviceEndpoint(DeviceAuthorizationEndpoint):
     def get_verification_uri(self) -> str:
         return f"{self.server.config.server.issuer.rstrip('/')}/device"
 
-    def save_device_credential(self, client_id: str, scope: str | None, data: dict) -> None:
+    def save_device_credential(self, client_id: str, scope: str | None, data: dict[str, Any]) -> None:
         client: Client = self.server.query_client(client_id)  # authlib has just read it: memory answers
         if not client.check_grant_type(GRANT_TYPE):
             raise UnauthorizedClientError(f"The client may not use {GRANT_TYPE}")
@@ -87,17 +91,19 @@ class DeviceRequest:
     scopes: tuple[tuple[str, str], ...]
 
 
-def find_by_user_code(server, user_code: str) -> DeviceRequest | None:
+def find_by_user_code(server: BridgeServer, user_code: str) -> DeviceRequest | None:
     """The pending device request behind a (normalized) user code, if any."""
     found = server.store.find_user_code(user_code)
     if found is None or found.is_expired() or found.approved is not None:
         return None
     client = server.store.get_client(found.client_id)
+    if client is None:  # deleted by a transaction that ended while this one read the code
+        return None
     scopes = tuple((s, server.config.scopes.get(s, s)) for s in found.scope.split())
     return DeviceRequest(user_code, client.name, scopes)
 
 
-def decide(server, user_code: str, user_id: int, approved: bool) -> bool:
+def decide(server: BridgeServer, user_code: str, user_id: int, approved: bool) -> bool:
     """Record the user's answer; remember the consent when they approve."""
     found = server.store.find_user_code(user_code)
     if found is None or found.is_expired() or not server.store.decide_device_code(user_code, user_id, approved):

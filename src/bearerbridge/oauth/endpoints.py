@@ -45,9 +45,10 @@ def query_token(store: SqlStore, token_string: str, hint: str | None) -> Token |
 
 def introspection_claims(token: Token) -> dict[str, Any]:
     """The RFC 7662 §2.2 members for an active token."""
-    claims: dict[str, Any] = {"active": True, "scope": token.scope, "client_id": token.client_id,
-              "token_type": "refresh_token" if token.refresh else "Bearer", "exp": token.expires_at, "iat": token.issued_at,
-              "sub": token.username or token.client_id}
+    claims: dict[str, Any] = {
+        "active": True, "scope": token.scope, "client_id": token.client_id,
+        "token_type": "refresh_token" if token.refresh else "Bearer", "exp": token.expires_at,
+        "iat": token.issued_at, "sub": token.username or token.client_id}
     if token.username:
         claims["username"] = token.username
     if token.email:

@@ -8,17 +8,17 @@ from typing import Any
 from authlib.oauth2.rfc6749 import OAuth2Payload, OAuth2Request
 
 
-class _Headers(dict):
+class _Headers(dict[str, str]):
     """Request headers keyed by lower-case name, as authlib looks them up by any case."""
 
-    def get(self, key, default=None):
+    def get(self, key: str, default: Any = None) -> Any:
         return super().get(key.lower(), default)
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: str) -> str:
         return super().__getitem__(key.lower())
 
-    def __contains__(self, key):
-        return super().__contains__(key.lower())
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(key.lower())
 
 
 class _Payload(OAuth2Payload):
@@ -27,11 +27,11 @@ class _Payload(OAuth2Payload):
         self._data = {key: values[0] for key, values in self._datalist.items() if values}
 
     @property
-    def data(self):
+    def data(self) -> dict[str, str]:
         return self._data
 
     @property
-    def datalist(self):
+    def datalist(self) -> dict[str, list[str]]:
         return self._datalist
 
 
@@ -54,9 +54,9 @@ class HttpRequest(OAuth2Request):
         self.payload = _Payload(merged)
 
     @property
-    def args(self):
+    def args(self) -> dict[str, str]:
         return self._args
 
     @property
-    def form(self):
+    def form(self) -> dict[str, str]:
         return self._form

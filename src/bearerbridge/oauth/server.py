@@ -23,12 +23,18 @@ from bearerbridge.crypto import new_secret
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth import device
 from bearerbridge.oauth.endpoints import Introspection, Revocation
-from bearerbridge.oauth.grants import (ANY_AUTH, GRANT_TYPES, SECRET_AUTH, ClientCredentialsGrant, CodeGrant,
-                                       RefreshGrant, S256Challenge)
+from bearerbridge.oauth.grants import (
+    ANY_AUTH,
+    GRANT_TYPES,
+    SECRET_AUTH,
+    ClientCredentialsGrant,
+    CodeGrant,
+    RefreshGrant,
+    S256Challenge,
+)
 from bearerbridge.oauth.requests import HttpRequest
 from bearerbridge.storage.models import AuthCode, Client, Token, User
 from bearerbridge.storage.store import SqlStore
-
 
 # -- the authorization step ---------------------------------------------------------------
 

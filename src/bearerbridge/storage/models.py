@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 from urllib.parse import urlsplit
 
 from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, TokenMixin
@@ -13,6 +13,7 @@ from authlib.oauth2.rfc6749.util import scope_to_list
 from authlib.oauth2.rfc8628 import DeviceCredentialMixin
 
 from bearerbridge.loopback import is_loopback_address
+
 
 @dataclass(frozen=True)
 class User:

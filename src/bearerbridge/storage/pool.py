@@ -6,7 +6,8 @@ database transaction, however many queries the function makes.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet import defer, threads
@@ -26,7 +27,7 @@ class StorePool(Service):
         from twisted.internet import reactor  # here: importing this module installs no reactor
 
         self.store = store
-        self._reactor = reactor
+        self._reactor: Any = reactor  # IReactorFromThreads and IReactorThreads; no one interface says both
         self._pool = ThreadPool(minthreads=1, maxthreads=size, name="bearerbridge-store")
 
     def startService(self) -> None:
@@ -37,7 +38,7 @@ class StorePool(Service):
         super().stopService()
         self._pool.stop()
 
-    def _in_transaction(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+    def _in_transaction(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         with self.store.transaction():
             return fn(*args, **kwargs)
 

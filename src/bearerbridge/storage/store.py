@@ -12,19 +12,35 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Connection, Engine, Row, make_url
 
 from bearerbridge.crypto import Keyring
 from bearerbridge.storage.models import AuthCode, Client, DeviceCode, Token, User
 from bearerbridge.storage.recent import RecentReads
-from bearerbridge.storage.schema import (CLIENT_BY_ID, CODE_BY_DIGEST, INSERT_CODE, INSERT_TOKEN, MARK_ROTATED,
-                                         TOKEN_BY_ACCESS, TOKEN_BY_REFRESH, TOKENS_BY_ACCESS, USE_CODE, USER_BY_ID,
-                                         auth_codes, clients, consents, device_codes, tokens, users)
+from bearerbridge.storage.schema import (
+    CLIENT_BY_ID,
+    CODE_BY_DIGEST,
+    INSERT_CODE,
+    INSERT_TOKEN,
+    MARK_ROTATED,
+    TOKEN_BY_ACCESS,
+    TOKEN_BY_REFRESH,
+    TOKENS_BY_ACCESS,
+    USE_CODE,
+    USER_BY_ID,
+    auth_codes,
+    clients,
+    consents,
+    device_codes,
+    tokens,
+    users,
+)
 
 
 class StoreError(Exception):
@@ -35,7 +51,7 @@ def make_engine(url: str, threads: int = 4) -> Engine:
     """An engine for `url`; SQLite gets WAL, a busy timeout and enforced foreign keys."""
     parsed = make_url(url)
     # Each pool thread keeps a connection; two more for the CLI and migrations.
-    options: dict = {"pool_size": threads + 2, "max_overflow": 0, "pool_pre_ping": False}
+    options: dict[str, Any] = {"pool_size": threads + 2, "max_overflow": 0, "pool_pre_ping": False}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +60,7 @@ def make_engine(url: str, threads: int = 4) -> Engine:
     engine = sa.create_engine(parsed, **options)
     if parsed.get_backend_name() == "sqlite":
         @sa.event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record):
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             # NORMAL is durable against crashes of the process and never corrupts in
@@ -115,20 +131,23 @@ class SqlStore:
             raise StoreError(f"user {username!r} exists already")
         result = self._db.execute(users.insert().values(
             username=username, email=email, password_hash=password_hash, disabled=False, created_at=_now()))
-        return User(result.inserted_primary_key[0], username, email)
+        user_id = result.inserted_primary_key[0]  # type: ignore[index]  # an insert always has one
+        return User(user_id, username, email)
 
-    def _user(self, row) -> User | None:
-        return None if row is None else User(row.id, row.username, row.email, row.disabled)
+    @staticmethod
+    def _user(row: Row[Any]) -> User:
+        return User(row.id, row.username, row.email, row.disabled)
 
     def get_user(self, user_id: int) -> User | None:
-        return self._user(self._db.execute(USER_BY_ID, {"user_id": user_id}).first())
+        row = self._db.execute(USER_BY_ID, {"user_id": user_id}).first()
+        return None if row is None else self._user(row)
 
     def get_user_by_name(self, username: str) -> User | None:
         return self.password_hash(username)[0]
 
     def password_hash(self, username: str) -> tuple[User | None, str | None]:
         row = self._db.execute(users.select().where(users.c.username == username)).first()
-        return self._user(row), (row.password_hash if row else None)
+        return (None, None) if row is None else (self._user(row), row.password_hash)
 
     def set_password(self, username: str, password_hash: str) -> None:
         self._update_user(username, password_hash=password_hash)
@@ -137,7 +156,7 @@ class SqlStore:
         self._invalidates()
         self._update_user(username, disabled=disabled)
 
-    def _update_user(self, username: str, **values) -> None:
+    def _update_user(self, username: str, **values: Any) -> None:
         result = self._db.execute(users.update().where(users.c.username == username).values(**values))
         if result.rowcount == 0:
             raise StoreError(f"no user {username!r}")
@@ -154,9 +173,7 @@ class SqlStore:
             redirect_uris="\n".join(client.redirect_uris), scope=client.scope,
             grant_types=" ".join(client.grant_types), public=client.public, created_at=_now()))
 
-    def _client(self, row) -> Client | None:
-        if row is None:
-            return None
+    def _client(self, row: Row[Any]) -> Client:
         return Client(
             client_id=row.client_id, name=row.name,
             redirect_uris=tuple(u for u in row.redirect_uris.split("\n") if u),
@@ -165,9 +182,11 @@ class SqlStore:
 
     def get_client(self, client_id: str) -> Client | None:
         generation = self.recent.generation
-        client = self._client(self._db.execute(CLIENT_BY_ID, {"client_id": client_id}).first())
-        if client is not None:
-            self.recent.remember_client(client, generation)
+        row = self._db.execute(CLIENT_BY_ID, {"client_id": client_id}).first()
+        if row is None:
+            return None
+        client = self._client(row)
+        self.recent.remember_client(client, generation)
         return client
 
     def find_client(self, client_id: str) -> Client | None:
@@ -214,9 +233,8 @@ class SqlStore:
             "refresh_expires_at": now + refresh_ttl if refresh_token and refresh_ttl else None,
             "revoked": False, "rotated": False, "family": family or uuid.uuid4().hex, "code_digest": code_digest})
 
-    def _token(self, row) -> Token | None:
-        if row is None:
-            return None
+    @staticmethod
+    def _token(row: Row[Any]) -> Token:
         return Token(
             id=row.id, client_id=row.client_id, user_id=row.user_id, username=row.username,
             email=row.email, scope=row.scope, issued_at=row.issued_at, expires_at=row.expires_at,
@@ -225,9 +243,11 @@ class SqlStore:
 
     def find_access_token(self, access_token: str) -> Token | None:
         generation, digest = self.recent.generation, self.keyring.digest(access_token)
-        token = self._token(self._db.execute(TOKEN_BY_ACCESS, {"digest": digest}).first())
-        if token is not None:
-            self.recent.remember_token(digest, token, generation)
+        row = self._db.execute(TOKEN_BY_ACCESS, {"digest": digest}).first()
+        if row is None:
+            return None
+        token = self._token(row)
+        self.recent.remember_token(digest, token, generation)
         return token
 
     def find_access_tokens(self, digests: list[str]) -> dict[str, Token]:
@@ -240,13 +260,14 @@ class SqlStore:
         return found
 
     def find_refresh_token(self, refresh_token: str) -> Token | None:
-        return self._token(self._db.execute(TOKEN_BY_REFRESH, {"digest": self.keyring.digest(refresh_token)}).first())
+        row = self._db.execute(TOKEN_BY_REFRESH, {"digest": self.keyring.digest(refresh_token)}).first()
+        return None if row is None else self._token(row)
 
     def mark_rotated(self, token_id: int) -> bool:
         """Retire a refresh token after use; False if another request rotated it first."""
         return self._db.execute(MARK_ROTATED, {"token_id": token_id}).rowcount == 1
 
-    def _revoke(self, condition) -> int:
+    def _revoke(self, condition: sa.ColumnElement[bool]) -> int:
         self._invalidates()
         return self._db.execute(tokens.update().where(condition, tokens.c.revoked.is_(False))
                                 .values(revoked=True)).rowcount
@@ -288,7 +309,7 @@ class SqlStore:
             device_digest=self.keyring.digest(device_code), user_code=user_code, client_id=client_id, scope=scope,
             expires_at=expires_at, interval=interval, last_poll_at=None, user_id=None, approved=None, used=False))
 
-    def _device(self, condition) -> DeviceCode | None:
+    def _device(self, condition: sa.ColumnElement[bool]) -> DeviceCode | None:
         row = self._db.execute(device_codes.select().where(condition)).first()
         return None if row is None else DeviceCode(**row._mapping)
 

@@ -63,9 +63,8 @@ class Authorize(PageResource):
                 raise BadRequest("decision must be approve or deny")
             d = self._pool.run(self._server.authorize, req, user_id, decision)
             return d.addCallback(self._render, request, user_id)
-        login = self._login(request, form)
-        login.addCallback(lambda user: self._pool.run(self._after_login, req, user))
-        return login.addCallback(self._logged_in, request)
+        logged_in = self._login(request, form).addCallback(lambda user: self._pool.run(self._after_login, req, user))
+        return logged_in.addCallback(self._logged_in, request)
 
     def _after_login(self, req: HttpRequest, user: User | None) -> tuple[User | None, AuthorizeOutcome]:
         """In the pool: go on as a fresh request from the user who logged in, if one did."""

@@ -110,7 +110,8 @@ class DevicePage(PageResource):
         if step == "code" and self._sessions.csrf_ok(request, form, f"device|{user_id}"):
             return self._check_code(request, user_id, form.get("user_code", ""))
         user_code = device.normalize_user_code(self._typed_code(request))
-        if step == "consent" and user_code and self._sessions.csrf_ok(request, form, f"device-consent|{user_id}|{user_code}"):
+        consent_binding = f"device-consent|{user_id}|{user_code}"
+        if step == "consent" and user_code and self._sessions.csrf_ok(request, form, consent_binding):
             approved = form.get("decision") == "approve"
             d = self._pool.run(device.decide, self._server, user_code, user_id, approved)
             return d.addCallback(self._decided, request, user_id, approved)

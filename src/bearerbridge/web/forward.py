@@ -4,9 +4,9 @@ Traefik ForwardAuth, Caddy `forward_auth`) by the bearer token it carries.
 The proxy sends the client's headers and names the original request in `X-Original-Method`
 and `X-Original-URI` (nginx, by config; the host is then `Host`) or `X-Forwarded-Method`/
 `X-Forwarded-Uri`/`X-Forwarded-Host` (Traefik, Caddy). Rules match the percent-decoded path;
-a path that servers could read differently (`//`, dot segments, encoded `/` or `.`) is refused. The first `[[forward_auth.rules]]` rule matching the
-host and path says which scope the method needs: reading methods the rule's `read_scope`,
-all others its `write_scope`. Answers (RFC 6750 §3): 200 with the user in
+a path that servers could read differently (`//`, dot segments, encoded `/` or `.`) is refused.
+The first `[[forward_auth.rules]]` rule matching the host and path says which scope the
+method needs: reading methods the rule's `read_scope`, all others its `write_scope`. Answers (RFC 6750 §3): 200 with the user in
 `[forward_auth] user_header`; 401 `invalid_token` (or no token); 403 `insufficient_scope`.
 nginx turns any other status into a 500, so nothing else is sent but 503 for an outage.
 """
@@ -26,7 +26,7 @@ from twisted.web.server import Request
 from bearerbridge.config import ForwardAuthRule, ForwardAuthSettings
 from bearerbridge.metrics import Metrics
 from bearerbridge.sasl.verdict import Reason, Verdict
-from bearerbridge.web.site import AsyncResource, Reply, bearer_token
+from bearerbridge.web.site import AsyncResource, Reply, bearer_token, when_ready
 
 log = Logger()
 
@@ -127,27 +127,28 @@ class ForwardAuth(AsyncResource):
         method, host, path = original_request(request)
         rule = matching_rule(self._settings.rules, host, path) if path is not None else None
         if rule is None:
-            self._record(method, host, path, None, "-", False, Reason.NO_RULE if path is not None else Reason.AMBIGUOUS_PATH)
+            reason = Reason.NO_RULE if path is not None else Reason.AMBIGUOUS_PATH
+            self._record(method, host, path, None, "-", False, reason)
             return Reply(403, b"", self._challenge(None, "insufficient_scope"))
         scope = rule.read_scope if method in READ_METHODS else rule.write_scope
         identity, token = credentials(request, rule)
         if token is None:
             return Reply(401, b"", self._challenge(rule))
-        d = defer.maybeDeferred(self._check_scope, token, identity, scope)
-        return d.addCallback(self._decided, rule, scope, method, host, path)
+        verdict = when_ready(self._check_scope(token, identity, scope))
+        return verdict.addCallback(self._decided, rule, scope, method, host, path)
 
     def _decided(self, verdict: Verdict, rule: ForwardAuthRule, scope: str, method: str, host: str,
-                 path: str) -> Reply:
-        self._record(method, host, path, verdict.username, scope, verdict.ok, verdict.reason)
-        if verdict.ok:
+                 path: str | None) -> Reply:
+        self._record(method, host, path, verdict.username, scope, verdict.accepted, verdict.reason)
+        if verdict.accepted and verdict.username:
             return Reply(200, b"", {self._settings.user_header.encode(): verdict.username.encode()})
-        if verdict.temporary:
+        if verdict.unavailable is not None:
             return Reply(503, b"", {})
         if verdict.status == "insufficient_scope":
             return Reply(403, b"", self._challenge(rule, "insufficient_scope", scope))
         return Reply(401, b"", self._challenge(rule, "invalid_token"))
 
-    def _record(self, method: str, host: str, path: str, user: str | None, scope: str, ok: bool,
+    def _record(self, method: str, host: str, path: str | None, user: str | None, scope: str, ok: bool,
                 reason: Reason | str) -> None:
         # repr(): method, host and path come from the client and must not forge log lines.
         log.info("forward-auth {result}: user={user!r} {method!r} {host!r}{path!r} scope={scope} reason={reason}",

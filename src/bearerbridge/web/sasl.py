@@ -33,7 +33,7 @@ from bearerbridge.oauth.server import BridgeServer, discovery_url
 from bearerbridge.sasl.mechanisms import Challenge, Check, Failure, ServerExchange, Step
 from bearerbridge.sasl.verdict import Reason, Validate, Verdict
 from bearerbridge.storage.pool import StorePool
-from bearerbridge.web.site import AsyncResource, BadRequest, Reply, json_reply, snapshot
+from bearerbridge.web.site import AsyncResource, BadRequest, Reply, json_reply, snapshot, when_ready
 
 log = Logger()
 
@@ -82,7 +82,7 @@ class SaslEndpoint(AsyncResource):
 
     def _refused_client(self, failure: TwistedFailure) -> Reply:
         failure.trap(OAuth2Error)
-        error = failure.value
+        error: OAuth2Error = failure.value  # trap() lets only an OAuth2Error by
         return json_reply(401, {"error": error.error, "error_description": error.get_error_description()},
                           {"WWW-Authenticate": "Basic"})
 
@@ -92,8 +92,8 @@ class SaslEndpoint(AsyncResource):
         if not isinstance(step, Check):
             self._record(mechanism, service, None, False, Reason.MALFORMED)
             return json_reply(200, _outcome(step))
-        d = defer.maybeDeferred(self._validate, step.bearer, service)
-        return d.addCallback(self._decided, exchange, mechanism, service)
+        verdict = when_ready(self._validate(step.bearer, service))
+        return verdict.addCallback(self._decided, exchange, mechanism, service)
 
     def _decided(self, verdict: Verdict, exchange: ServerExchange, mechanism: str, service: str) -> Reply:
         unavailable = verdict.unavailable

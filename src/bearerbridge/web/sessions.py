@@ -80,12 +80,13 @@ class PasswordLogin:
 
         Three steps: read the password hash (pool), verify it (argon2id, slow on purpose:
         away from the store's threads), and fire with the User or None."""
-        d = self._pool.run(self._pool.store.password_hash, form.get("username", ""))
-        d.addCallback(lambda found: self._pool.run_apart(verify_login, found, form.get("password", "")))
+        found = self._pool.run(self._pool.store.password_hash, form.get("username", ""))
+        verified = found.addCallback(lambda user_and_hash: self._pool.run_apart(verify_login, user_and_hash,
+                                                                                form.get("password", "")))
 
         def started(user: User | None) -> User | None:
             self._metrics.logins.labels("ok" if user else "failed").inc()
             if user is not None:
                 self._sessions.start(request, user.id)
             return user
-        return d.addCallback(started)
+        return verified.addCallback(started)

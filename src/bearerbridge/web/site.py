@@ -9,21 +9,23 @@ own answer, a page for a person or JSON for a program, never Twisted's traceback
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from bearerbridge.oauth.requests import HttpRequest
 
 log = Logger()
+T = TypeVar("T")
 
 MAX_BODY = 64 * 1024
 MAX_FIELDS = 64
@@ -55,6 +57,7 @@ def snapshot(request: Request, issuer: str) -> HttpRequest:
     form: dict[str, list[str]] = {}
     content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
     if request.method == b"POST" and content_type == b"application/x-www-form-urlencoded":
+        assert request.content is not None  # twisted.web has read the body before rendering
         request.content.seek(0)
         body = request.content.read(MAX_BODY + 1)
         if len(body) > MAX_BODY:
@@ -79,7 +82,7 @@ class Reply:
     headers: dict[bytes, bytes]
 
 
-def json_reply(status: int, body: Any, headers: Mapping[str, str] | list[tuple[str, str]] = ()) -> Reply:
+def json_reply(status: int, body: Any, headers: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> Reply:
     """A JSON answer that no cache keeps (RFC 6749 §5.1), with any headers authlib added."""
     merged = dict(JSON_HEADERS)
     merged.update({k.encode(): v.encode() for k, v in dict(headers).items()})
@@ -118,6 +121,12 @@ class Pages:
                                                   "Go back and try again.")
 
 
+def when_ready(outcome: T | defer.Deferred[T]) -> defer.Deferred[T]:
+    """A result known now, or a Deferred of one, as a Deferred: `maybeDeferred` for a value
+    already in hand (and typed, which maybeDeferred's overloads are not for such a union)."""
+    return outcome if isinstance(outcome, defer.Deferred) else defer.succeed(outcome)
+
+
 class AsyncResource(Resource):
     """A leaf whose handlers return a Reply, or a Deferred of one, written when ready. Its
     errors are JSON, for a program; a `PageResource`'s are pages, for a person."""
@@ -149,7 +158,11 @@ class AsyncResource(Resource):
 
         # Whether the handler raises at once or its Deferred fails later, the answer is ours
         # (with our headers), never Twisted's bare "Processing Failed" page.
-        defer.maybeDeferred(handler, request).addCallback(write).addErrback(fail)
+        try:
+            answer = when_ready(handler(request))
+        except Exception:
+            answer = defer.fail()
+        answer.addCallback(write).addErrback(fail)
         return NOT_DONE_YET
 
 
@@ -190,6 +203,6 @@ class BridgeSite(Site):
         super().__init__(resource, logPath=access_log or None, parsePOSTFormSubmission=False)
         self._access_log = bool(access_log)
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         if self._access_log:
             super().log(request)

@@ -34,12 +34,11 @@ def upgrade() -> None:
         sa.Column("public", sa.Boolean, nullable=False),
         sa.Column("created_at", sa.BigInteger, nullable=False),
     )
-    client_fk = {"ondelete": "CASCADE"}
     op.create_table(
         "auth_codes",
         sa.Column("code_digest", sa.String(64), primary_key=True),
-        sa.Column("client_id", sa.String(64), sa.ForeignKey("clients.client_id", **client_fk), nullable=False),
-        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", **client_fk), nullable=False),
+        sa.Column("client_id", sa.String(64), sa.ForeignKey("clients.client_id", ondelete="CASCADE"), nullable=False),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
         sa.Column("redirect_uri", sa.Text, nullable=False),
         sa.Column("scope", sa.Text, nullable=False),
         sa.Column("code_challenge", sa.String(128)),
@@ -52,8 +51,8 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("access_digest", sa.String(64), nullable=False, unique=True),
         sa.Column("refresh_digest", sa.String(64), unique=True),
-        sa.Column("client_id", sa.String(64), sa.ForeignKey("clients.client_id", **client_fk), nullable=False),
-        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", **client_fk)),
+        sa.Column("client_id", sa.String(64), sa.ForeignKey("clients.client_id", ondelete="CASCADE"), nullable=False),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE")),
         sa.Column("scope", sa.Text, nullable=False),
         sa.Column("issued_at", sa.BigInteger, nullable=False),
         sa.Column("expires_at", sa.BigInteger, nullable=False),
@@ -67,8 +66,8 @@ def upgrade() -> None:
         op.create_index(f"ix_tokens_{column}", "tokens", [column])
     op.create_table(
         "consents",
-        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", **client_fk), primary_key=True),
-        sa.Column("client_id", sa.String(64), sa.ForeignKey("clients.client_id", **client_fk), primary_key=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("client_id", sa.String(64), sa.ForeignKey("clients.client_id", ondelete="CASCADE"), primary_key=True),
         sa.Column("scope", sa.Text, nullable=False),
         sa.Column("updated_at", sa.BigInteger, nullable=False),
     )
