@@ -20,10 +20,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 import requests
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
-from twisted.internet import defer
 
 from bearerbridge import cli
-from bearerbridge.storage.store import SqlStore
 
 IN_CI = os.environ.get("CI") == "true"
 BIN = Path(sys.executable).parent
@@ -105,7 +103,7 @@ class Service:
 
     @classmethod
     def start(cls, directory: Path, *, url: str | None = None, listen: list[str] | None = None,
-              extra: str = "", database_url: str | None = None, verify: str | bool = True) -> "Service":
+              extra: str = "", database_url: str | None = None, verify: str | bool = True) -> Service:
         port = free_port()
         url = url or f"http://127.0.0.1:{port}"
         listen = listen or [f"tcp:{port}:interface=127.0.0.1"]

@@ -8,14 +8,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from .support import authorize_url, pkce_pair, require_peer, token_request
-
 # selenium is a test dependency: a missing one must fail the run, not skip it.
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service as ChromeDriverService  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from .support import authorize_url, pkce_pair, require_peer, token_request
 
 WAIT = 20  # seconds, for every step of the browser
 CALLBACK = "/callback"

@@ -11,11 +11,13 @@ import imaplib
 import importlib.util
 import json
 import smtplib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
+from treq.testing import StringStubbingResource, StubTreq
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, protocol, reactor, threads
@@ -25,7 +27,6 @@ from twisted.logger import capturedLogs
 from twisted.mail import imap4, smtp
 from twisted.mail.interfaces import IChallengeResponse
 from twisted.python.failure import Failure as TwistedFailure
-from treq.testing import StringStubbingResource, StubTreq
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 

@@ -11,13 +11,13 @@ import socket
 
 import pytest
 import pytest_twisted
-from zope.interface import implementer
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
+from zope.interface import implementer
 
 from bearerbridge.sasl.dovecot import (
     MAX_LINE,

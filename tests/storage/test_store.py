@@ -7,8 +7,8 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from bearerbridge.storage import migrations
 from bearerbridge.crypto import Keyring
+from bearerbridge.storage import migrations
 from bearerbridge.storage.models import Client
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.schema import metadata

@@ -7,9 +7,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy.exc import OperationalError
 from treq.testing import StubTreq
-from twisted.internet import defer
 from twisted.logger import capturedLogs
 
 from bearerbridge import config, tap
