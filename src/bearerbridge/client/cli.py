@@ -33,20 +33,60 @@ import threading
 import time
 import traceback
 import webbrowser
-from typing import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from bearerbridge.client.protocol import (DEVICE_GRANT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOGIN_NEEDED, HelperError,
-                             LoginNeeded, Refused, StrayCallback, Unreachable, authorize_url, check_callback,
-                             check_issuer, check_metadata, choose_flow, client_auth, discovery_urls, graphical,
-                             login_command, parse_device_response, pkce_pair, poll_decision, status_lines,
-                             terminal_safe)
-from bearerbridge.client.profile import (APP, DamagedProfile, Profile, ProfileFile, ProtocolError, apply_token_response,
-                          check_profile_name, config_dir, needs_refresh)
+from bearerbridge.client.profile import (
+    APP,
+    DamagedProfile,
+    Profile,
+    ProfileFile,
+    ProtocolError,
+    apply_token_response,
+    check_profile_name,
+    config_dir,
+    needs_refresh,
+)
+from bearerbridge.client.protocol import (
+    DEVICE_GRANT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_LOGIN_NEEDED,
+    HelperError,
+    LoginNeeded,
+    Refused,
+    StrayCallback,
+    Unreachable,
+    authorize_url,
+    check_callback,
+    check_issuer,
+    check_metadata,
+    choose_flow,
+    client_auth,
+    discovery_urls,
+    graphical,
+    login_command,
+    parse_device_response,
+    pkce_pair,
+    poll_decision,
+    status_lines,
+    terminal_safe,
+)
+
+if TYPE_CHECKING:
+    # What task.react hands every command: the global reactor, whose type is Twisted's name for
+    # the interfaces all its reactors implement (listenTCP, seconds, addSystemEventTrigger...).
+    from twisted.internet import _IReactorCommon as Reactor
+    from twisted.internet._sslverify import IOpenSSLTrustRoot  # what trustRootFromCertificates gives
+    from twisted.web.iweb import IRequest
+
+    Command = Callable[[Reactor, argparse.Namespace, Mapping[str, str]], Awaitable[None]]
 
 HTTP_TIMEOUT = 30  # seconds for a whole request, body included
 LOGIN_TIMEOUT = 600  # seconds to wait for the browser (the server's codes live 10 minutes)
@@ -59,7 +99,7 @@ def note(message: str) -> None:
 
 # -- HTTP ------------------------------------------------------------------------------------
 
-def trust_root(ca_file: str):
+def trust_root(ca_file: str) -> IOpenSSLTrustRoot:
     """Every certificate in the PEM file, as the only roots to trust."""
     from twisted.internet.ssl import Certificate, trustRootFromCertificates
     try:
@@ -92,7 +132,7 @@ def describe_failure(error: BaseException) -> str:
 class Http:
     """Form POSTs and GETs answered with JSON, over treq."""
 
-    def __init__(self, reactor, ca_file: str | None) -> None:
+    def __init__(self, reactor: Reactor, ca_file: str | None) -> None:
         from treq.client import HTTPClient
         from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
         policy = BrowserLikePolicyForHTTPS(trust_root(ca_file)) if ca_file else BrowserLikePolicyForHTTPS()
@@ -100,8 +140,8 @@ class Http:
         self._reactor, self._client = reactor, HTTPClient(agent)
 
     async def _exchange(self, method: str, url: str, form: dict[str, str] | None) -> tuple[int, bytes]:
-        response = await self._client.request(method, url, data=form, allow_redirects=False,
-                                              headers={"Accept": ["application/json"]})
+        headers: dict[bytes | str, list[bytes | str]] = {"Accept": ["application/json"]}
+        response = await self._client.request(method, url, data=form, allow_redirects=False, headers=headers)
         return response.code, await response.content()
 
     async def call(self, method: str, url: str, form: dict[str, str] | None = None) -> tuple[int, object]:
@@ -155,11 +195,11 @@ class CallbackPage(Resource):
 
     isLeaf = True
 
-    def __init__(self, check: Callable[[dict[str, str]], str], received: defer.Deferred) -> None:
+    def __init__(self, check: Callable[[dict[str, str]], str], received: defer.Deferred[str]) -> None:
         super().__init__()
         self.check, self.received = check, received
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request: IRequest) -> bytes:
         for name, value in ((b"Content-Type", b"text/plain; charset=utf-8"), (b"Cache-Control", b"no-store"),
                             (b"Referrer-Policy", b"no-referrer"), (b"X-Content-Type-Options", b"nosniff")):
             request.setHeader(name, value)
@@ -187,8 +227,8 @@ def open_browser(url: str) -> None:
     threading.Thread(target=run, daemon=True).start()
 
 
-async def browser_login(reactor, http: Http, base: Profile, metadata: dict, scope: str | None, port: int,
-                        environ: Mapping[str, str]) -> Profile:
+async def browser_login(reactor: Reactor, http: Http, base: Profile, metadata: dict[str, Any], scope: str | None,
+                        port: int, environ: Mapping[str, str]) -> Profile:
     """The code grant with PKCE S256 and a loopback redirect (RFC 8252 §7.3, RFC 7636)."""
     verifier, challenge = pkce_pair()
     state = secrets.token_urlsafe(32)
@@ -197,10 +237,14 @@ async def browser_login(reactor, http: Http, base: Profile, metadata: dict, scop
     site = Site(CallbackPage(lambda params: check_callback(params, state, base.issuer, iss_required), received))
     site.noisy = False
     try:
-        listening = reactor.listenTCP(port, site, interface="127.0.0.1")
+        # Twisted types listenTCP's factory as a ServerFactory of its default protocol type, which no
+        # web Site is (Factory is invariant in its protocol).
+        listening = reactor.listenTCP(port, site, interface="127.0.0.1")  # type: ignore[arg-type]
     except CannotListenError as error:
         raise HelperError(f"cannot listen on 127.0.0.1:{port}: {error.socketError}") from None
-    redirect_uri = f"http://127.0.0.1:{listening.getHost().port}/callback"
+    address = listening.getHost()
+    assert isinstance(address, IPv4Address)  # a TCP port on 127.0.0.1
+    redirect_uri = f"http://127.0.0.1:{address.port}/callback"
     url = authorize_url(metadata["authorization_endpoint"], base.client_id, redirect_uri, scope, state, challenge)
     note("to sign in and allow access, open this address in a browser on this machine:")
     print(url, file=sys.stderr, flush=True)
@@ -214,14 +258,17 @@ async def browser_login(reactor, http: Http, base: Profile, metadata: dict, scop
         await task.deferLater(reactor, 0.2)  # the reactor writes the browser's page before we exit
         raise
     finally:
-        await listening.stopListening()
+        stopped = listening.stopListening()
+        if stopped is not None:  # None if the port was closed already (not a Deferred to await)
+            await stopped
     requested_at = time.time()
     body = await http.token(base, {"grant_type": "authorization_code", "code": code,
                                    "redirect_uri": redirect_uri, "code_verifier": verifier})
     return apply_token_response(base, body, requested_at, scope)
 
 
-async def device_login(reactor, http: Http, base: Profile, metadata: dict, scope: str | None) -> Profile:
+async def device_login(reactor: Reactor, http: Http, base: Profile, metadata: dict[str, Any], scope: str | None
+                       ) -> Profile:
     """RFC 8628 §3.1-§3.5: get a user code, show it, poll the token endpoint until an answer."""
     status, body = await http.call("POST", metadata["device_authorization_endpoint"],
                                    {**client_auth(base), **({"scope": scope} if scope else {})})
@@ -250,7 +297,7 @@ async def device_login(reactor, http: Http, base: Profile, metadata: dict, scope
         return apply_token_response(base, body, requested_at, scope)
 
 
-async def refreshed(reactor, store: ProfileFile, profile: Profile) -> Profile:
+async def refreshed(reactor: Reactor, store: ProfileFile, profile: Profile) -> Profile:
     """RFC 6749 §6. Saves at once, under the caller's lock: the old refresh token is dead now."""
     hint = login_command(store.name, profile)
     if profile.refresh_token is None:
@@ -271,7 +318,7 @@ async def refreshed(reactor, store: ProfileFile, profile: Profile) -> Profile:
 
 # -- commands --------------------------------------------------------------------------------
 
-async def cmd_login(reactor, args, environ: Mapping[str, str]) -> None:
+async def cmd_login(reactor: Reactor, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     store = ProfileFile(config_dir(environ), args.profile)
     issuer = check_issuer(args.issuer)
     ca_file = os.path.abspath(args.ca_file) if args.ca_file else None
@@ -300,7 +347,7 @@ async def cmd_login(reactor, args, environ: Mapping[str, str]) -> None:
             note(f"could not revoke the login this one replaces: {error}")
 
 
-async def cmd_print(reactor, args, environ: Mapping[str, str]) -> None:
+async def cmd_print(reactor: Reactor, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     store = ProfileFile(config_dir(environ), args.profile)
     missing = LoginNeeded(f"no login under profile {args.profile!r}; run: {login_command(args.profile, None)}")
     if not store.path.exists():  # no need to create the directory for the lock
@@ -315,14 +362,14 @@ async def cmd_print(reactor, args, environ: Mapping[str, str]) -> None:
     sys.stdout.flush()
 
 
-async def cmd_status(reactor, args, environ: Mapping[str, str]) -> None:
+async def cmd_status(reactor: Reactor, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     profile = ProfileFile(config_dir(environ), args.profile).load()  # whole files only: no lock needed
     if profile is None:
         raise LoginNeeded(f"no login under profile {args.profile!r}; run: {login_command(args.profile, None)}")
     print("\n".join(status_lines(args.profile, profile, time.time())))
 
 
-async def cmd_logout(reactor, args, environ: Mapping[str, str]) -> None:
+async def cmd_logout(reactor: Reactor, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     store = ProfileFile(config_dir(environ), args.profile)
     async with store.locked(functools.partial(task.deferLater, reactor)):
         try:
@@ -358,7 +405,7 @@ def parser() -> argparse.ArgumentParser:
                                   f"{EXIT_LOGIN_NEEDED} log in again, {EXIT_INTERRUPTED} interrupted.")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, run, help: str) -> argparse.ArgumentParser:
+    def command(name: str, run: Command, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(run=run)
         sub.add_argument("--profile", default="default", type=_profile_name,
@@ -386,11 +433,11 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-async def _run(reactor, args, environ: Mapping[str, str]) -> None:
+async def _run(reactor: Reactor, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     """Run one command; map its errors to a stderr line and an exit status (task.react's SystemExit)."""
     command = defer.ensureDeferred(args.run(reactor, args, environ))
 
-    def interrupt() -> defer.Deferred | None:  # Ctrl-C or SIGTERM: unwind (and unlock) before exiting
+    def interrupt() -> defer.Deferred[None] | None:  # Ctrl-C or SIGTERM: unwind (and unlock) before exiting
         if command.called:
             return None
         ended: defer.Deferred[None] = defer.Deferred()

@@ -18,9 +18,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Mapping
 
 APP = "bearerbridge-token"
 REFRESH_MARGIN = 60  # seconds: refresh an access token that expires sooner than this
@@ -55,14 +55,14 @@ class Profile:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "Profile":
+    def from_json(cls, text: str) -> Profile:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    def without_tokens(self) -> "Profile":
+    def without_tokens(self) -> Profile:
         """What remains once the server has refused the refresh token: enough to say how to log in."""
         return dataclasses.replace(self, access_token=None, expires_at=None, refresh_token=None)
 

@@ -13,8 +13,9 @@ import re
 import secrets
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
@@ -93,7 +94,7 @@ def discovery_urls(issuer: str) -> list[str]:
             f"{origin}{path}/.well-known/openid-configuration"]
 
 
-def check_metadata(issuer: str, document: object, flow: str) -> dict:
+def check_metadata(issuer: str, document: object, flow: str) -> dict[str, Any]:
     """The metadata, if it is for `issuer` (RFC 8414 §3.3) and names the endpoints `flow` needs."""
     if not isinstance(document, dict) or not isinstance(document.get("issuer"), str):
         raise ProtocolError("the server's metadata is not an RFC 8414 document")
@@ -183,8 +184,9 @@ def parse_device_response(body: object) -> DeviceGrant:
     if not all(isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 for n in (expires_in, interval)):
         raise ProtocolError("the device authorization reply has a bad expires_in or interval")
     complete = body.get("verification_uri_complete")
+    # expires_in is a positive number by the check above, which the type checker cannot follow through all().
     return DeviceGrant(body["device_code"], body["user_code"], body["verification_uri"],
-                       complete if isinstance(complete, str) else None, expires_in, interval)
+                       complete if isinstance(complete, str) else None, expires_in, interval)  # type: ignore[arg-type]
 
 
 def poll_decision(error: str | None, interval: float) -> float:

@@ -27,20 +27,28 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
+from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import imap4, smtp
 from twisted.mail.interfaces import IChallengeResponse
 from twisted.python.failure import Failure as TwistedFailure
-from zope.interface import Attribute, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from bearerbridge.sasl.mechanisms import (
-    Bearer, Challenge, Check, Failure, ProtocolStateError, ServerExchange, Step, checked_mechanisms,
+    Bearer,
+    Challenge,
+    Check,
+    Failure,
+    ProtocolStateError,
+    ServerExchange,
+    Step,
+    checked_mechanisms,
 )
 from bearerbridge.sasl.verdict import Reason, Validate, Verdict
 
@@ -180,17 +188,19 @@ class BearerChecker:
     def __init__(self, validate: Validate) -> None:
         self._validate = validate
 
-    def requestAvatarId(self, credentials: IOAuthBearer) -> defer.Deferred[bytes]:
+    def requestAvatarId(self, credentials: IOAuthBearer) -> defer.Deferred[bytes | tuple[()]]:
         """Fire with the avatar id, or fail with :class:`BearerRejected`,
         :class:`BearerBackendUnavailable` or a plain ``UnauthorizedLogin``."""
         bearer = credentials.bearer
         if bearer is None:
             return defer.fail(UnauthorizedLogin("no bearer token to check"))
-        d = defer.maybeDeferred(self._validate, bearer, credentials.service)
+        # maybeDeferred waits for a Deferred the validator returns; its overloads cannot follow a
+        # function that returns either a Verdict or a Deferred.
+        d: defer.Deferred[Verdict] = defer.maybeDeferred(  # type: ignore[call-overload]
+            self._validate, bearer, credentials.service)
         # Before the callback, so that only the validator's own errors land here.
         d.addErrback(self._validator_failed)
-        d.addCallback(self._judged, bearer, credentials)
-        return d
+        return d.addCallback(self._judged, bearer, credentials)
 
     def _validator_failed(self, failure: TwistedFailure) -> Verdict:
         log.failure("token validation failed", failure)
@@ -198,6 +208,7 @@ class BearerChecker:
 
     def _judged(self, verdict: Verdict, bearer: Bearer, credentials: IOAuthBearer) -> bytes:
         if verdict.accepted:
+            assert verdict.username is not None  # accepted means there is a name
             return verdict.username.encode("utf-8")
         reason = str(verdict.unavailable or verdict.reason or verdict.status)
         log.info(
@@ -222,7 +233,10 @@ class BearerIMAP4Server(imap4.IMAP4Server):
     another ``IMAP4Server`` subclass.
     """
 
-    def authenticate(self, chal: Any, tag: bytes) -> None:
+    # IMAP4Server's `portal = None` leaves the setting to its user, and mypy reads it as always None.
+    portal: Portal | None  # type: ignore[assignment]
+
+    def authenticate(self, chal: IChallengeResponse, tag: bytes) -> None:
         if self.portal is None or not isinstance(chal, BearerChallenger):
             super().authenticate(chal, tag)
             return
@@ -233,9 +247,11 @@ class BearerIMAP4Server(imap4.IMAP4Server):
         self.sendLine(b"+ " + base64.b64encode(challenge))
         # The stock way to route the next line here (see parse_pending).
         self.parseState = "pending"
-        self._pendingLiteral = defer.Deferred()
-        self._pendingLiteral.addCallback(self._bearerResponse, chal, tag)
-        self._pendingLiteral.addErrback(self._bearerServerError, tag)
+        response: defer.Deferred[bytes] = defer.Deferred()
+        # The stock loop puts a Deferred here too; the attribute's declared type knows only literals.
+        self._pendingLiteral = response  # type: ignore[assignment]
+        response.addCallback(self._bearerResponse, chal, tag)
+        response.addErrback(self._bearerServerError, tag)
 
     def _bearerResponse(self, line: bytes, chal: BearerChallenger, tag: bytes) -> None:
         if line == b"*":
@@ -257,6 +273,7 @@ class BearerIMAP4Server(imap4.IMAP4Server):
         elif chal.failure_reason is not None:
             self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
         else:
+            assert self.portal is not None  # authenticate() comes this way only with a portal
             d = self.portal.login(chal, None, imap4.IAccount)
             d.addCallbacks(
                 self._bearerLoggedIn, self._bearerRefused,
@@ -264,7 +281,7 @@ class BearerIMAP4Server(imap4.IMAP4Server):
             )
             d.addErrback(self._bearerServerError, tag)
 
-    def _bearerLoggedIn(self, result: tuple[Any, Any, Callable[[], None]], tag: bytes) -> None:
+    def _bearerLoggedIn(self, result: tuple[type[Interface], object, Callable[[], None]], tag: bytes) -> None:
         # What the private IMAP4Server.__cbAuthResp does on success.
         _, self.account, self._onLogout = result
         self.state = "auth"

@@ -8,8 +8,13 @@ Three layers, each testable alone:
 - :class:`DovecotAuthProtocol`, a thin ``LineOnlyReceiver`` that runs the
   validations and writes the replies.
 
-The wire format is that of Dovecot 2.3's auth-client protocol version 1.2,
-with the peers' quirks described in shared/notes/peers.md.
+The wire format is that of Dovecot 2.3's auth-client protocol version 1.2, as
+Postfix, Exim and Prosody speak it: the server greets first (VERSION, MECH lines,
+SPID, CUID, COOKIE, DONE) without waiting; request ids are matched, never counted
+(Postfix's grow and skip, Exim's are always 1, Prosody's are not consecutive); an
+OK names the user (Postfix and Prosody fail without it) and never echoes the
+token; Postfix and Exim get an empty CONT when they sent no initial response,
+while Prosody, whose session an empty CONT would crash, sends `resp==` instead.
 """
 
 from __future__ import annotations
@@ -19,18 +24,28 @@ import binascii
 import itertools
 import os
 import secrets
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport, ITransport
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure as TwistedFailure
 
-from bearerbridge.sasl.mechanisms import MECHANISMS, Bearer, Challenge, Check, Failure, ServerExchange, Step, checked_mechanisms
+from bearerbridge.sasl.mechanisms import (
+    MECHANISMS,
+    Bearer,
+    Challenge,
+    Check,
+    Failure,
+    ServerExchange,
+    Step,
+    checked_mechanisms,
+)
 from bearerbridge.sasl.verdict import Reason, Validate, Verdict
 
 MAX_LINE = 16384
@@ -323,7 +338,8 @@ class DovecotAuthConnection:
         if verdict.accepted:
             live.exchange.accept()
             self._decide(out, live, verdict.username, True, verdict.reason or "ok")
-            self._finish(out, live, format_ok(live.request.id, verdict.username))
+            # `accepted` means there is a name, which the type checker cannot see through the property.
+            self._finish(out, live, format_ok(live.request.id, verdict.username))  # type: ignore[arg-type]
         elif (reason := verdict.unavailable) is not None:
             self._decide(out, live, bearer.identity, False, reason)
             self._finish(out, live, format_fail(live.request.id, reason, temporary=True))
@@ -415,7 +431,7 @@ class DecisionLog:
         self._interval = interval
         self._max_lines = max_lines
         self._lines: list[str] = []
-        self._flush_call: Any = None
+        self._flush_call: IDelayedCall | None = None
 
     def add(self, decision: Decision) -> None:
         # repr() because user and service come from the client and could otherwise forge lines.
@@ -450,6 +466,8 @@ class DovecotAuthProtocol(LineOnlyReceiver):
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
+    # Not None here: makeConnection sets it before connectionMade, and nothing unsets it.
+    transport: ITransport
 
     def __init__(
         self,
@@ -466,7 +484,7 @@ class DovecotAuthProtocol(LineOnlyReceiver):
             # Imported late so that importing this module installs no reactor.
             from twisted.internet import reactor
 
-            clock = reactor  # type: ignore[assignment]
+            clock = reactor
         self._connection = DovecotAuthConnection(mechanisms, openid_configuration)
         self._validate = validate
         self._on_decision = on_decision
@@ -538,11 +556,11 @@ class DovecotAuthProtocol(LineOnlyReceiver):
         if isinstance(result, Verdict):  # the validator's memory answered
             self._answer(result, validation)
             return
-        result = defer.maybeDeferred(lambda: result)  # a Deferred, a coroutine or a Failure
-        if not result.called:
-            result.addTimeout(self._timeout, self._clock)
+        d = defer.maybeDeferred(lambda: result)  # a Deferred, a coroutine or a Failure
+        if not d.called:
+            d.addTimeout(self._timeout, self._clock)
         # One callback for both outcomes (it logs its own errors): every add* runs the chain.
-        result.addBoth(self._answer, validation)
+        d.addBoth(self._answer, validation)
 
     def _answer(self, result: Verdict | TwistedFailure, validation: Validation) -> None:
         try:
@@ -577,7 +595,7 @@ class DovecotAuthFactory(Factory):
     def stopFactory(self) -> None:
         self._options["decision_log"].flush()  # leave no decision unwritten at shutdown
 
-    def buildProtocol(self, addr: object) -> DovecotAuthProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> DovecotAuthProtocol:
         protocol = DovecotAuthProtocol(self._validate, cuid=next(self._cuids), **self._options)
         protocol.factory = self
         return protocol

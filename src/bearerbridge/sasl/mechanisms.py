@@ -20,8 +20,8 @@ from __future__ import annotations
 import enum
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 MECHANISMS = ("OAUTHBEARER", "XOAUTH2", "PLAIN")
 

@@ -13,16 +13,17 @@ processes sharing the database within `cache_ttl`.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from collections.abc import Callable
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from bearerbridge.config import SaslSettings
-from bearerbridge.storage.models import Token
-from bearerbridge.storage.pool import StorePool
 from bearerbridge.sasl.mechanisms import Bearer
 from bearerbridge.sasl.verdict import Reason, Verdict
+from bearerbridge.storage.models import Token
+from bearerbridge.storage.pool import StorePool
 
 MAX_BATCH = 512
 
@@ -92,17 +93,19 @@ class Validator:
     at tens of thousands of checks a second, even a fired Deferred costs (bench/README.md).
     """
 
-    def __init__(self, pool: StorePool, settings: SaslSettings, clock: Any = None) -> None:
+    def __init__(self, pool: StorePool, settings: SaslSettings, clock: IReactorTime | None = None) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock
+            from twisted.internet import reactor
+
+            clock = reactor
         self._pool = pool
         self._store = pool.store
         self._recent = pool.store.recent
         self._settings = settings
-        self._clock = clock
-        self._waiting: dict[str, list[defer.Deferred]] = {}  # misses, by digest
+        self._clock: IReactorTime = clock
+        self._waiting: dict[str, list[defer.Deferred[Token | None]]] = {}  # misses, by digest
         self._rereads: dict[str, None] = {}  # remembered tokens to renew (a dict keeps the order)
-        self._in_flight: dict[str, list[defer.Deferred]] | None = None  # the batch being read
+        self._in_flight: dict[str, list[defer.Deferred[Token | None]]] | None = None  # the batch being read
         self._no_rereads_until = 0.0  # after a failed re-read: the database is not asked again at once
 
     def validate(self, bearer: Bearer, service: str) -> Verdict | defer.Deferred[Verdict]:
@@ -114,7 +117,8 @@ class Validator:
         return self._decide(access_token,
                             lambda token, now: judge_token(token, now, identity, scope, self._settings))
 
-    def _decide(self, access_token: str, decide) -> Verdict | defer.Deferred[Verdict]:
+    def _decide(self, access_token: str, decide: Callable[[Token | None, float], Verdict]
+                ) -> Verdict | defer.Deferred[Verdict]:
         digest = self._store.keyring.digest(access_token)
         remembered = self._recent.token(digest)
         if remembered is not None:
@@ -122,17 +126,19 @@ class Validator:
             if age >= self._recent.ttl / 2:
                 self._read_again(digest)
             return decide(token, self._clock.seconds())
-        d = defer.Deferred()
+        d: defer.Deferred[Token | None] = defer.Deferred()
         self._waiting.setdefault(digest, []).append(d)
         if self._in_flight is None:
             self._send_batch()
-        d.addCallback(lambda token: decide(token, self._clock.seconds()))
-        return d.addErrback(self._database_failed)
+        # One chain (addCallback returns d itself), so that the type checker sees the Verdict.
+        return d.addCallback(lambda token: decide(token, self._clock.seconds())).addErrback(self._database_failed)
 
     @staticmethod
-    def _database_failed(failure: Failure) -> Verdict | Failure:
+    def _database_failed(failure: Failure) -> Verdict:
         if failure.check(defer.CancelledError):  # the caller gave up (a timeout) and says so itself
-            return failure
+            # Returned, the Failure goes on failing the chain. Twisted's types have no word for an
+            # errback that recovers from some failures only, so this one is typed by its recoveries.
+            return failure  # type: ignore[return-value]
         return Verdict(False, temporary=True, reason=Reason.DATABASE_UNAVAILABLE)
 
     def _read_again(self, digest: str) -> None:
@@ -156,7 +162,8 @@ class Validator:
         d = self._pool.run(self._store.find_access_tokens, list(batch))
         d.addBoth(self._batch_done, batch)
 
-    def _batch_done(self, result: dict[str, Token] | Failure, batch: dict[str, list[defer.Deferred]]) -> None:
+    def _batch_done(self, result: dict[str, Token] | Failure,
+                    batch: dict[str, list[defer.Deferred[Token | None]]]) -> None:
         self._in_flight = None
         if isinstance(result, Failure) and not all(batch.values()):
             # A renewal failed: leave the records to expire rather than ask again on every hit.
