@@ -6,8 +6,9 @@ and `X-Original-URI` (nginx, by config; the host is then `Host`) or `X-Forwarded
 `X-Forwarded-Uri`/`X-Forwarded-Host` (Traefik, Caddy). Rules match the percent-decoded path;
 a path that servers could read differently (`//`, dot segments, encoded `/` or `.`) is refused.
 The first `[[forward_auth.rules]]` rule matching the host and path says which scope the
-method needs: reading methods the rule's `read_scope`, all others its `write_scope`. Answers (RFC 6750 §3): 200 with the user in
-`[forward_auth] user_header`; 401 `invalid_token` (or no token); 403 `insufficient_scope`.
+method needs: reading methods the rule's `read_scope`, all others its `write_scope`. Answers
+(RFC 6750 §3): 200 with the user in `[forward_auth] user_header`; 401 `invalid_token` (or no
+token); 403 `insufficient_scope`.
 nginx turns any other status into a 500, so nothing else is sent but 503 for an outage.
 """
 
