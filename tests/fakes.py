@@ -1,5 +1,5 @@
 """Test doubles shared by the in-process tests: pools without threads, a migrated SQLite store,
-and the HTTP tree driven through treq's StubTreq with no socket."""
+the HTTP tree driven through treq's StubTreq with no socket, and a browser's part of the code grant."""
 
 from __future__ import annotations
 
@@ -7,16 +7,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+from argon2 import PasswordHasher
 from sqlalchemy.exc import OperationalError
 from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.web.resource import IResource
 
+from bearerbridge.config import Config
 from bearerbridge.crypto import Keyring
+from bearerbridge.metrics import Metrics
+from bearerbridge.sasl.validator import Validator
 from bearerbridge.storage import migrations
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.store import SqlStore, make_engine
+
+from .support import form_fields
 
 BASE = "http://127.0.0.1:8080"
 
@@ -104,3 +111,82 @@ class Http:
 
     def post(self, path: str, **kwargs: Any) -> Answer:
         return self.request("POST", path, **kwargs)
+
+
+# -- the whole HTTP tree in process, and a browser's part of the code grant ---------------------
+
+_CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+
+
+def cheap_password_hash(password: str) -> str:
+    """An argon2id hash at the lowest cost argon2 allows. The server verifies a hash with the
+    parameters written in it, so a login checks this one in microseconds instead of the
+    ~150 ms a `crypto.hash_password` hash costs: the same code path, only faster."""
+    return _CHEAP.hash(password)
+
+
+@dataclass
+class Bridge:
+    """bearerbridge's whole HTTP tree (`tap.http_root`) over a real store and a SyncPool."""
+
+    store: SqlStore
+    config: Config
+    pool: SyncPool
+    metrics: Metrics
+    root: IResource
+
+    @classmethod
+    def over(cls, store: SqlStore, config: Config | None = None) -> Bridge:
+        from bearerbridge import tap  # here: tap imports the reactor, which not every user of fakes wants
+
+        config = config or Config()
+        pool = SyncPool(store)
+        metrics = Metrics()
+        return cls(store, config, pool, metrics, tap.http_root(config, pool, metrics, Validator(pool, config.sasl)))
+
+    def browser(self) -> Http:
+        """A new browser (or program): no cookies yet."""
+        return Http(self.root)
+
+    def without_database(self) -> Http:
+        """A program talking to a second tree over the same store, keyring and memory of recent
+        reads, whose database has gone (a DeadPool): only memory can answer it."""
+        from bearerbridge import tap
+
+        pool = DeadPool(self.store)
+        return Http(tap.http_root(self.config, pool, Metrics(), Validator(pool, self.config.sasl)))
+
+    def count(self, name: str, **labels: str) -> float:
+        """A sample of the service's Prometheus counters; 0 when never counted."""
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def form_of(answer: Answer) -> tuple[str, dict[str, str]]:
+    """The action and the fields of the first form on a page."""
+    return form_fields(answer.body.decode())
+
+
+def redirect_params(answer: Answer) -> dict[str, str]:
+    """The query of a 302's Location: the answer the client's redirect URI receives."""
+    assert answer.code == 302, (answer.code, answer.body[:500])
+    location = answer.header("Location")
+    assert location is not None
+    return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+
+
+def login_and_consent(http: Http, path: str, username: str, password: str, decision: str = "approve") -> Answer:
+    """Drive /authorize's login and consent forms as a browser would, from `path`
+    (`/authorize?...`); returns the final answer, a 302 when all went well."""
+    page = http.get(path)
+    if page.code == 302:
+        return page
+    assert page.code == 200, page.body
+    action, fields = form_of(page)
+    if fields.get("step") == "login":
+        page = http.post(action, data={**fields, "username": username, "password": password})
+        if page.code == 302:
+            return page
+        assert page.code == 200, page.body
+        action, fields = form_of(page)
+    assert fields.get("step") == "consent", page.body
+    return http.post(action, data={**fields, "decision": decision})
