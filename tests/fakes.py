@@ -167,8 +167,9 @@ def form_of(answer: Answer) -> tuple[str, dict[str, str]]:
 
 
 def redirect_params(answer: Answer) -> dict[str, str]:
-    """The query of a 302's Location: the answer the client's redirect URI receives."""
-    assert answer.code == 302, (answer.code, answer.body[:500])
+    """The query of a redirect's Location: the answer the client's redirect URI receives (302
+    after a GET, 303 after a form's POST: see `login_and_consent`)."""
+    assert answer.code in (302, 303), (answer.code, answer.body[:500])
     location = answer.header("Location")
     assert location is not None
     return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
@@ -176,7 +177,8 @@ def redirect_params(answer: Answer) -> dict[str, str]:
 
 def login_and_consent(http: Http, path: str, username: str, password: str, decision: str = "approve") -> Answer:
     """Drive /authorize's login and consent forms as a browser would, from `path`
-    (`/authorize?...`); returns the final answer, a 302 when all went well."""
+    (`/authorize?...`); returns the final answer: a redirect when all went well, a 302 when
+    consent was remembered and a 303 answering a form (RFC 9700 §4.12)."""
     page = http.get(path)
     if page.code == 302:
         return page
@@ -184,7 +186,7 @@ def login_and_consent(http: Http, path: str, username: str, password: str, decis
     action, fields = form_of(page)
     if fields.get("step") == "login":
         page = http.post(action, data={**fields, "username": username, "password": password})
-        if page.code == 302:
+        if page.code == 303:
             return page
         assert page.code == 200, page.body
         action, fields = form_of(page)

@@ -217,13 +217,16 @@ def authorize_url(base: str, client_id: str, redirect_uri: str, challenge: str |
 
 
 def redirect_params(response: requests.Response) -> dict[str, str]:
-    assert response.status_code == 302, (response.status_code, response.text[:500])
+    """The query a redirect sends to the client: 302 after a GET, 303 after a POST (RFC 9700 §4.12)."""
+    expected = 303 if response.request.method == "POST" else 302
+    assert response.status_code == expected, (response.status_code, response.text[:500])
     return {k: v[0] for k, v in parse_qs(urlsplit(response.headers["Location"]).query).items()}
 
 
 def login_and_consent(browser: requests.Session, base: str, url: str, username: str, password: str,
                       decision: str = "approve") -> requests.Response:
-    """Drive the login and consent forms as a browser would; returns the final 302."""
+    """Drive the login and consent forms as a browser would; returns the final redirect (a 302
+    when consent was remembered, else the 303 answering the form)."""
     page = browser.get(url, allow_redirects=False)
     if page.status_code == 302:
         return page
@@ -232,7 +235,7 @@ def login_and_consent(browser: requests.Session, base: str, url: str, username: 
     if fields.get("step") == "login":
         fields.update(username=username, password=password)
         page = browser.post(base + action, data=fields, allow_redirects=False)
-        if page.status_code == 302:
+        if page.status_code == 303:
             return page
         assert page.status_code == 200, page.text
         action, fields = form_fields(page.text)

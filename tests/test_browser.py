@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -67,19 +69,25 @@ def callback():
     server.close()
 
 
-@pytest.fixture
-def browser(tmp_path):
+def start_chromium(profile: Path, *extra_args: str) -> webdriver.Chrome:
     chromium = require_peer("/usr/bin/chromium", "chromium")
     chromedriver = require_peer("/usr/bin/chromedriver", "chromedriver")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--window-size=1024,768", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+                "--disable-sync", "--window-size=1024,768", f"--user-data-dir={profile / 'chromium-profile'}",
+                *extra_args):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options,
-                              service=ChromeDriverService(chromedriver, log_output=str(tmp_path / "chromedriver.log")))
+                              service=ChromeDriverService(chromedriver, log_output=str(profile / "chromedriver.log")))
     driver.set_page_load_timeout(WAIT)
+    return driver
+
+
+@pytest.fixture
+def browser(tmp_path):
+    driver = start_chromium(tmp_path)
     try:
         yield driver
     finally:
@@ -147,3 +155,68 @@ def test_deny_in_chromium(service, browser, callback):
     assert params["error"] == "access_denied"
     assert params["state"] == "browser-state-2"
     assert "code" not in params
+
+
+class Attacker:
+    """A server standing in for evil.example (Chromium maps the name to it): records every request."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        attacker = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path != "/favicon.ico":  # the browser's own, after any page
+                    attacker.paths.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", "6")
+                self.end_headers()
+                self.wfile.write(b"stolen")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, name="evil.example", daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_loopback_redirect_chromium_reads_as_another_host_never_gets_a_code(service, callback, tmp_path):
+    """Python's urlsplit reads `http://evil.example\\@127.0.0.1:PORT/cb` as loopback; Chromium, by the
+    WHATWG URL rules, as evil.example. With consent remembered, accepting it would hand the code
+    to evil.example with no page shown, and its owner would redeem it with their own verifier."""
+    attacker = Attacker()
+    driver = start_chromium(tmp_path, f"--host-resolver-rules=MAP evil.example 127.0.0.1:{attacker.port}")
+    try:
+        client = service.client("--public", "--redirect-uri", "http://127.0.0.1/callback", "--scope", "imap smtp")
+        _, challenge = pkce_pair()
+        sign_in(driver, service, client, callback.uri, challenge, state="first")
+        driver.find_element(By.ID, "approve").click()
+        assert landed(driver, callback)["code"]  # alice's consent is remembered from now on
+
+        port = urlsplit(callback.uri).port
+        # The control: Chromium itself sends such a URL to evil.example.
+        driver.get(f"http://evil.example\\@127.0.0.1:{port}/callback?code=control")
+        assert attacker.paths == [f"/@127.0.0.1:{port}/callback?code=control"]
+        attacker.paths.clear()
+
+        for variant in (f"http://evil.example\\@127.0.0.1:{port}/callback",
+                        f"http://evil.example%5C@127.0.0.1:{port}/callback",
+                        f"http://evil.example@127.0.0.1:{port}/callback",
+                        f"http://evil.example\t@127.0.0.1:{port}/callback",
+                        f"http://127.0.0.1:{port}\\@evil.example/callback"):
+            driver.get(authorize_url(service.url, client["client_id"], variant, challenge, "imap smtp"))
+            WebDriverWait(driver, WAIT).until(EC.presence_of_element_located((By.ID, "error")))
+            assert driver.current_url.startswith(service.url + "/authorize"), variant
+            assert driver.find_element(By.ID, "error").text == "invalid_request", variant
+        time.sleep(0.3)  # anything on its way to evil.example would have arrived
+        assert attacker.paths == []
+        assert len(callback.queries) == 1  # and nothing more reached the app's own port either
+    finally:
+        driver.quit()
+        attacker.close()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import time
 
 import pytest
+
+from bearerbridge import cli
 
 from .support import BIN, CliError, get_code, introspect, token_request
 
@@ -90,3 +93,48 @@ def test_a_public_client_has_no_secret(service):
     assert created["client_secret"] is None and created["public"] is True
     response = token_request(service, {"grant_type": "client_credentials"}, created)
     assert response.status_code == 401
+
+
+# -- in process, on a database of its own ---------------------------------------------------------------
+
+@pytest.fixture
+def run(tmp_path, capsys):
+    """run(*argv) -> (exit status, stdout, stderr) of `bearerbridge --config ... *argv`."""
+    config = tmp_path / "bearerbridge.toml"
+    config.write_text(f'[server]\nsecret_key_file = "{tmp_path / "key"}"\n'
+                      f'[database]\nurl = "sqlite:///{tmp_path / "bb.db"}"\n')
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        status = cli.main(["--config", str(config), *argv])
+        out, err = capsys.readouterr()
+        return status, out, err
+    return run
+
+
+def test_a_client_gets_no_operator_scope_unless_named(run):
+    status, out, _ = run("client", "create", "--name", "App", "--redirect-uri", "https://app.example/cb", "--json")
+    assert status == 0 and "metrics" not in json.loads(out)["scope"].split()
+    status, out, _ = run("client", "create", "--name", "Prometheus", "--scope", "metrics", "--json")
+    assert status == 0 and json.loads(out)["scope"] == "metrics"
+
+
+def test_token_issue_keeps_to_the_clients_scopes_and_a_positive_lifetime(run):
+    _, out, _ = run("client", "create", "--name", "App", "--redirect-uri", "https://app.example/cb",
+                    "--scope", "imap", "--json")
+    client_id = json.loads(out)["client_id"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.stdin", io.StringIO("a long passphrase\n"))
+        assert run("user", "add", "carol", "--password-stdin")[0] == 0
+    status, _, err = run("token", "issue", "--user", "carol", "--client", client_id, "--scope", "imap smtp")
+    assert status == 1 and "not registered for smtp" in err
+    status, _, err = run("token", "issue", "--user", "carol", "--client", client_id, "--scope", "imap", "--ttl", "0")
+    assert status == 1 and "--ttl must be a positive number of seconds" in err
+    status, out, _ = run("token", "issue", "--user", "carol", "--client", client_id, "--scope", "imap", "--json")
+    assert status == 0 and json.loads(out)["scope"] == "imap"
+
+
+@pytest.mark.parametrize("uri", ["http://evil.example\\@127.0.0.1:1234/cb", "https://app.example/cb#x",
+                                 "http://app.example/cb", "https://app.example/c b"])
+def test_a_redirect_uri_with_two_readings_cannot_be_registered(run, uri):
+    status, _, err = run("client", "create", "--name", "App", "--redirect-uri", uri)
+    assert status == 1 and "redirect URI" in err

@@ -13,15 +13,14 @@ import secrets
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import urlsplit
 
 from bearerbridge import config as configuration
 from bearerbridge.bootstrap import open_store
 from bearerbridge.crypto import hash_password, new_secret
-from bearerbridge.loopback import is_loopback_host
 from bearerbridge.oauth.grants import GRANT_TYPES
 from bearerbridge.storage.models import Client
 from bearerbridge.storage.store import SqlStore, StoreError
+from bearerbridge.uris import redirect_uri_problem
 
 # The grants a client may be registered for, by the short names the command line takes
 # (`device_code` for RFC 8628's URN).
@@ -45,12 +44,10 @@ def _read_password(from_stdin: bool) -> str:
 
 
 def _check_redirect_uri(uri: str) -> str:
-    """Absolute, no fragment (RFC 6749 §3.1.2); http only to loopback (RFC 8252 §7.3)."""
-    parts = urlsplit(uri)
-    if not parts.scheme or parts.fragment or (parts.scheme in ("http", "https") and not parts.netloc):
-        raise CommandError(f"redirect URI {uri!r}: must be absolute and have no fragment")
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-        raise CommandError(f"redirect URI {uri!r}: plain http is allowed only to 127.0.0.1, [::1] or localhost")
+    """A URI that may be registered (`uris.redirect_uri_problem`), else a refusal saying why."""
+    problem = redirect_uri_problem(uri)
+    if problem is not None:
+        raise CommandError(f"redirect URI {uri!r}: {problem}")
     return uri
 
 
@@ -94,7 +91,8 @@ def client_create(store: SqlStore, args: argparse.Namespace, config: configurati
         raise CommandError("the authorization_code grant needs at least one --redirect-uri")
     if args.scope is None and "client_credentials" in grants:
         raise CommandError("name the scopes a client_credentials client may get with --scope")
-    scopes = args.scope.split() if args.scope is not None else list(config.scopes)
+    scopes = args.scope.split() if args.scope is not None else [
+        s for s in config.scopes if s not in config.server.operator_scopes]
     unknown = [s for s in scopes if s not in config.scopes]
     if unknown or not scopes:
         raise CommandError(f"unknown scope(s) {' '.join(unknown)}; known: {' '.join(config.scopes)}")
@@ -146,12 +144,18 @@ def issue_token(store: SqlStore, config: configuration.Config, username: str, cl
     user = store.get_user_by_name(username)
     if user is None or user.disabled:
         raise ValueError(f"no enabled user {username!r}")
-    if store.get_client(client_id) is None:
+    client = store.get_client(client_id)
+    if client is None:
         raise ValueError(f"no client {client_id!r}")
     scopes = list(dict.fromkeys(scope))
     unknown = [s for s in scopes if s not in config.scopes]
     if unknown:
         raise ValueError(f"unknown scope(s): {' '.join(unknown)}")
+    outside = [s for s in scopes if s not in client.scope.split()]
+    if outside:
+        raise ValueError(f"the client is not registered for {' '.join(outside)} (it has: {client.scope})")
+    if ttl is not None and ttl <= 0:
+        raise ValueError("--ttl must be a positive number of seconds")
     access_token, expires_in = new_secret(), ttl or config.tokens.access_ttl
     store.save_token(access_token, None, client_id, user.id, " ".join(scopes), expires_in, None)
     return {"access_token": access_token, "token_type": "Bearer", "expires_in": expires_in,

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bearerbridge.loopback import is_loopback_host
 from bearerbridge.sasl.mechanisms import MECHANISMS
+from bearerbridge.uris import is_loopback_host
 
 ENV_VAR = "BEARERBRIDGE_CONFIG"
 
@@ -37,6 +37,9 @@ class ServerSettings:
     # so every instance sharing a database must read the same file.
     secret_key_file: str = "var/secret.key"
     session_ttl: int = 12 * 3600
+    # Scopes only the operator grants (client credentials, `token issue`): no user can consent
+    # to them, and `client create` includes them only when named.
+    operator_scopes: tuple[str, ...] = ("metrics",)
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,10 @@ def _cross_check(config: Config) -> None:
     uses_realm = "user@realm" in sasl.identity or "user@realm" in sasl.usernames.values()
     if uses_realm and not sasl.realm:
         raise ConfigError("[sasl] realm: needed by the user@realm form")
+    if config.server.operator_scopes != ServerSettings.operator_scopes:  # the default may name a scope left out
+        for scope in config.server.operator_scopes:
+            if scope not in config.scopes:
+                raise ConfigError(f"[server] operator_scopes: {scope!r} is not in [scopes]")
     for service, scope in sasl.services.items():
         if scope not in config.scopes:
             raise ConfigError(f"[sasl.services] {service}: scope {scope!r} is not in [scopes]")

@@ -14,7 +14,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
-from twisted.web.static import File
 
 from bearerbridge import config as configuration
 from bearerbridge.bootstrap import open_store
@@ -29,7 +28,7 @@ from bearerbridge.web.forward import ForwardAuth
 from bearerbridge.web.monitoring import Health, MetricsResource
 from bearerbridge.web.sasl import SaslEndpoint
 from bearerbridge.web.sessions import PasswordLogin, Sessions
-from bearerbridge.web.site import BridgeSite, JsonDocument, Pages
+from bearerbridge.web.site import BridgeSite, JsonDocument, Pages, SecuredRoot, StaticFiles
 from bearerbridge.web.token import EndpointResource, IntrospectionResource, TokenEndpoint
 
 log = Logger()
@@ -87,7 +86,7 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     pages = Pages(config.server.site_name)
     sessions = Sessions(pool.store.keyring, config.server.session_ttl, secure=config.https)
     login = PasswordLogin(pool, sessions, metrics)
-    top = Resource()
+    top = SecuredRoot(https=config.https)
     top.putChild(b"authorize", Authorize(pages, issuer, sessions, login, pool, server, metrics))
     top.putChild(b"logout", Logout(pages, issuer, sessions))
     top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics))
@@ -103,7 +102,7 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     well_known = Resource()
     well_known.putChild(b"oauth-authorization-server", JsonDocument(metadata(config)))
     top.putChild(b".well-known", well_known)
-    top.putChild(b"static", File(str(resources.files("bearerbridge.web") / "static")))
+    top.putChild(b"static", StaticFiles(str(resources.files("bearerbridge.web") / "static")))
     return top
 
 

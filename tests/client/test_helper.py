@@ -305,7 +305,7 @@ def browser_login(service: Service, home: Path, client: dict, username: str, pas
         with requests.Session() as browser:
             browser.trust_env, browser.verify = False, service.verify
             answer = login_and_consent(browser, service.url, seen[-1].strip(), username, password, decision)
-            assert answer.status_code == 302, answer.text
+            assert answer.status_code == 303, answer.text
             assert answer.headers["Location"].startswith("http://127.0.0.1:")
             page = browser.get(answer.headers["Location"], timeout=10)
             assert page.headers["Cache-Control"] == "no-store"

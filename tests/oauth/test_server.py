@@ -227,10 +227,6 @@ def test_a_request_that_cannot_be_trusted_gets_an_error_page(store, alice, autho
     assert consented(store, alice) == set()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="src bug: authlib refuses to build an error description holding these characters "
-                          "(RFC 6749 §5.2 allows only printable ASCII but \\ and \"), and authorize lets the "
-                          "ValueError out, which /authorize answers with a 503")
 @pytest.mark.parametrize("query", [
     {"redirect_uri": 'https://app.example/cb"'},
     {"redirect_uri": "https://app.example/cb\\"},

@@ -147,6 +147,9 @@ def test_parse_auth_unescapes_values_and_ignores_fields_after_resp():
         (b"HELLO\tworld", None),
         (b"VERSION\t1", None),
         (b"VERSION\tone\ttwo", None),
+        (b"VERSION\t" + b"1" * 5000 + b"\t2", None),  # int() refuses past 4,300 digits
+        (b"VERSION\t1\t" + b"9" * 10, None),
+        (b"VERSION\t\xd9\xa1\t2", None),  # not ASCII digits
         (b"CPID", None),
         (b"AUTH", None),
         (b"AUTH\tx1\tPLAIN\tservice=smtp", None),

@@ -173,3 +173,24 @@ def test_a_failed_transaction_leaves_nothing_behind(store):
 def test_store_refuses_work_outside_a_transaction(store):
     with pytest.raises(RuntimeError, match="outside a transaction"):
         store.get_user(1)
+
+
+def test_a_new_sqlite_database_and_its_journal_are_readable_by_their_owner_alone(tmp_path):
+    """They hold password hashes and e-mail addresses, as the key file holds the key (0600)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'bb.db'}")
+    migrations.upgrade(engine)
+    store = SqlStore(engine, Keyring(b"k" * 32), RecentReads(1.0))
+    with store.transaction():
+        store.add_user("alice", "alice@example.org", None)
+    files = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "var").iterdir()}
+    assert set(files) >= {"bb.db", "bb.db-wal", "bb.db-shm"}
+    assert set(files.values()) == {0o600}, files
+    engine.dispose()
+
+
+def test_an_older_database_with_wider_modes_is_narrowed(tmp_path):
+    path = tmp_path / "bb.db"
+    path.touch(mode=0o644)
+    path.chmod(0o644)
+    make_engine(f"sqlite:///{path}").dispose()
+    assert path.stat().st_mode & 0o777 == 0o600

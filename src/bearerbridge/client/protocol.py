@@ -21,7 +21,7 @@ from urllib.parse import urlencode, urlsplit
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from bearerbridge.client.profile import APP, Profile, ProtocolError
-from bearerbridge.loopback import is_loopback_host
+from bearerbridge.uris import is_loopback_host
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 EXIT_FAILED, EXIT_LOGIN_NEEDED, EXIT_INTERRUPTED = 1, 3, 130

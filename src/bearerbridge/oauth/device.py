@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from authlib.oauth2.rfc6749 import InvalidGrantError, InvalidScopeError, UnauthorizedClientError
 from authlib.oauth2.rfc8628 import DeviceAuthorizationEndpoint, DeviceCodeGrant
 
+from bearerbridge.oauth.scopes import refuse_operator_scopes
 from bearerbridge.storage.models import Client, DeviceCode, User
 
 if TYPE_CHECKING:  # the server registers this module's grant: no import at run time
@@ -49,6 +50,7 @@ class DeviceEndpoint(DeviceAuthorizationEndpoint):
         allowed = client.get_allowed_scope(scope)
         if allowed is None:
             raise InvalidScopeError()
+        refuse_operator_scopes(allowed, self.server.config.server.operator_scopes)
         self.server.store.save_device_code(data["device_code"], data["user_code"], client_id, allowed,
                                            int(time.time()) + self.EXPIRES_IN, self.INTERVAL)
 

@@ -116,7 +116,10 @@ def introspect_remembered(request: HttpRequest, recent: RecentReads, digest: Cal
 def _remembered_client(request: HttpRequest, recent: RecentReads) -> Client | None:
     """The calling client if it was read lately and its secret is right (client_secret_basic,
     else client_secret_post, as authlib tries them)."""
-    client_id, secret = extract_basic_authorization(request.headers)
+    try:
+        client_id, secret = extract_basic_authorization(request.headers)
+    except ValueError:  # not even ASCII: the pool's way answers it, with invalid_client
+        return None
     if not (client_id and secret):
         client_id, secret = request.form.get("client_id"), request.form.get("client_secret")
     if not (client_id and secret):

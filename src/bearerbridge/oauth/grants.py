@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 
-from authlib.oauth2.rfc6749 import InvalidRequestError, OAuth2Request, grants
+from authlib.oauth2.rfc6749 import InvalidGrantError, InvalidRequestError, OAuth2Request, grants
 from authlib.oauth2.rfc7636 import CodeChallenge
 
 from bearerbridge.oauth import device
+from bearerbridge.oauth.scopes import refuse_operator_scopes
 from bearerbridge.storage.models import AuthCode, Client, Token, User
 
 SECRET_AUTH = ["client_secret_basic", "client_secret_post"]
@@ -37,6 +38,11 @@ class S256Challenge(CodeChallenge):
 
 class CodeGrant(grants.AuthorizationCodeGrant):
     TOKEN_ENDPOINT_AUTH_METHODS = ANY_AUTH  # "none" is for public clients, which must use PKCE
+
+    def validate_requested_scope(self) -> None:
+        super().validate_requested_scope()
+        scope = self.request.client.get_allowed_scope(self.request.payload.scope)
+        refuse_operator_scopes(scope, self.server.config.server.operator_scopes)
 
     def save_authorization_code(self, code: str, request: OAuth2Request) -> None:
         data = request.payload.data
@@ -73,17 +79,26 @@ class RefreshGrant(grants.RefreshTokenGrant):
     def authenticate_refresh_token(self, refresh_token: str) -> Token | None:
         """The token if it may be used now; a rotated token presented again is a replay,
         so its whole family is revoked."""
-        store = self.server.store
-        token = store.find_refresh_token(refresh_token)
+        token = self.server.store.find_refresh_token(refresh_token)
         if token is None or token.client_id != self.request.client.client_id:
             return None
-        if not token.rotated and not token.refresh_usable():
-            return None  # expired, revoked, or its user disabled
-        if token.rotated or not store.mark_rotated(token.id):
-            store.revoke_family(token.family)
-            self.server.note_failure("refresh_token", "refresh_reused")
+        if token.rotated:
+            self._replayed(token)
             return None
-        return token
+        return token if token.refresh_usable() else None  # else expired, revoked, or its user disabled
+
+    def validate_token_request(self) -> None:
+        """authlib's checks (the client, the token, the scope asked for), and only then the
+        token retired: a refresh refused for its scope must leave the token good."""
+        super().validate_token_request()
+        token: Token = self.request.refresh_token
+        if not self.server.store.mark_rotated(token.id):  # a concurrent request rotated it first
+            self._replayed(token)
+            raise InvalidGrantError()
+
+    def _replayed(self, token: Token) -> None:
+        self.server.store.revoke_family(token.family)
+        self.server.note_failure("refresh_token", "refresh_reused")
 
     def authenticate_user(self, refresh_token: Token) -> User | None:
         return self.server.active_user(refresh_token.user_id)

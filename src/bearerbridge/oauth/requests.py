@@ -1,11 +1,28 @@
-"""`HttpRequest`: what authlib needs of an HTTP request, copied off the reactor thread's request."""
+"""`HttpRequest`: what authlib needs of an HTTP request, copied off the reactor thread's request,
+and `MalformedRequest`, for input authlib cannot even describe in an error."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from authlib.oauth2.rfc6749 import OAuth2Payload, OAuth2Request
+
+# RFC 6749 §5.2: the characters an error_description may hold. authlib raises ValueError rather
+# than quote any other in its errors (a parameter it names, say), so a request holding one needs
+# an answer of our own.
+_DESCRIBABLE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
+
+
+class MalformedRequest(Exception):
+    """A request whose parameters (or, with `in_credentials`, whose Authorization header) hold
+    characters no error may quote: answered invalid_request (invalid_client), never a 503."""
+
+    def __init__(self, in_credentials: bool) -> None:
+        super().__init__("The client's credentials hold characters that are not allowed" if in_credentials
+                         else "The request's parameters hold characters that are not allowed")
+        self.in_credentials = in_credentials
 
 
 class _Headers(dict[str, str]):
@@ -60,3 +77,11 @@ class HttpRequest(OAuth2Request):
     @property
     def form(self) -> dict[str, str]:
         return self._form
+
+    def malformed(self) -> MalformedRequest | None:
+        """Why authlib could not describe this request in an error, if it could not."""
+        if not _DESCRIBABLE.fullmatch(self.headers.get("Authorization") or ""):
+            return MalformedRequest(in_credentials=True)
+        if any(not _DESCRIBABLE.fullmatch(value) for values in self.payload.datalist.values() for value in values):
+            return MalformedRequest(in_credentials=False)
+        return None

@@ -9,8 +9,9 @@ back whatever these functions return.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2 import AuthorizationServer
@@ -32,9 +33,11 @@ from bearerbridge.oauth.grants import (
     RefreshGrant,
     S256Challenge,
 )
-from bearerbridge.oauth.requests import HttpRequest
+from bearerbridge.oauth.requests import HttpRequest, MalformedRequest
 from bearerbridge.storage.models import AuthCode, Client, Token, User
 from bearerbridge.storage.store import SqlStore
+
+T = TypeVar("T")
 
 # -- the authorization step ---------------------------------------------------------------
 
@@ -111,6 +114,29 @@ class BridgeServer(AuthorizationServer):
     def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
         """authlib's signals; we count outcomes in the web layer instead."""
 
+    # authlib's entry points, answering input it cannot describe (see MalformedRequest)
+
+    def create_token_response(self, request: HttpRequest) -> tuple[int, Any, Any]:
+        return self._describable(request, super().create_token_response, request)
+
+    def create_endpoint_response(self, name: str, request: HttpRequest) -> tuple[int, Any, Any]:
+        return self._describable(request, super().create_endpoint_response, name, request)
+
+    def authenticate_client(self, request: HttpRequest, methods: list[str], endpoint: str = "token") -> Client:
+        return self._describable(request, super().authenticate_client, request, methods, endpoint)
+
+    @staticmethod
+    def _describable(request: HttpRequest, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)`, with authlib's ValueError for characters it will not quote in an
+        error turned into the MalformedRequest it means; any other ValueError is a bug."""
+        try:
+            return call(*args)
+        except ValueError:
+            malformed = request.malformed()
+            if malformed is None:
+                raise
+            raise malformed from None
+
     # helpers for the grants
 
     def note_failure(self, grant_type: str, reason: str) -> None:
@@ -135,6 +161,12 @@ class BridgeServer(AuthorizationServer):
         else "approve" or "deny". Consent is remembered per user and client; a later
         request for the same or fewer scopes skips the page.
         """
+        try:
+            return self._describable(request, self._authorize, request, user_id, decision)
+        except MalformedRequest as error:
+            return ErrorPage("invalid_request", str(error))
+
+    def _authorize(self, request: HttpRequest, user_id: int | None, decision: str | None) -> AuthorizeOutcome:
         user = self.active_user(user_id)
         try:
             grant = self.get_consent_grant(request, end_user=user)

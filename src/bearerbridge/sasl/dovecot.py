@@ -201,6 +201,11 @@ def _parse_auth(line: bytes) -> AuthRequest:
     return AuthRequest(request_id, mechanism.upper(), service, params, frozenset(flags), initial_response)
 
 
+def _small_number(field: bytes) -> bool:
+    """Digits, few enough for `int()`: past 4,300 it raises ValueError, and no version needs ten."""
+    return 0 < len(field) <= 9 and field.isdigit()
+
+
 def parse_line(line: bytes) -> Command:
     """Parse one client line (without its LF) into a command.
 
@@ -210,7 +215,7 @@ def parse_line(line: bytes) -> Command:
     if line.startswith(b"AUTH\t"):  # nearly every line: the others are split into fields
         return _parse_auth(line[5:])
     name, *args = line.split(b"\t")
-    if name == b"VERSION" and len(args) >= 2 and args[0].isdigit() and args[1].isdigit():
+    if name == b"VERSION" and len(args) >= 2 and _small_number(args[0]) and _small_number(args[1]):
         return Version(int(args[0]), int(args[1]))
     if name == b"CPID" and len(args) == 1:
         return Cpid(args[0].decode("ascii", "replace"))

@@ -6,13 +6,12 @@ import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, TokenMixin
 from authlib.oauth2.rfc6749.util import scope_to_list
 from authlib.oauth2.rfc8628 import DeviceCredentialMixin
 
-from bearerbridge.loopback import is_loopback_address
+from bearerbridge.uris import loopback_redirect_without_port, redirect_uri_problem
 
 
 @dataclass(frozen=True)
@@ -24,17 +23,6 @@ class User:
 
     def get_user_id(self) -> int:
         return self.id
-
-
-def is_loopback_redirect(uri: str) -> bool:
-    """An `http://127.0.0.1:PORT/...` or `http://[::1]:PORT/...` URI (RFC 8252 §7.3)."""
-    parts = urlsplit(uri)
-    return parts.scheme == "http" and is_loopback_address(parts.hostname)
-
-
-def _without_port(uri: str) -> tuple[str, str, str, str, str]:
-    parts = urlsplit(uri)
-    return parts.scheme, parts.hostname or "", parts.path, parts.query, parts.fragment
 
 
 @dataclass(frozen=True)
@@ -68,14 +56,15 @@ class Client(ClientMixin):
         return " ".join(dict.fromkeys(requested))
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
-        """Exact match (RFC 9700 §2.1); a public native client's loopback redirect may
-        use any port (RFC 8252 §7.3)."""
+        """Exact match, character for character (RFC 9700 §4.1.3), of a URI nothing could read
+        two ways (`uris.redirect_uri_problem`); only a public native client's loopback
+        redirect may use another port (RFC 8252 §7.3)."""
+        if redirect_uri_problem(redirect_uri) is not None:
+            return False
         if redirect_uri in self.redirect_uris:
             return True
-        if self.public and is_loopback_redirect(redirect_uri):
-            wanted = _without_port(redirect_uri)
-            return any(is_loopback_redirect(r) and _without_port(r) == wanted for r in self.redirect_uris)
-        return False
+        wanted = loopback_redirect_without_port(redirect_uri) if self.public else None
+        return wanted is not None and any(loopback_redirect_without_port(r) == wanted for r in self.redirect_uris)
 
     def check_client_secret(self, client_secret: str) -> bool:
         if self.public or not self.secret_digest or self.digest is None:

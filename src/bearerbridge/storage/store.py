@@ -9,6 +9,8 @@ are stored only as keyed digests (`crypto.Keyring.digest`).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 import uuid
@@ -47,6 +49,21 @@ class StoreError(Exception):
     """A request the store refuses (a duplicate name, an unknown user)."""
 
 
+def _private_sqlite_file(path: Path) -> None:
+    """Create the database file readable by its owner alone, as the secret key is: it holds
+    password hashes and e-mail addresses. SQLite gives its -wal and -shm files the database
+    file's mode. A file made by an earlier version, with wider modes, is narrowed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        for existing in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            with contextlib.suppress(OSError):  # gone meanwhile, or another user's: leave it as it is
+                mode = existing.stat().st_mode
+                if mode & 0o077:
+                    existing.chmod(mode & 0o700)
+
+
 def make_engine(url: str, threads: int = 4) -> Engine:
     """An engine for `url`; SQLite gets WAL, a busy timeout and enforced foreign keys."""
     parsed = make_url(url)
@@ -54,7 +71,7 @@ def make_engine(url: str, threads: int = 4) -> Engine:
     options: dict[str, Any] = {"pool_size": threads + 2, "max_overflow": 0, "pool_pre_ping": False}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _private_sqlite_file(Path(parsed.database))
     else:
         options["pool_pre_ping"] = True
     engine = sa.create_engine(parsed, **options)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web.server import Request
 
 from bearerbridge.metrics import Metrics
@@ -21,6 +22,8 @@ from bearerbridge.storage.models import User
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.sessions import PasswordLogin, Sessions
 from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, snapshot
+
+log = Logger()
 
 
 class Authorize(PageResource):
@@ -82,8 +85,12 @@ class Authorize(PageResource):
         action = request.uri.decode("latin-1")
         match outcome:
             case Redirect(location):
-                return Reply(302, b"", {b"Location": location.encode()})
+                # After the login or consent POST, 303: a 302 lets a browser repeat the POST, with
+                # the user's password, to the client (RFC 9700 §4.12).
+                return Reply(303 if request.method == b"POST" else 302, b"", {b"Location": location.encode()})
             case ErrorPage(error, description):
+                log.info("Authorization refused with a page: {error}: {description}", error=error,
+                         description=description)
                 return self.pages.error(400, error, description)
             case AskLogin(client_name, failed):
                 csrf = self._sessions.csrf_token(request, self._binding(request, None))

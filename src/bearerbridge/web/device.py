@@ -10,11 +10,11 @@ from urllib.parse import urlencode, urlsplit
 from twisted.internet import defer
 from twisted.web.server import Request
 
-from bearerbridge.loopback import is_loopback_address
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth import device
 from bearerbridge.oauth.server import BridgeServer
 from bearerbridge.storage.pool import StorePool
+from bearerbridge.uris import is_loopback_address
 from bearerbridge.web.sessions import PasswordLogin, Sessions
 from bearerbridge.web.site import PageResource, Pages, Reply, parse_query, snapshot
 

@@ -75,10 +75,9 @@ class SaslEndpoint(AsyncResource):
             message = base64.b64decode(req.form.get("message", ""), validate=True)
         except (binascii.Error, ValueError):
             raise BadRequest("message must be base64") from None
-        d = self._pool.run(self._server.authenticate_client, req, SECRET_AUTH, "sasl")
-        d.addCallback(lambda client: self._exchange(mechanism, service, message))
-        d.addErrback(self._refused_client)
-        return d
+        client = self._pool.run(self._server.authenticate_client, req, SECRET_AUTH, "sasl")
+        return client.addCallback(lambda _: self._exchange(mechanism, service, message)).addErrback(
+            self._refused_client)
 
     def _refused_client(self, failure: TwistedFailure) -> Reply:
         failure.trap(OAuth2Error)

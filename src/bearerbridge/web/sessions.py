@@ -8,6 +8,8 @@ so a token taken from one form is refused by any other.
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
 from collections.abc import Mapping
 
@@ -22,6 +24,8 @@ from bearerbridge.storage.pool import StorePool
 SESSION_COOKIE = b"bb_session"
 CSRF_COOKIE = b"bb_csrf"
 CSRF_TTL = 900
+BROWSER_ID_BYTES = 16
+_BROWSER_ID = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(BROWSER_ID_BYTES)
 
 
 class Sessions:
@@ -50,21 +54,34 @@ class Sessions:
         self._set_cookie(request, SESSION_COOKIE, "", 0)
 
     def csrf_token(self, request: Request, binding: str) -> str:
-        """A form token bound to this browser (a cookie, set now if missing) and to `binding`."""
-        browser = (request.getCookie(CSRF_COOKIE) or b"").decode("latin-1")
-        if not browser:
-            browser = secrets.token_urlsafe(16)
+        """A form token bound to this browser (a cookie, set now if missing or not one we would
+        have made) and to `binding`."""
+        browser = _browser_id(request)
+        if browser is None:
+            browser = secrets.token_urlsafe(BROWSER_ID_BYTES)
             self._set_cookie(request, CSRF_COOKIE, browser, None)
             request.received_cookies[CSRF_COOKIE] = browser.encode()
-        return self._keyring.sign(f"csrf|{browser}|{binding}", "form")
+        return self._keyring.sign(_csrf_purpose(browser, binding), "form")
 
     def csrf_ok(self, request: Request, form: Mapping[str, str], binding: str) -> bool:
         """Whether the form's `csrf` field was made by `csrf_token` for this browser and binding,
         less than CSRF_TTL seconds ago."""
-        browser = (request.getCookie(CSRF_COOKIE) or b"").decode("latin-1")
+        browser = _browser_id(request)
         token = form.get("csrf", "")
-        return bool(browser and token) and self._keyring.unsign(
-            f"csrf|{browser}|{binding}", token, CSRF_TTL) == "form"
+        return browser is not None and bool(token) and self._keyring.unsign(
+            _csrf_purpose(browser, binding), token, CSRF_TTL) == "form"
+
+
+def _browser_id(request: Request) -> str | None:
+    """The browser's CSRF cookie, if it has the form `csrf_token` gives it: a cookie planted with
+    other characters (a `|`, say) must not be able to make one binding read as another."""
+    value = (request.getCookie(CSRF_COOKIE) or b"").decode("latin-1")
+    return value if _BROWSER_ID.fullmatch(value) else None
+
+
+def _csrf_purpose(browser: str, binding: str) -> str:
+    """What a form token is a MAC of: the browser and the binding, in an encoding with one reading."""
+    return "csrf " + json.dumps([browser, binding])
 
 
 class PasswordLogin:

@@ -19,10 +19,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.static import File
 
-from bearerbridge.oauth.requests import HttpRequest
+from bearerbridge.oauth.requests import HttpRequest, MalformedRequest
 
 log = Logger()
 T = TypeVar("T")
@@ -133,8 +135,10 @@ class AsyncResource(Resource):
 
     isLeaf = True
 
-    def _error(self, status: int, error: str, description: str) -> Reply:
-        return json_error(status, error, description)
+    def _error(self, status: int, error: str, description: str, headers: Mapping[bytes, bytes] | None = None) -> Reply:
+        reply = json_error(status, error, description)
+        reply.headers.update(headers or {})
+        return reply
 
     def _answer(self, request: Request, handler: Callable[[Request], Reply | defer.Deferred[Reply]]) -> int:
         gone: list[Failure] = []
@@ -144,7 +148,7 @@ class AsyncResource(Resource):
             if gone:
                 return
             request.setResponseCode(reply.status)
-            for name, value in {**SECURITY_HEADERS, **reply.headers}.items():
+            for name, value in reply.headers.items():
                 request.setHeader(name, value)
             request.write(reply.body)
             request.finish()
@@ -152,6 +156,14 @@ class AsyncResource(Resource):
         def fail(failure: Failure) -> None:
             if failure.check(BadRequest):
                 write(self._error(400, "invalid_request", str(failure.value)))
+                return
+            if isinstance(malformed := failure.value, MalformedRequest):
+                log.info("Refused a request to {path}: {reason}", path=request.path.decode("latin-1"),
+                         reason=str(malformed))
+                if malformed.in_credentials:  # RFC 6749 §5.2: invalid_client, with the scheme to use
+                    write(self._error(401, "invalid_client", str(malformed), {b"WWW-Authenticate": b"Basic"}))
+                else:
+                    write(self._error(400, "invalid_request", str(malformed)))
                 return
             log.failure("Request to {path} failed", failure, path=request.path.decode("latin-1"))
             write(self._error(503, "temporarily_unavailable", UNAVAILABLE))
@@ -173,8 +185,10 @@ class PageResource(AsyncResource):
         super().__init__()
         self.pages = pages
 
-    def _error(self, status: int, error: str, description: str) -> Reply:
-        return self.pages.error(status, error, description)
+    def _error(self, status: int, error: str, description: str, headers: Mapping[bytes, bytes] | None = None) -> Reply:
+        reply = self.pages.error(status, error, description)
+        reply.headers.update(headers or {})
+        return reply
 
 
 class JsonDocument(Resource):
@@ -190,6 +204,37 @@ class JsonDocument(Resource):
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Access-Control-Allow-Origin", b"*")
         return self._body
+
+
+class StaticFiles(File):
+    """The stylesheet: files, and no listing of the directories that hold them."""
+
+    def directoryListing(self) -> IResource:
+        return notFound()
+
+
+class SecuredRoot(Resource):
+    """The root of the tree. Every request passes it first, so it gives every response the
+    security headers (pages refuse framing, no sniffing, no referrer; HSTS under an https
+    issuer), Twisted's own 404 and 405 pages included."""
+
+    def __init__(self, https: bool) -> None:
+        super().__init__()
+        self._headers = dict(SECURITY_HEADERS)
+        if https:  # RFC 6797: browsers then refuse plain http to this host for a year
+            self._headers[b"Strict-Transport-Security"] = b"max-age=31536000"
+
+    def _secure(self, request: Request) -> None:
+        for name, value in self._headers.items():
+            request.setHeader(name, value)
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        self._secure(request)
+        return super().getChildWithDefault(path, request)
+
+    def render(self, request: Request) -> bytes:
+        self._secure(request)
+        return super().render(request)
 
 
 class BridgeSite(Site):
