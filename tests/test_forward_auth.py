@@ -135,15 +135,79 @@ def test_decisions_are_counted(proxy_service, people):
     ("/a%00b", None),
     ("/a%ffb", None),                                           # not UTF-8
     ("relative/path", None),
+    # issue 9, item 17: what a proxy other than nginx may hand on
+    ("/dav/x?a=1&b=/../../mail", "/dav/x"),                     # the query takes no part
+    ("/dav/x?", "/dav/x"),
+    ("/public#/../private/x", None),                            # "#": nginx cuts there, Go keeps it
+    ("/dav/x#frag", None),
+    ("/dav/x?q#frag", None),
+    ("/public%23/../private/x", None),                          # encoded "#", "?", ";"
+    ("/private%23", None),
+    ("/private%3Fx", None),
+    ("/private%3bx", None),
+    ("/public/..;/private/x", None),                            # Tomcat's path parameters
+    ("/private;x/secret.txt", None),
+    ("/public\\..\\private", None),                             # backslashes, raw and encoded
+    ("/public/%5C../private", None),
+    ("/public/%252e%252e/private", None),                       # a second decoding would differ
+    ("/100%25.txt", "/100%.txt"),                               # one that would not
+    ("/a%zz", None),                                            # "%" starting no escape
+    ("/a%4", None),
+    ("/a%c0%ae%c0%ae/x", None),                                 # overlong forms of "." and "/"
+    ("/a%c0%af", None),
+    ("/a%e0%80%af", None),
+    ("/a%ed%a0%80", None),                                      # a surrogate
+    ("/a%0d%0ab", None),                                        # controls, C0 and C1
+    ("/a%7f", None),
+    ("/a%c2%9b", None),
+    ("/a\tb", None),                                           # raw controls, space, non-ASCII
+    ("/a b", None),
+    ("/caf\u00e9", None),
+    ("/.well-known/x", "/.well-known/x"),                       # dots inside a name are fine
+    ("/a..b/c.", "/a..b/c."),
+    ("/Dav/X", "/Dav/X"),                                       # case kept: prefixes are case-sensitive
+    ("http://files.example/dav/x?y", "/dav/x"),                 # absolute-form (Caddy hands it on)
+    ("http://files.example", None),
+    ("ftp://files.example/dav/x", None),
+    ("*", None),
 ])
 def test_canonical_path(uri, path):
     assert canonical_path(uri) == path
 
 
-@pytest.mark.parametrize("uri", ["/dav/../private/x", "//private/x", "/dav/%2e%2e/x"])
-def test_ambiguous_paths_are_refused(proxy_service, people, uri):
+@pytest.mark.parametrize("style", ["nginx", "traefik"])
+@pytest.mark.parametrize("uri", ["/dav/../private/x", "//private/x", "/dav/%2e%2e/x", "/dav#/../private/x",
+                                 "/dav%23/../mail/x", "/dav/..;/mail/x", "/dav/%252e%252e/mail/x", "/dav/a%c0%ae"])
+def test_ambiguous_paths_are_refused(proxy_service, people, uri, style):
     _, token = people
-    assert ask(proxy_service, "GET", uri, token("webdav:read webdav:write imap smtp")).status_code == 403
+    assert ask(proxy_service, "GET", uri, token("webdav:read webdav:write imap smtp"), style=style).status_code == 403
+
+
+def test_the_fragment_trick_of_item_17_is_refused(proxy_service, people):
+    """`/mail#/../dav/x` was judged as /mail: an imap token opened /dav behind a proxy that keeps "#"."""
+    _, token = people
+    imap = token("imap")
+    assert ask(proxy_service, "GET", "/mail/x", imap, style="traefik").status_code == 200
+    assert ask(proxy_service, "GET", "/mail#/../dav/x", imap, style="traefik").status_code == 403
+
+
+def test_a_host_rule_holds_for_any_case_port_and_a_trailing_dot(proxy_service, people):
+    name, token = people
+    dav = token("webdav:read webdav:write")
+    for host in ("legacy.example", "LEGACY.Example.", "legacy.example.:8443"):
+        for style in ("nginx", "traefik"):
+            answer = ask(proxy_service, "PUT", "/f", host=host, basic=(name, dav), style=style)
+            assert answer.status_code == 200, (host, style)
+    assert ask(proxy_service, "PUT", "/f", host="legacy.example..", basic=(name, dav)).status_code == 403
+
+
+def test_behind_traefik_a_clients_x_original_uri_is_refused(proxy_service, people):
+    """Traefik passes the client's headers on: its own X-Original-URI must not pick the rule."""
+    _, token = people
+    imap = token("imap")
+    headers = {"Host": "files.example", "X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/dav/x",
+               "X-Forwarded-Host": "files.example", "X-Original-URI": "/mail/x", "Authorization": f"Bearer {imap}"}
+    assert requests.get(f"{proxy_service.url}/forward-auth", headers=headers).status_code == 403
 
 
 def test_behind_nginx_a_forwarded_host_from_the_client_is_ignored(proxy_service, people):

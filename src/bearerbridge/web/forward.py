@@ -1,14 +1,19 @@
 """GET /forward-auth: decides each request a reverse proxy forwards (nginx `auth_request`,
 Traefik ForwardAuth, Caddy `forward_auth`) by the bearer token it carries.
 
-The proxy sends the client's headers and names the original request in `X-Original-Method`
-and `X-Original-URI` (nginx, by config; the host is then `Host`) or `X-Forwarded-Method`/
-`X-Forwarded-Uri`/`X-Forwarded-Host` (Traefik, Caddy). Rules match the percent-decoded path;
-a path that servers could read differently (`//`, dot segments, encoded `/` or `.`) is refused.
+The proxy sends the client's headers and names the original request: nginx (by its config) in
+`X-Original-Method` and `X-Original-URI`, the host then being `Host`; Traefik and Caddy in
+`X-Forwarded-Method`/`X-Forwarded-Uri`/`X-Forwarded-Host`. Traefik and Caddy also pass the
+client's own headers on, so a request naming its URI or method both ways, or any of these
+headers twice, is refused rather than believed either way.
+
+Rules match the percent-decoded path, never the query; a URI that servers could read two ways
+is refused (`canonical_path`). Path prefixes compare case-sensitively, as URL paths do (RFC 3986
+§6.2.2.1); hosts case-insensitively, without the port and one trailing dot (`canonical_host`).
 The first `[[forward_auth.rules]]` rule matching the host and path says which scope the
 method needs: reading methods the rule's `read_scope`, all others its `write_scope`. Answers
 (RFC 6750 §3): 200 with the user in `[forward_auth] user_header`; 401 `invalid_token` (or no
-token); 403 `insufficient_scope`.
+token); 403 `insufficient_scope`, also for a request no rule matches or that is refused.
 nginx turns any other status into a 500, so nothing else is sent but 503 for an outage.
 """
 
@@ -18,7 +23,8 @@ import base64
 import binascii
 import re
 from collections.abc import Callable
-from urllib.parse import unquote, urlsplit
+from dataclasses import dataclass
+from urllib.parse import unquote
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -35,45 +41,117 @@ log = Logger()
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PROPFIND", "REPORT", "SEARCH"})
 
 
-# Raw paths that different servers resolve differently: empty or dot segments, and encoded
-# "/" or "." (RFC 3986 §6.2.2). A rule decided on one reading while the backend serves another
-# would be an authorization bypass, so these are refused rather than guessed at.
-_AMBIGUOUS = re.compile(r"//|/\.\.?(/|$)|%2f|%2e|%5c|\\", re.IGNORECASE)
+# The request target (RFC 9112 §3.2): origin-form `/path?query`, or absolute-form
+# `http://host/path?query`, which Caddy passes on as the client sent it.
+_ABSOLUTE = re.compile(r"https?://([^/?]*)", re.IGNORECASE | re.ASCII)
+# Never in a URI (RFC 3986 §2): controls, space, anything beyond ASCII (servers read raw bytes as
+# UTF-8 or as Latin-1); nor "#", a fragment no request carries: nginx cuts the path at it, Go's
+# servers keep it in the path, and `/public#/../private/x` would be /public to one and
+# /private/x to the other.
+_NOT_IN_A_REQUEST = re.compile(r"[^\x21-\x7e]|#")
+# Raw paths that servers resolve differently (RFC 3986 §6.2.2): empty and dot segments; "\",
+# which some read as "/"; ";", with which Java servers (Tomcat, Jetty) start a path parameter
+# and drop it (`/public/..;/private/x` is /private/x to them); "/", "\", ".", "#", "?" or ";"
+# percent-encoded, which a server that decodes before it parses reads as the character itself;
+# and a "%" that starts no escape, which some servers refuse and others keep.
+_AMBIGUOUS = re.compile(r"//|/\.\.?(/|$)|[\\;]|%(2f|5c|2e|23|3f|3b)|%(?![0-9a-f]{2})", re.IGNORECASE | re.ASCII)
+# An escape left after decoding once ("%252e" is "%2e"): a server decoding twice reads another path.
+_ESCAPE = re.compile(r"%[0-9a-f]{2}", re.IGNORECASE | re.ASCII)
+# Control characters, C0 and C1, in the decoded path (`%00`, `%0a`, `%c2%85`).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# A Host (RFC 9110 §7.2): a DNS name or IPv4 address, or an IPv6 literal in brackets, and a port.
+_HOST = re.compile(r"(?P<name>[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?|\[[0-9a-f:.]+\])(?::[0-9]*)?",
+                   re.IGNORECASE | re.ASCII)
+
+
+def split_target(uri: str) -> tuple[str | None, str]:
+    """(authority, path) of a request target; the authority None in origin-form, the query dropped."""
+    absolute = _ABSOLUTE.match(uri)
+    authority, rest = (absolute[1], uri[absolute.end():]) if absolute else (None, uri)
+    return authority, rest.split("?", 1)[0]
 
 
 def canonical_path(uri: str) -> str | None:
-    """The percent-decoded path of an original request URI, or None if it is ambiguous."""
-    path = urlsplit(uri).path if "://" in uri else uri.split("?", 1)[0].split("#", 1)[0]
+    """The percent-decoded path of an original request URI (the query takes no part), or None
+    if servers could read it two ways: see `_NOT_IN_A_REQUEST`, `_AMBIGUOUS`, `_ESCAPE` and
+    `_CONTROL`; also a path that is not UTF-8, overlong forms (`%c0%ae` for ".") included."""
+    if _NOT_IN_A_REQUEST.search(uri):
+        return None
+    _, path = split_target(uri)
     if not path.startswith("/") or _AMBIGUOUS.search(path):
         return None
     try:
         decoded = unquote(path, errors="strict")
     except UnicodeDecodeError:
         return None
-    if any(ord(c) < 0x20 or c == "\x7f" for c in decoded):
+    if _ESCAPE.search(decoded) or _CONTROL.search(decoded):
         return None
     return decoded
 
 
-def original_request(request: Request) -> tuple[str, str, str | None]:
-    """(method, host, canonical path or None) of the request the proxy is asking about.
+def canonical_host(value: str) -> str | None:
+    """The host a Host (or X-Forwarded-Host) header names: lowercase, without the port and one
+    trailing dot (`Files.Example.:443` is files.example, the same DNS name); "" for none; None
+    for anything else (`a..b`, userinfo, a list of hosts, non-ASCII)."""
+    if not value:
+        return ""
+    found = _HOST.fullmatch(value)
+    return found["name"].lower().removesuffix(".") if found else None
 
-    nginx names it in X-Original-Method/-URI (set by its config) and passes the client's
-    own headers through: any X-Forwarded-* then came from the client, so only Host counts.
-    Traefik and Caddy set X-Forwarded-Method/-Uri/-Host themselves."""
-    def header(name: str) -> str:
-        return (request.getHeader(name.encode()) or b"").decode("latin-1")
-    if header("X-Original-URI"):
-        method, uri, host = header("X-Original-Method"), header("X-Original-URI"), header("Host")
+
+@dataclass(frozen=True, slots=True)
+class Original:
+    """The request a proxy asks about: its method, canonical host and canonical path. When it
+    cannot be read one way only, `refused` says why, and host and path are as sent (for the log)."""
+    method: str
+    host: str
+    path: str
+    refused: Reason | None = None
+
+
+# The headers naming the original request; each may come once at most.
+_NAMES = (b"X-Original-Method", b"X-Original-URI", b"X-Forwarded-Method", b"X-Forwarded-Uri",
+          b"X-Forwarded-Host", b"Host")
+
+
+def original_request(request: Request) -> Original:
+    """The request the proxy is asking about, or why it is refused.
+
+    nginx names it in X-Original-Method/-URI (set by its config) and passes the client's own
+    headers through: any X-Forwarded-Host then came from the client, so only Host counts.
+    Traefik and Caddy set X-Forwarded-Method/-Uri/-Host themselves but pass a client's
+    X-Original-URI on: with both URIs (or X-Original-URI and X-Forwarded-Method) one came
+    from the client, and which is unknown. The method is case-sensitive (RFC 9110 §9.1):
+    `get` is not a reading method."""
+    sent: dict[bytes, str] = {}
+    for name in _NAMES:
+        values = request.requestHeaders.getRawHeaders(name) or []
+        if len(values) > 1:
+            return Original("", "", f"{name.decode()} twice", Reason.AMBIGUOUS_PATH)
+        sent[name] = values[0].decode("latin-1") if values else ""
+    if sent[b"X-Original-URI"]:
+        method, uri, host = sent[b"X-Original-Method"], sent[b"X-Original-URI"], sent[b"Host"]
+        if sent[b"X-Forwarded-Uri"] or sent[b"X-Forwarded-Method"]:
+            return Original(method, host, uri, Reason.AMBIGUOUS_PATH)
     else:
-        method, uri = header("X-Forwarded-Method"), header("X-Forwarded-Uri")
-        host = header("X-Forwarded-Host") or header("Host")
-    return (method or "GET").upper(), host.split(":")[0].lower(), canonical_path(uri or "/")
+        method, uri = sent[b"X-Forwarded-Method"], sent[b"X-Forwarded-Uri"] or "/"
+        host = sent[b"X-Forwarded-Host"] or sent[b"Host"]
+    method = method or "GET"
+    canonical = canonical_host(host)
+    if canonical is None:
+        return Original(method, host, uri, Reason.MALFORMED)
+    path = canonical_path(uri)
+    authority, _ = split_target(uri)
+    if path is None or (authority is not None and (not authority or canonical_host(authority) != canonical)):
+        return Original(method, canonical, uri, Reason.AMBIGUOUS_PATH)
+    return Original(method, canonical, path)
 
 
 def matching_rule(rules: tuple[ForwardAuthRule, ...], host: str, path: str) -> ForwardAuthRule | None:
+    """The first rule for `host` (a canonical host) whose prefix is `path` or one of its parents;
+    the prefix compares case-sensitively, the rule's host as `canonical_host` reads a header."""
     for rule in rules:
-        if rule.host and rule.host.lower() != host:
+        if rule.host and rule.host.lower().removesuffix(".") != host:
             continue
         prefix = rule.path_prefix.rstrip("/")
         if path == prefix or path.startswith(prefix + "/") or not prefix:
@@ -125,22 +203,20 @@ class ForwardAuth(AsyncResource):
         return headers
 
     def _get(self, request: Request) -> Reply | defer.Deferred[Reply]:
-        method, host, path = original_request(request)
-        rule = matching_rule(self._settings.rules, host, path) if path is not None else None
+        asked = original_request(request)
+        rule = None if asked.refused else matching_rule(self._settings.rules, asked.host, asked.path)
         if rule is None:
-            reason = Reason.NO_RULE if path is not None else Reason.AMBIGUOUS_PATH
-            self._record(method, host, path, None, "-", False, reason)
+            self._record(asked.method, asked.host, asked.path, None, "-", False, asked.refused or Reason.NO_RULE)
             return Reply(403, b"", self._challenge(None, "insufficient_scope"))
-        scope = rule.read_scope if method in READ_METHODS else rule.write_scope
+        scope = rule.read_scope if asked.method in READ_METHODS else rule.write_scope
         identity, token = credentials(request, rule)
         if token is None:
             return Reply(401, b"", self._challenge(rule))
         verdict = when_ready(self._check_scope(token, identity, scope))
-        return verdict.addCallback(self._decided, rule, scope, method, host, path)
+        return verdict.addCallback(self._decided, rule, scope, asked)
 
-    def _decided(self, verdict: Verdict, rule: ForwardAuthRule, scope: str, method: str, host: str,
-                 path: str | None) -> Reply:
-        self._record(method, host, path, verdict.username, scope, verdict.accepted, verdict.reason)
+    def _decided(self, verdict: Verdict, rule: ForwardAuthRule, scope: str, asked: Original) -> Reply:
+        self._record(asked.method, asked.host, asked.path, verdict.username, scope, verdict.accepted, verdict.reason)
         if verdict.accepted and verdict.username:
             return Reply(200, b"", {self._settings.user_header.encode(): verdict.username.encode()})
         if verdict.unavailable is not None:
@@ -149,7 +225,7 @@ class ForwardAuth(AsyncResource):
             return Reply(403, b"", self._challenge(rule, "insufficient_scope", scope))
         return Reply(401, b"", self._challenge(rule, "invalid_token"))
 
-    def _record(self, method: str, host: str, path: str | None, user: str | None, scope: str, ok: bool,
+    def _record(self, method: str, host: str, path: str, user: str | None, scope: str, ok: bool,
                 reason: Reason | str) -> None:
         # repr(): method, host and path come from the client and must not forge log lines.
         log.info("forward-auth {result}: user={user!r} {method!r} {host!r}{path!r} scope={scope} reason={reason}",
