@@ -90,7 +90,7 @@ def seed(server: BenchServer) -> Seed:
                stdin="bench password\n")
     service = client("--scope", "metrics imap")
     app = client("--redirect-uri", REDIRECT_URI, "--scope", "imap smtp")
-    resource = client("--scope", "metrics")
+    resource = client("--scope", "metrics", "--resource-server")
     token = server.cli("token", "issue", "--user", username, "--client", app["client_id"], "--scope", "imap")
     return Seed(username, service, app, resource, token)
 

@@ -16,7 +16,7 @@ def service(tmp_path_factory) -> Service:
 @pytest.fixture
 def resource_server(service: Service) -> dict:
     """A confidential client that introspects tokens, as an IMAP or WebDAV server would."""
-    return service.client("--grant", "client_credentials", "--scope", "imap")
+    return service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
 
 
 @pytest.fixture

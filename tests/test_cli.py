@@ -138,3 +138,26 @@ def test_token_issue_keeps_to_the_clients_scopes_and_a_positive_lifetime(run):
 def test_a_redirect_uri_with_two_readings_cannot_be_registered(run, uri):
     status, _, err = run("client", "create", "--name", "App", "--redirect-uri", uri)
     assert status == 1 and "redirect URI" in err
+
+
+def test_only_a_client_marked_resource_server_may_introspect_others_tokens(run):
+    status, out, _ = run("client", "create", "--name", "IMAP", "--scope", "imap", "--resource-server", "--json")
+    assert status == 0 and json.loads(out)["resource_server"] is True
+    client_id = json.loads(out)["client_id"]
+    assert run("client", "update", client_id, "--no-resource-server")[0] == 0
+    assert json.loads(run("client", "show", client_id)[1])["resource_server"] is False
+    status, _, err = run("client", "update", "nobody", "--resource-server")
+    assert status == 1 and "no client 'nobody'" in err
+    status, _, err = run("client", "create", "--name", "x", "--public", "--redirect-uri", "http://127.0.0.1/cb",
+                         "--resource-server")
+    assert status == 1 and "cannot be a resource server" in err
+
+
+def test_disabling_a_user_says_what_it_ended(run):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.stdin", io.StringIO("a long passphrase\nanother one\n"))
+        assert run("user", "add", "Carol", "--password-stdin")[0] == 0
+        status, _, err = run("user", "add", "CAROL", "--password-stdin")
+    assert status == 1 and "exists already" in err
+    status, out, _ = run("user", "disable", "carol")  # names are found whatever their case
+    assert status == 0 and "0 browser session(s) ended and 0 token(s) revoked" in out

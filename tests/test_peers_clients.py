@@ -101,7 +101,7 @@ imap = "imap"
     try:
         wait_for_sasl(service, sasl_port)
         started.append(start_postfix(directories["postfix"], f"inet:127.0.0.1:{sasl_port}"))
-        resource_server = service.client("--grant", "client_credentials", "--scope", "imap")
+        resource_server = service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
         started.append(start_dovecot(directories["dovecot"], service.url,
                                      resource_server["client_id"], resource_server["client_secret"]))
         app = service.client("--public", "--grant", "device_code", "--grant", "refresh_token",

@@ -89,7 +89,7 @@ xmpp = "xmpp"
             assert unix.recv(4096).startswith(b"VERSION\t1\t2\nMECH\tOAUTHBEARER\tplaintext\n")
         postfix = start_postfix(directories["postfix"], f"inet:127.0.0.1:{sasl_port}")
         started.append(postfix)
-        resource_server = service.client("--grant", "client_credentials", "--scope", "imap")
+        resource_server = service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
         dovecot = start_dovecot(directories["dovecot"], service.url,
                                 resource_server["client_id"], resource_server["client_secret"])
         started.append(dovecot)
@@ -307,7 +307,7 @@ def test_dovecot_refuses_a_token_without_the_imap_scope(mail):
 def test_dovecot_service_header_alone_keeps_an_smtp_token_out(mail, tmp_path):
     """With Dovecot's own `scope` check off, bearerbridge still refuses: send_auth_headers tells
     it the service (X-Dovecot-Auth-Service: imap), and [sasl.services] imap needs `imap`."""
-    resource_server = mail.service.client("--grant", "client_credentials", "--scope", "imap")
+    resource_server = mail.service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
     dovecot = start_dovecot(tmp_path, mail.service.url, resource_server["client_id"],
                             resource_server["client_secret"], overrides={"scope": ""})
     try:

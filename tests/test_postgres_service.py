@@ -18,7 +18,7 @@ def pg_service(tmp_path_factory):
 def test_code_grant_refresh_and_revocation_on_postgresql(pg_service):
     service = pg_service
     client = service.client("--redirect-uri", "https://app.example/cb", "--scope", "imap")
-    resource_server = service.client("--grant", "client_credentials", "--scope", "imap")
+    resource_server = service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
     username, password = service.user()
     code, verifier = get_code(service, client, username, password)
     response = exchange_code(service, client, code, verifier)

@@ -78,7 +78,7 @@ def short_lived(tmp_path_factory):
 def test_expired_code_and_token(short_lived):
     service = short_lived
     client = service.client("--redirect-uri", CB, "--scope", "imap")
-    resource_server = service.client("--grant", "client_credentials", "--scope", "imap")
+    resource_server = service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
     username, password = service.user()
     code, verifier = get_code(service, client, username, password)
     tokens = exchange_code(service, client, code, verifier).json()

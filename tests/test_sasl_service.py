@@ -285,7 +285,7 @@ def test_http_sasl_endpoint_refusals(sasl_service, alice):
 
 def test_introspection_honours_dovecots_service_header(sasl_service, alice):
     name, token = alice
-    caller = sasl_service.client("--grant", "client_credentials", "--scope", "imap")
+    caller = sasl_service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
     smtp = token("smtp")
     assert introspect(sasl_service, caller, smtp)["active"]
     for service, active in (("smtp", True), ("imap", False), ("pop3", False)):

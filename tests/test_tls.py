@@ -47,7 +47,7 @@ def tls_service(tmp_path_factory):
 def test_code_grant_over_verified_tls(tls_service):
     service = tls_service
     client = service.client("--redirect-uri", "https://app.example/cb", "--scope", "imap")
-    resource_server = service.client("--grant", "client_credentials", "--scope", "imap")
+    resource_server = service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
     username, password = service.user()
     code, verifier = get_code(service, client, username, password)
     response = exchange_code(service, client, code, verifier)

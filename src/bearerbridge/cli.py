@@ -60,13 +60,14 @@ def user_add(store: SqlStore, args: argparse.Namespace) -> str:
 
 
 def user_passwd(store: SqlStore, args: argparse.Namespace) -> str:
-    store.set_password(args.name, hash_password(_read_password(args.password_stdin)))
-    return f"password of {args.name} changed"
+    ended = store.set_password(args.name, hash_password(_read_password(args.password_stdin)))
+    return f"password of {args.name} changed; {ended} browser session(s) ended (its tokens still work)"
 
 
 def user_disable(store: SqlStore, args: argparse.Namespace) -> str:
-    store.set_disabled(args.name, True)
-    return f"disabled {args.name}: its tokens no longer work"
+    sessions, tokens = store.set_disabled(args.name, True)
+    return (f"disabled {args.name}: {sessions} browser session(s) ended and {tokens} token(s) revoked; "
+            "enabling the user again brings none of them back")
 
 
 def user_enable(store: SqlStore, args: argparse.Namespace) -> str:
@@ -85,6 +86,8 @@ def client_create(store: SqlStore, args: argparse.Namespace, config: configurati
     grants = tuple(dict.fromkeys(GRANTS[g] for g in args.grant or (
         ["client_credentials"] if not args.redirect_uri and not args.public
         else ["authorization_code", "refresh_token"])))
+    if args.public and args.resource_server:
+        raise CommandError("a public client cannot be a resource server (it has no secret to introspect with)")
     if args.public and "client_credentials" in grants:
         raise CommandError("a public client cannot use client_credentials (it has no secret)")
     if "authorization_code" in grants and not args.redirect_uri:
@@ -98,13 +101,12 @@ def client_create(store: SqlStore, args: argparse.Namespace, config: configurati
         raise CommandError(f"unknown scope(s) {' '.join(unknown)}; known: {' '.join(config.scopes)}")
     client = Client(client_id=secrets.token_hex(16), name=args.name,
                     redirect_uris=tuple(_check_redirect_uri(u) for u in args.redirect_uri or ()),
-                    scope=" ".join(scopes), grant_types=grants, public=args.public)
+                    scope=" ".join(scopes), grant_types=grants, public=args.public,
+                    resource_server=args.resource_server)
     secret = None if args.public else new_secret()
     store.add_client(client, secret)
     if args.json:
-        return json.dumps({"client_id": client.client_id, "client_secret": secret, "name": client.name,
-                           "redirect_uris": list(client.redirect_uris), "scope": client.scope,
-                           "grant_types": list(grants), "public": client.public})
+        return json.dumps({**_describe(client), "client_secret": secret})
     lines = [f"client_id: {client.client_id}"]
     if secret:
         lines.append(f"client_secret: {secret}")
@@ -112,10 +114,10 @@ def client_create(store: SqlStore, args: argparse.Namespace, config: configurati
     return "\n".join(lines)
 
 
-def _describe(client: Client) -> dict:
+def _describe(client: Client) -> dict[str, Any]:
     return {"client_id": client.client_id, "name": client.name, "public": client.public,
             "redirect_uris": list(client.redirect_uris), "scope": client.scope,
-            "grant_types": list(client.grant_types)}
+            "grant_types": list(client.grant_types), "resource_server": client.resource_server}
 
 
 def client_list(store: SqlStore, args: argparse.Namespace) -> str:
@@ -128,6 +130,13 @@ def client_show(store: SqlStore, args: argparse.Namespace) -> str:
     if client is None:
         raise CommandError(f"no client {args.id!r}")
     return json.dumps(_describe(client), indent=2)
+
+
+def client_update(store: SqlStore, args: argparse.Namespace) -> str:
+    if not store.set_resource_server(args.id, args.resource_server):
+        raise CommandError(f"no client {args.id!r}")
+    return (f"client {args.id} may now introspect other clients' tokens" if args.resource_server
+            else f"client {args.id} may now introspect only its own tokens")
 
 
 def client_delete(store: SqlStore, args: argparse.Namespace) -> str:
@@ -212,12 +221,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--redirect-uri", action="append", help="an exact redirect URI (repeat for several)")
     p.add_argument("--scope", help="the scopes it may ask for (default: all, except for client_credentials)")
     p.add_argument("--public", action="store_true", help="a public client (no secret; must use PKCE)")
+    p.add_argument("--resource-server", action="store_true",
+                   help="may introspect other clients' tokens (an IMAP, WebDAV or mail server); any client "
+                        "may introspect its own")
     p.add_argument("--grant", action="append", choices=GRANTS,
                    help="a grant it may use (default: authorization_code and refresh_token with a redirect URI, "
                         "else client_credentials)")
     p.add_argument("--json", action="store_true")
     verb(client, "list", client_list, "list clients")
     verb(client, "show", client_show, "show one client").add_argument("id")
+    p = verb(client, "update", client_update, "change whether a client is a resource server")
+    p.add_argument("id")
+    p.add_argument("--resource-server", action=argparse.BooleanOptionalAction, required=True,
+                   help="may it introspect other clients' tokens")
     verb(client, "delete", client_delete, "delete a client with its tokens").add_argument("id")
 
     token = nouns.add_parser("token", help="issue and revoke tokens").add_subparsers(dest="verb", required=True)

@@ -84,15 +84,15 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     issuer = config.server.issuer
     server = BridgeServer(pool.store, config, metrics)
     pages = Pages(config.server.site_name)
-    sessions = Sessions(pool.store.keyring, config.server.session_ttl, secure=config.https)
+    sessions = Sessions(pool, config.server.session_ttl, secure=config.https)
     login = PasswordLogin(pool, sessions, metrics)
     top = SecuredRoot(https=config.https)
     top.putChild(b"authorize", Authorize(pages, issuer, sessions, login, pool, server, metrics))
     top.putChild(b"logout", Logout(pages, issuer, sessions))
     top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics))
     top.putChild(b"token", TokenEndpoint(issuer, pool, server, metrics))
-    top.putChild(b"introspect", IntrospectionResource(issuer, pool, server, pool.store.recent,
-                                                      config.sasl.services, metrics))
+    top.putChild(b"introspect", IntrospectionResource(issuer, pool, server, pool.store.recent, config.sasl,
+                                                      metrics))
     top.putChild(b"revoke", EndpointResource(issuer, pool, server, "revocation"))
     top.putChild(b"device_authorization", EndpointResource(issuer, pool, server, "device_authorization"))
     top.putChild(b"sasl", SaslEndpoint(issuer, pool, server, validator.validate, config.sasl, metrics))

@@ -422,7 +422,8 @@ def test_print_without_a_login_says_how_to_log_in(tmp_path):
 
 def test_print_refreshes_an_expiring_token_and_keeps_the_rotated_refresh_token(short_service, tmp_path):
     service = short_service
-    client, resource_server = public_client(service), service.client("--grant", "client_credentials", "--scope", "imap")
+    client = public_client(service)
+    resource_server = service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
     username, password = service.user()
     assert browser_login(service, tmp_path, client, username, password).returncode == 0
     before = stored(tmp_path)
@@ -438,7 +439,8 @@ def test_print_refreshes_an_expiring_token_and_keeps_the_rotated_refresh_token(s
 
 def test_concurrent_prints_never_replay_a_refresh_token(short_service, tmp_path):
     service = short_service
-    client, resource_server = public_client(service), service.client("--grant", "client_credentials", "--scope", "imap")
+    client = public_client(service)
+    resource_server = service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
     username, password = service.user()
     assert browser_login(service, tmp_path, client, username, password).returncode == 0
     processes = [subprocess.Popen([HELPER, "print"], env=helper_env(tmp_path), stdout=subprocess.PIPE,
@@ -509,7 +511,8 @@ def test_a_confidential_client_uses_client_secret_post_and_a_fixed_port(service,
 
 def test_tls_with_a_private_ca(tls_service, tmp_path):
     service = tls_service
-    client, resource_server = public_client(service), service.client("--grant", "client_credentials", "--scope", "imap")
+    client = public_client(service)
+    resource_server = service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
     username, password = service.user()
     ca_file = service.verify
     login = browser_login(service, tmp_path, client, username, password, "--ca-file", ca_file)

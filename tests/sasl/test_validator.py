@@ -11,8 +11,9 @@ from twisted.internet import defer, task
 from bearerbridge.config import SaslSettings
 from bearerbridge.crypto import Keyring
 from bearerbridge.sasl import validator as validator_module
+from bearerbridge.sasl.judge import judge
 from bearerbridge.sasl.mechanisms import Bearer
-from bearerbridge.sasl.validator import Validator, judge
+from bearerbridge.sasl.validator import Validator
 from bearerbridge.sasl.verdict import Verdict
 from bearerbridge.storage import migrations
 from bearerbridge.storage.models import Client, Token
@@ -125,7 +126,7 @@ def test_a_revocation_in_another_process_takes_effect_within_cache_ttl(world, tm
         elsewhere.set_disabled("alice", True)
     assert check(validator).ok          # still remembered...
     clock.advance(1.0)
-    assert check(validator).reason == "user_disabled"  # ...for at most cache_ttl
+    assert check(validator).reason == "revoked"  # ...for at most cache_ttl (disabling revokes the tokens)
 
 
 def test_a_token_in_use_is_read_again_before_it_expires(world, tmp_path):
@@ -145,7 +146,7 @@ def test_a_token_in_use_is_read_again_before_it_expires(world, tmp_path):
     clock.advance(0.6)  # 1.2 s after the first read: a miss without the re-read
     verdict = validator.validate(good, "imap")
     assert isinstance(verdict, Verdict) and verdict.ok and pool.hops == 3
-    assert check(validator).reason == "user_disabled"  # the third read saw the change
+    assert check(validator).reason == "revoked"  # the third read saw the change (disabling revokes)
 
 
 def test_misses_are_read_before_renewals(world, monkeypatch):

@@ -194,3 +194,60 @@ def test_an_older_database_with_wider_modes_is_narrowed(tmp_path):
     path.chmod(0o644)
     make_engine(f"sqlite:///{path}").dispose()
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_names_and_addresses_are_unique_whatever_their_case_and_across_each_other(store):
+    with store.transaction():
+        store.add_user("alice", "Alice@Example.org", None)
+        for username, email, message in (
+            ("Alice", None, "exists already"),
+            ("mallory", "ALICE@example.org", "taken by user 'alice'"),
+            ("alice@example.org", None, "taken by user 'alice'"),   # a name that is alice's address
+            ("bob", "ALICE", "taken by user 'alice'"),               # an address that is alice's name
+            ("", None, "empty"), ("a b", None, "spaces"), ("tab\there", None, "spaces"), ("x\x00", None, "control"),
+            ("carol", "c arol@example.org", "spaces"),
+        ):
+            with pytest.raises(StoreError, match=message):
+                store.add_user(username, email, None)
+        store.add_user("bob", "bob@example.org", None)  # a refusal changed nothing
+        assert [u.username for u in store.list_users()] == ["alice", "bob"]
+
+
+def test_a_user_is_found_by_name_whatever_its_case(store):
+    with store.transaction():
+        alice = store.add_user("Alice", None, "hash")
+        assert store.password_hash("ALICE") == (alice, "hash")
+        assert store.get_user_by_name("alice").id == alice.id
+        store.set_password("aLiCe", "other")
+        assert store.password_hash("alice")[1] == "other"
+
+
+def test_sessions_end_at_logout_password_change_disable_and_expiry(store):
+    with store.transaction():
+        alice = store.add_user("alice", None, "hash")
+        first, second = store.start_session(alice.id, 3600), store.start_session(alice.id, 3600)
+        assert store.session_user(first) == alice and store.session_user("not-a-session") is None
+        store.end_session(first)
+        assert store.session_user(first) is None and store.session_user(second) == alice
+        assert store.set_password("alice", "new hash") == 1
+        assert store.session_user(second) is None
+        expired = store.start_session(alice.id, -1)
+        assert store.session_user(expired) is None and store.purge_expired() == 1
+        live = store.start_session(alice.id, 3600)
+        make_client(store)
+        store.save_token("access", "refresh", "app", alice.id, "imap", 3600, 86400)
+        assert store.set_disabled("alice", True) == (1, 1)
+        assert store.session_user(live) is None
+        store.set_disabled("alice", False)
+        assert store.find_access_token("access").revoked  # enabling brings no token back
+
+
+def test_a_refresh_token_keeps_its_own_scope_when_the_access_token_has_less(store):
+    with store.transaction():
+        alice = store.add_user("alice", None, None)
+        make_client(store)
+        store.save_token("a1", "r1", "app", alice.id, "imap", 3600, 86400, refresh_scope="imap smtp")
+        assert store.find_access_token("a1").scope == "imap"
+        assert store.find_refresh_token("r1").scope == "imap smtp"
+        store.save_token("a2", "r2", "app", alice.id, "imap", 3600, 86400, refresh_scope="imap")
+        assert store.find_refresh_token("r2").scope == "imap"

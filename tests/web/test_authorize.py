@@ -13,7 +13,7 @@ from twisted.logger import capturedLogs
 from bearerbridge.crypto import hash_password
 from bearerbridge.storage.models import Client
 
-from ..fakes import Answer, Bridge, cheap_password_hash, form_of, login_and_consent, redirect_params, sqlite_store
+from ..fakes import Answer, Bridge, Http, cheap_password_hash, form_of, login_and_consent, redirect_params, sqlite_store
 from ..support import authorize_url, pkce_pair
 
 ISSUER = "http://127.0.0.1:8080"
@@ -398,3 +398,54 @@ def test_a_planted_csrf_cookie_is_replaced_not_trusted(bridge):
     answer = browser.post(action, data={**fields, "username": "alice", "password": PASSWORD},
                           headers={"Cookie": f"bb_csrf={planted}"})
     assert answer.code == 400 and "The form has expired" in text(answer)
+
+
+# -- sessions live at the server -------------------------------------------------------------------
+
+def session_cookie(answer: Answer) -> str:
+    cookie = next(c for c in (answer.headers.getRawHeaders("Set-Cookie") or []) if c.startswith("bb_session="))
+    return cookie.split(";", 1)[0]
+
+
+def signed_in_browser(bridge: Bridge) -> tuple[Http, str]:
+    """A browser that has signed in, and its session cookie (`bb_session=...`), as a thief would copy it."""
+    browser, page = logged_in(bridge, url())
+    assert form_of(page)[1]["step"] == "consent"
+    return browser, session_cookie(page)
+
+
+def asks_to_sign_in(bridge: Bridge, cookie: str) -> bool:
+    """Whether another browser holding only this session cookie is asked to sign in."""
+    page = bridge.browser().get(url(), headers={"Cookie": cookie})
+    return form_of(page)[1]["step"] == "login"
+
+
+def test_a_copied_session_cookie_works_until_the_session_ends_at_logout(bridge):
+    browser, cookie = signed_in_browser(bridge)
+    assert not asks_to_sign_in(bridge, cookie)  # the copy works while the session lives
+    action, fields = form_of(browser.get("/logout"))
+    assert browser.post(action, data=fields).code == 200
+    assert asks_to_sign_in(bridge, cookie)
+
+
+def test_a_password_change_and_disabling_the_user_end_every_session(bridge):
+    _, first = signed_in_browser(bridge)
+    _, second = signed_in_browser(bridge)
+    with bridge.store.transaction():
+        assert bridge.store.set_password("alice", cheap_password_hash("another one")) == 2
+    assert asks_to_sign_in(bridge, first) and asks_to_sign_in(bridge, second)
+    _, third = signed_in_browser_with(bridge, "another one")
+    with bridge.store.transaction():
+        assert bridge.store.set_disabled("alice", True)[0] == 1
+        bridge.store.set_disabled("alice", False)
+    assert asks_to_sign_in(bridge, third)
+
+
+def signed_in_browser_with(bridge: Bridge, password: str) -> tuple[Http, str]:
+    browser, page = logged_in(bridge, url(), password=password)
+    return browser, session_cookie(page)
+
+
+def test_a_session_cookie_that_is_not_one_is_no_session(bridge):
+    for cookie in ("bb_session=", "bb_session=1.1700000000.forged", "bb_session=" + "A" * 43):
+        assert asks_to_sign_in(bridge, cookie), cookie

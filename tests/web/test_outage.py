@@ -60,7 +60,7 @@ def test_introspection_of_a_remembered_token_needs_no_database():
     """The memory of recent reads answers introspection on its own: the pool here is dead."""
     keyring = Keyring(b"k" * 32)
     memory = RecentReads(60.0)
-    rs = Client("rs", "Resource server", (), "imap", ("client_credentials",), False,
+    rs = Client("rs", "Resource server", (), "imap", ("client_credentials",), False, resource_server=True,
                 secret_digest=keyring.digest("rs-secret"), digest=keyring.digest)
     token = Token(id=1, client_id="app", user_id=7, username="alice", email=None, scope="imap",
                   issued_at=int(time.time()), expires_at=int(time.time()) + 600, refresh_expires_at=None,

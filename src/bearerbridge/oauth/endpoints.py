@@ -9,15 +9,18 @@ Both decide with the same `answer`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable
 from typing import Any
 
 from authlib.oauth2.rfc6749.util import extract_basic_authorization
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 
+from bearerbridge.config import SaslSettings
 from bearerbridge.oauth.grants import ANY_AUTH, SECRET_AUTH
 from bearerbridge.oauth.requests import HttpRequest
+from bearerbridge.sasl.judge import judge_token
 from bearerbridge.storage.models import Client, Token
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.store import SqlStore
@@ -60,30 +63,30 @@ def introspection_claims(token: Token) -> dict[str, Any]:
 SERVICE_HEADER = "X-Dovecot-Auth-Service"
 
 
-def may_see(token: Token, client: Client, service: str | None, services: Mapping[str, str]) -> bool:
-    """Whether `client` may see `token` active.
+def answer(token: Token | None, client: Client, service: str | None, settings: SaslSettings,
+           now: float | None = None) -> dict[str, Any]:
+    """The RFC 7662 §2.2 answer: the claims of an active token `client` may see, else
+    `{"active": false}` alone (an unknown, expired, revoked or hidden token, §2.2 and §4).
 
-    A refresh token only by the client it was issued to: a resource server must never take
-    one for an access token. And when the caller names the service being logged into, a
-    token lacking that service's scope (`[sasl.services]`) is reported inactive."""
-    if token.refresh:
-        return token.client_id == client.client_id
-    if service is None:
-        return True
-    required = services.get(service)
-    return required is not None and required in token.scope.split()
-
-
-def answer(token: Token | None, client: Client, service: str | None, services: Mapping[str, str]) -> dict[str, Any]:
-    """The RFC 7662 §2.2 answer: the claims of an active token the client may see, else
-    `{"active": false}` alone (§2.2: an unknown, expired, revoked or hidden token)."""
-    if token is None or token.is_expired() or token.is_revoked() or not may_see(token, client, service, services):
+    A client sees its own tokens; only a resource server (`client create --resource-server`)
+    sees others'. A refresh token only its own client sees: a resource server must never take one
+    for an access token. When the caller names the service being logged into (Dovecot's
+    `X-Dovecot-Auth-Service`), the token must pass the same `judge_token` as a SASL login to
+    that service: its scope (`[sasl.services]`), and a user to log in as."""
+    if token is None or token.is_expired(now) or token.is_revoked():
         return {"active": False}
+    if token.client_id != client.client_id and (token.refresh or not client.resource_server):
+        return {"active": False}
+    if service is not None and not token.refresh:
+        required = settings.services.get(service)
+        at = now if now is not None else time.time()
+        if required is None or not judge_token(token, at, None, required, settings).ok:
+            return {"active": False}
     return introspection_claims(token)
 
 
 class Introspection(IntrospectionEndpoint):
-    """RFC 7662 in the pool. Any registered confidential client (a resource server) may ask."""
+    """RFC 7662 in the pool, for any confidential client; what it sees, `answer` decides."""
 
     CLIENT_AUTH_METHODS = SECRET_AUTH
 
@@ -92,14 +95,14 @@ class Introspection(IntrospectionEndpoint):
         client = self.authenticate_endpoint_client(request)
         self.check_params(request, client)
         token = self.query_token(request.form["token"], request.form.get("token_type_hint"))
-        return 200, answer(token, client, request.headers.get(SERVICE_HEADER), self.server.config.sasl.services), []
+        return 200, answer(token, client, request.headers.get(SERVICE_HEADER), self.server.config.sasl), []
 
     def query_token(self, token_string: str, token_type_hint: str | None) -> Token | None:
         return query_token(self.server.store, token_string, token_type_hint)
 
 
 def introspect_remembered(request: HttpRequest, recent: RecentReads, digest: Callable[[str], str],
-                          services: Mapping[str, str]) -> dict[str, Any] | None:
+                          settings: SaslSettings) -> dict[str, Any] | None:
     """The introspection answer from memory alone, or None when the pool must be asked: the
     client or the access token was not read lately, the client did not authenticate, or the
     request is anything but a plain one (which authlib then answers, errors included)."""
@@ -110,7 +113,7 @@ def introspect_remembered(request: HttpRequest, recent: RecentReads, digest: Cal
     remembered = recent.token(digest(token_string))
     if remembered is None:
         return None
-    return answer(remembered[0], client, request.headers.get(SERVICE_HEADER), services)
+    return answer(remembered[0], client, request.headers.get(SERVICE_HEADER), settings)
 
 
 def _remembered_client(request: HttpRequest, recent: RecentReads) -> Client | None:

@@ -103,7 +103,9 @@ class BridgeServer(AuthorizationServer):
             token["access_token"], token.get("refresh_token"), request.client.client_id,
             request.user.id if request.user else None, token.get("scope", ""), token["expires_in"],
             self.config.tokens.refresh_ttl, family=previous.family if previous else None,
-            code_digest=code.code_digest if code else None)
+            code_digest=code.code_digest if code else None,
+            # A refresh keeps the scope of the refresh token presented, whatever it asked for (RFC 6749 §6).
+            refresh_scope=previous.scope if previous else None)
 
     def create_oauth2_request(self, request: OAuth2Request) -> OAuth2Request:
         return request

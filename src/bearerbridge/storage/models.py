@@ -35,6 +35,8 @@ class Client(ClientMixin):
     public: bool
     secret_digest: str | None = None
     created_at: int = 0
+    # May introspect other clients' tokens (an IMAP, WebDAV or mail server); any client its own.
+    resource_server: bool = False
     # Turns a presented secret into its stored digest; set by the store (it holds the key).
     digest: Callable[[str], str] | None = field(default=None, compare=False, repr=False)
 

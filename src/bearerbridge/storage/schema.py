@@ -14,6 +14,12 @@ users = sa.Table(
     sa.Column("password_hash", sa.String(255)),
     sa.Column("disabled", sa.Boolean, nullable=False, default=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    # The name and the address case-folded (str.casefold, the same on every database): a name or
+    # address differing only in case is the same one. `Alice` next to `alice`, or
+    # `ALICE@example.org` next to `alice@example.org`, would log in as the other wherever names
+    # are matched without regard to case (SASL identities, Dovecot's user lookups).
+    sa.Column("username_key", sa.String(255), nullable=False, unique=True),
+    sa.Column("email_key", sa.String(255), unique=True),
 )
 
 clients = sa.Table(
@@ -26,6 +32,8 @@ clients = sa.Table(
     sa.Column("grant_types", sa.Text, nullable=False),     # space-separated
     sa.Column("public", sa.Boolean, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    # May introspect other clients' tokens (RFC 7662 §4): an IMAP, WebDAV or mail server.
+    sa.Column("resource_server", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 
@@ -65,6 +73,9 @@ tokens = sa.Table(
     sa.Column("rotated", sa.Boolean, nullable=False, default=False),
     sa.Column("family", sa.String(32), nullable=False, index=True),
     sa.Column("code_digest", sa.String(64), index=True),
+    # The refresh token's scope when it differs from the access token's: a refresh that asked for
+    # less keeps the grant's whole scope for the next one (RFC 6749 §6).
+    sa.Column("refresh_scope", sa.Text),
 )
 
 consents = sa.Table(
@@ -109,4 +120,15 @@ device_codes = sa.Table(
     sa.Column("user_id", sa.Integer, _user_fk()),
     sa.Column("approved", sa.Boolean),      # None until the user decides
     sa.Column("used", sa.Boolean, nullable=False),
+)
+
+
+# Browser sign-ins (the cookie holds the id; only its digest is kept): logout, a password
+# change or a disabled user end them, even where a cookie was copied.
+sessions = sa.Table(
+    "sessions", metadata,
+    sa.Column("id_digest", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.Integer, _user_fk(), nullable=False, index=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
 )

@@ -10,7 +10,9 @@ are stored only as keyed digests (`crypto.Keyring.digest`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import re
 import threading
 import time
 import uuid
@@ -22,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row, make_url
 
-from bearerbridge.crypto import Keyring
+from bearerbridge.crypto import Keyring, new_secret
 from bearerbridge.storage.models import AuthCode, Client, DeviceCode, Token, User
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.schema import (
@@ -40,9 +42,13 @@ from bearerbridge.storage.schema import (
     clients,
     consents,
     device_codes,
+    sessions,
     tokens,
     users,
 )
+
+# Whitespace anywhere, and control characters: a name or address holds neither.
+_UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 class StoreError(Exception):
@@ -144,10 +150,23 @@ class SqlStore:
     # -- users --------------------------------------------------------------------------
 
     def add_user(self, username: str, email: str | None, password_hash: str | None) -> User:
-        if self.get_user_by_name(username) is not None:
-            raise StoreError(f"user {username!r} exists already")
-        result = self._db.execute(users.insert().values(
-            username=username, email=email, password_hash=password_hash, disabled=False, created_at=_now()))
+        """A new user. Names and addresses are compared case-folded, across each other too: no
+        one's user name may be another's e-mail address, as either can name a user at login."""
+        for what, value in (("user name", username), ("e-mail address", email)):
+            if value is not None and (not value or _UNPRINTABLE.search(value)):
+                raise StoreError(f"{what} {value!r}: empty, or with spaces or control characters")
+        keys = [username.casefold()] + ([email.casefold()] if email else [])
+        taken = self._db.execute(sa.select(users.c.username).where(
+            sa.or_(users.c.username_key.in_(keys), users.c.email_key.in_(keys)))).scalars().first()
+        if taken is not None:
+            raise StoreError(f"user {username!r}: the name or address is taken by user {taken!r}"
+                             if taken.casefold() != username.casefold() else f"user {username!r} exists already")
+        try:
+            result = self._db.execute(users.insert().values(
+                username=username, email=email, password_hash=password_hash, disabled=False, created_at=_now(),
+                username_key=keys[0], email_key=email.casefold() if email else None))
+        except sa.exc.IntegrityError:  # another process added the name or address meanwhile
+            raise StoreError(f"user {username!r}: the name or address is taken") from None
         user_id = result.inserted_primary_key[0]  # type: ignore[index]  # an insert always has one
         return User(user_id, username, email)
 
@@ -163,20 +182,30 @@ class SqlStore:
         return self.password_hash(username)[0]
 
     def password_hash(self, username: str) -> tuple[User | None, str | None]:
-        row = self._db.execute(users.select().where(users.c.username == username)).first()
+        """The user of that name, whatever its case, and the password hash."""
+        row = self._db.execute(users.select().where(users.c.username_key == username.casefold())).first()
         return (None, None) if row is None else (self._user(row), row.password_hash)
 
-    def set_password(self, username: str, password_hash: str) -> None:
-        self._update_user(username, password_hash=password_hash)
+    def set_password(self, username: str, password_hash: str) -> int:
+        """Set the password and end the user's browser sessions; how many ended."""
+        return self.end_sessions(self._update_user(username, password_hash=password_hash))
 
-    def set_disabled(self, username: str, disabled: bool) -> None:
+    def set_disabled(self, username: str, disabled: bool) -> tuple[int, int]:
+        """Disable (or enable) a user. Disabling ends the user's sessions and revokes every
+        token, so that enabling the user again brings none of them back: (sessions, tokens)."""
+        user_id = self._update_user(username, disabled=disabled)
+        if not disabled:
+            return 0, 0
+        return self.end_sessions(user_id), self.revoke_for_user(user_id)
+
+    def _update_user(self, username: str, **values: Any) -> int:
+        """Update the user of that name (whatever its case); its id."""
         self._invalidates()
-        self._update_user(username, disabled=disabled)
-
-    def _update_user(self, username: str, **values: Any) -> None:
-        result = self._db.execute(users.update().where(users.c.username == username).values(**values))
-        if result.rowcount == 0:
+        user_id = self._db.execute(users.update().where(users.c.username_key == username.casefold())
+                                   .values(**values).returning(users.c.id)).scalar()
+        if user_id is None:
             raise StoreError(f"no user {username!r}")
+        return int(user_id)
 
     def list_users(self) -> list[User]:
         return [self._user(row) for row in self._db.execute(users.select().order_by(users.c.username))]
@@ -188,10 +217,11 @@ class SqlStore:
             client_id=client.client_id, name=client.name,
             secret_digest=self.keyring.digest(secret) if secret else None,
             redirect_uris="\n".join(client.redirect_uris), scope=client.scope,
-            grant_types=" ".join(client.grant_types), public=client.public, created_at=_now()))
+            grant_types=" ".join(client.grant_types), public=client.public, created_at=_now(),
+            resource_server=client.resource_server))
 
     def _client(self, row: Row[Any]) -> Client:
-        return Client(
+        return Client(resource_server=row.resource_server,
             client_id=row.client_id, name=row.name,
             redirect_uris=tuple(u for u in row.redirect_uris.split("\n") if u),
             scope=row.scope, grant_types=tuple(row.grant_types.split()), public=row.public,
@@ -213,6 +243,12 @@ class SqlStore:
 
     def list_clients(self) -> list[Client]:
         return [self._client(row) for row in self._db.execute(clients.select().order_by(clients.c.name))]
+
+    def set_resource_server(self, client_id: str, resource_server: bool) -> bool:
+        """Whether a client may introspect others' tokens; False if there is no such client."""
+        self._invalidates()  # the client as remembered says otherwise
+        return self._db.execute(clients.update().where(clients.c.client_id == client_id)
+                                .values(resource_server=resource_server)).rowcount > 0
 
     def delete_client(self, client_id: str) -> bool:
         """Delete a client with its codes, tokens and consents (cascading foreign keys)."""
@@ -240,7 +276,8 @@ class SqlStore:
 
     def save_token(self, access_token: str, refresh_token: str | None, client_id: str, user_id: int | None,
                    scope: str, expires_in: int, refresh_ttl: int | None, family: str | None = None,
-                   code_digest: str | None = None) -> None:
+                   code_digest: str | None = None, refresh_scope: str | None = None) -> None:
+        """A token pair; `refresh_scope` when the refresh token's scope is not the access token's."""
         now = _now()
         self._db.execute(INSERT_TOKEN, {
             "access_digest": self.keyring.digest(access_token),
@@ -248,7 +285,8 @@ class SqlStore:
             "client_id": client_id, "user_id": user_id, "scope": scope, "issued_at": now,
             "expires_at": now + expires_in,
             "refresh_expires_at": now + refresh_ttl if refresh_token and refresh_ttl else None,
-            "revoked": False, "rotated": False, "family": family or uuid.uuid4().hex, "code_digest": code_digest})
+            "revoked": False, "rotated": False, "family": family or uuid.uuid4().hex, "code_digest": code_digest,
+            "refresh_scope": refresh_scope if refresh_scope != scope else None})
 
     @staticmethod
     def _token(row: Row[Any]) -> Token:
@@ -277,8 +315,12 @@ class SqlStore:
         return found
 
     def find_refresh_token(self, refresh_token: str) -> Token | None:
+        """The token pair of a refresh token, with the refresh token's scope."""
         row = self._db.execute(TOKEN_BY_REFRESH, {"digest": self.keyring.digest(refresh_token)}).first()
-        return None if row is None else self._token(row)
+        if row is None:
+            return None
+        token = self._token(row)
+        return dataclasses.replace(token, scope=row.refresh_scope) if row.refresh_scope is not None else token
 
     def mark_rotated(self, token_id: int) -> bool:
         """Retire a refresh token after use; False if another request rotated it first."""
@@ -308,15 +350,40 @@ class SqlStore:
         return self._revoke(tokens.c.client_id == client_id)
 
     def purge_expired(self) -> int:
-        """Delete codes and tokens past every use; returns how many rows went."""
+        """Delete sessions, codes and tokens past every use; returns how many rows went."""
         now = _now()
         dead_device = device_codes.c.expires_at < now
         dead_code = auth_codes.c.expires_at < now
         dead_token = sa.and_(tokens.c.expires_at < now, sa.or_(
             tokens.c.refresh_expires_at.is_(None), tokens.c.refresh_expires_at < now))
-        return (self._db.execute(auth_codes.delete().where(dead_code)).rowcount
+        return (self._db.execute(sessions.delete().where(sessions.c.expires_at < now)).rowcount
+                + self._db.execute(auth_codes.delete().where(dead_code)).rowcount
                 + self._db.execute(device_codes.delete().where(dead_device)).rowcount
                 + self._db.execute(tokens.delete().where(dead_token)).rowcount)
+
+    # -- browser sessions -----------------------------------------------------------------------
+
+    def start_session(self, user_id: int, ttl: int) -> str:
+        """A new session of the user for `ttl` seconds: its id, for the cookie (256 random bits;
+        only the digest is kept)."""
+        session_id, now = new_secret(), _now()
+        self._db.execute(sessions.insert().values(id_digest=self.keyring.digest(session_id), user_id=user_id,
+                                                  created_at=now, expires_at=now + ttl))
+        return session_id
+
+    def session_user(self, session_id: str) -> User | None:
+        """The enabled user of a session that has not ended or expired."""
+        row = self._db.execute(sa.select(users).select_from(sessions.join(users)).where(
+            sessions.c.id_digest == self.keyring.digest(session_id), sessions.c.expires_at > _now(),
+            users.c.disabled.is_(False))).first()
+        return None if row is None else self._user(row)
+
+    def end_session(self, session_id: str) -> None:
+        self._db.execute(sessions.delete().where(sessions.c.id_digest == self.keyring.digest(session_id)))
+
+    def end_sessions(self, user_id: int) -> int:
+        """End every session of a user; how many there were."""
+        return self._db.execute(sessions.delete().where(sessions.c.user_id == user_id)).rowcount
 
     # -- device codes (RFC 8628) --------------------------------------------------------------
 

@@ -18,9 +18,8 @@ from twisted.web.server import Request
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth.requests import HttpRequest
 from bearerbridge.oauth.server import AskConsent, AskLogin, AuthorizeOutcome, BridgeServer, ErrorPage, Redirect
-from bearerbridge.storage.models import User
 from bearerbridge.storage.pool import StorePool
-from bearerbridge.web.sessions import PasswordLogin, Sessions
+from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn
 from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, snapshot
 
 log = Logger()
@@ -45,42 +44,46 @@ class Authorize(PageResource):
     def render_POST(self, request: Request) -> int:
         return self._answer(request, self._post)
 
-    def _binding(self, request: Request, user_id: int | None) -> str:
-        return f"{user_id or ''}|{urlsplit(request.uri).query.decode('latin-1')}"
+    def _binding(self, request: Request, session_id: str | None) -> str:
+        """What a form of this page is for: this very request, by this session (none to sign in)."""
+        return f"{session_id or ''}|{urlsplit(request.uri).query.decode('latin-1')}"
 
     def _get(self, request: Request) -> defer.Deferred[Reply]:
         req = snapshot(request, self._issuer)
-        user_id = self._sessions.user_id(request)
-        d = self._pool.run(self._server.authorize, req, user_id, None)
-        return d.addCallback(self._render, request, user_id)
+        session_id = self._sessions.session_id(request)
+        d = self._pool.run(self._decide, req, session_id, None)
+        return d.addCallback(self._render, request, session_id)
 
     def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
         req = snapshot(request, self._issuer)
         form = req.form
-        user_id = self._sessions.user_id(request) if form.get("step") == "consent" else None
-        if not self._sessions.csrf_ok(request, form, self._binding(request, user_id)):
+        session_id = self._sessions.session_id(request) if form.get("step") == "consent" else None
+        if not self._sessions.csrf_ok(request, form, self._binding(request, session_id)):
             return self.pages.form_expired()
         if form.get("step") == "consent":
             decision = form.get("decision")
             if decision not in ("approve", "deny"):
                 raise BadRequest("decision must be approve or deny")
-            d = self._pool.run(self._server.authorize, req, user_id, decision)
-            return d.addCallback(self._render, request, user_id)
-        logged_in = self._login(request, form).addCallback(lambda user: self._pool.run(self._after_login, req, user))
-        return logged_in.addCallback(self._logged_in, request)
+            d = self._pool.run(self._decide, req, session_id, decision)
+            return d.addCallback(self._render, request, session_id)
+        signed_in = self._login(request, form)
+        after = signed_in.addCallback(lambda new: self._pool.run(self._after_login, req, new))
+        return after.addCallback(lambda outcome_and_session: self._render(outcome_and_session[0], request,
+                                                                          outcome_and_session[1]))
 
-    def _after_login(self, req: HttpRequest, user: User | None) -> tuple[User | None, AuthorizeOutcome]:
-        """In the pool: go on as a fresh request from the user who logged in, if one did."""
-        outcome = self._server.authorize(req, user.id if user else None, None)
-        if user is None and isinstance(outcome, AskLogin):
+    def _decide(self, req: HttpRequest, session_id: str | None, decision: str | None) -> AuthorizeOutcome:
+        """In the pool: the session's user, if it is live, and what the request gets."""
+        user = self._pool.store.session_user(session_id) if session_id else None
+        return self._server.authorize(req, user.id if user else None, decision)
+
+    def _after_login(self, req: HttpRequest, signed_in: SignedIn | None) -> tuple[AuthorizeOutcome, str | None]:
+        """In the pool: go on as a fresh request from the user who signed in, if one did."""
+        outcome = self._server.authorize(req, signed_in.user.id if signed_in else None, None)
+        if signed_in is None and isinstance(outcome, AskLogin):
             outcome = AskLogin(outcome.client_name, failed=True)
-        return user, outcome
+        return outcome, signed_in.session_id if signed_in else None
 
-    def _logged_in(self, result: tuple[User | None, AuthorizeOutcome], request: Request) -> Reply:
-        user, outcome = result
-        return self._render(outcome, request, user.id if user else None)
-
-    def _render(self, outcome: AuthorizeOutcome, request: Request, user_id: int | None) -> Reply:
+    def _render(self, outcome: AuthorizeOutcome, request: Request, session_id: str | None) -> Reply:
         self._metrics.authorizations.labels(type(outcome).__name__.lower()).inc()
         action = request.uri.decode("latin-1")
         match outcome:
@@ -97,7 +100,7 @@ class Authorize(PageResource):
                 return self.pages.render(401 if failed else 200, "login.html", client_name=client_name,
                                           failed=failed, action=action, csrf=csrf)
             case AskConsent(client_name, user, scopes):
-                csrf = self._sessions.csrf_token(request, self._binding(request, user.id))
+                csrf = self._sessions.csrf_token(request, self._binding(request, session_id))
                 return self.pages.render(200, "consent.html", client_name=client_name, username=user.username,
                                           scopes=scopes, action=action, csrf=csrf)
         raise TypeError(outcome)
@@ -118,9 +121,8 @@ class Logout(PageResource):
     def render_POST(self, request: Request) -> int:
         return self._answer(request, self._post)
 
-    def _post(self, request: Request) -> Reply:
+    def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
         form = snapshot(request, self._issuer).form
         if not self._sessions.csrf_ok(request, form, "logout"):
             return self.pages.form_expired()
-        self._sessions.end(request)
-        return self.pages.render(200, "logout.html", done=True)
+        return self._sessions.end(request).addCallback(lambda _: self.pages.render(200, "logout.html", done=True))

@@ -13,6 +13,7 @@ from twisted.web.server import Request
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth import device
 from bearerbridge.oauth.server import BridgeServer
+from bearerbridge.storage.models import User
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.uris import is_loopback_address
 from bearerbridge.web.sessions import PasswordLogin, Sessions
@@ -80,11 +81,10 @@ class DevicePage(PageResource):
     def _typed_code(self, request: Request) -> str:
         return parse_query(urlsplit(request.uri).query).get("user_code", [""])[0]
 
-    def _get(self, request: Request) -> Reply:
-        user_id = self._sessions.user_id(request)
-        if user_id is None:
-            return self._login_page(request, failed=False)
-        return self._code_page(request, user_id, self._typed_code(request))
+    def _get(self, request: Request) -> defer.Deferred[Reply]:
+        return self._sessions.user(request).addCallback(
+            lambda user: self._code_page(request, user.id, self._typed_code(request)) if user
+            else self._login_page(request, failed=False))
 
     def _login_page(self, request: Request, failed: bool) -> Reply:
         csrf = self._sessions.csrf_token(request, f"device-login|{request.uri.decode('latin-1')}")
@@ -98,15 +98,20 @@ class DevicePage(PageResource):
 
     def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
         form = snapshot(request, self._issuer).form
-        step, user_id = form.get("step"), self._sessions.user_id(request)
-        if step == "login":
+        if form.get("step") == "login":
             if not self._sessions.csrf_ok(request, form, f"device-login|{request.uri.decode('latin-1')}"):
                 return self.pages.form_expired()
             return self._login(request, form).addCallback(
-                lambda user: self._code_page(request, user.id, self._typed_code(request)) if user
+                lambda signed_in: self._code_page(request, signed_in.user.id, self._typed_code(request)) if signed_in
                 else self._login_page(request, failed=True))
-        if user_id is None:
+        return self._sessions.user(request).addCallback(self._post_signed_in, request, form)
+
+    def _post_signed_in(self, user: User | None, request: Request, form: dict[str, str]
+                        ) -> Reply | defer.Deferred[Reply]:
+        """The code form and the consent form, for the user whose session is live."""
+        if user is None:
             return self._login_page(request, failed=False)
+        step, user_id = form.get("step"), user.id
         if step == "code" and self._sessions.csrf_ok(request, form, f"device|{user_id}"):
             return self._check_code(request, user_id, form.get("user_code", ""))
         user_code = device.normalize_user_code(self._typed_code(request))

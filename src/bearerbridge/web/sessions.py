@@ -1,9 +1,11 @@
 """Who the browser is: the login session cookie, CSRF tokens for forms, and the password login.
 
-Sessions are signed cookies holding the user's id (`crypto.Keyring.sign`), valid for
-`[server] session_ttl` seconds. Every form carries a CSRF token bound to this browser (a
-random cookie) and to what the form is for (`binding`: the very request, the step, the user),
-so a token taken from one form is refused by any other.
+A session is a row in the store (`SqlStore.start_session`) for `[server] session_ttl` seconds;
+the cookie holds its id, 256 random bits of which only the digest is kept. Logout, a password
+change and a disabled user end sessions at the server, so a copied cookie dies with them.
+Every form carries a CSRF token bound to this browser (a random cookie) and to what the form is
+for (`binding`: the very request, the step, the session), so a token taken from one form is
+refused by any other.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import json
 import re
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.web.server import Request
 
-from bearerbridge.crypto import Keyring, verify_login
+from bearerbridge.crypto import verify_login
 from bearerbridge.metrics import Metrics
 from bearerbridge.storage.models import User
 from bearerbridge.storage.pool import StorePool
@@ -26,14 +29,24 @@ CSRF_COOKIE = b"bb_csrf"
 CSRF_TTL = 900
 BROWSER_ID_BYTES = 16
 _BROWSER_ID = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(BROWSER_ID_BYTES)
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")  # crypto.new_secret()
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    """A user who has just signed in, and the session started for them."""
+
+    user: User
+    session_id: str
 
 
 class Sessions:
     """Cookies: the login session and the browser's CSRF secret. `HttpOnly`, `SameSite=Lax`,
     and `Secure` when the issuer is https."""
 
-    def __init__(self, keyring: Keyring, session_ttl: int, secure: bool) -> None:
-        self._keyring = keyring
+    def __init__(self, pool: StorePool, session_ttl: int, secure: bool) -> None:
+        self._pool = pool
+        self._keyring = pool.store.keyring
         self._session_ttl = session_ttl
         self._secure = secure
 
@@ -41,17 +54,30 @@ class Sessions:
         request.addCookie(name, value.encode(), path=b"/", httpOnly=True, sameSite=b"lax", secure=self._secure,
                           max_age=None if max_age is None else str(max_age).encode())
 
-    def user_id(self, request: Request) -> int | None:
-        """The signed-in user's id, if the session cookie is good and young enough."""
-        value = request.getCookie(SESSION_COOKIE)
-        payload = value and self._keyring.unsign("session", value.decode("latin-1"), self._session_ttl)
-        return int(payload) if payload and payload.isdigit() else None
+    def session_id(self, request: Request) -> str | None:
+        """The id in the session cookie, if it has the form of one (whether it is live, the store says)."""
+        value = (request.getCookie(SESSION_COOKIE) or b"").decode("latin-1")
+        return value if _SESSION_ID.fullmatch(value) else None
 
-    def start(self, request: Request, user_id: int) -> None:
-        self._set_cookie(request, SESSION_COOKIE, self._keyring.sign("session", str(user_id)), self._session_ttl)
+    def user(self, request: Request) -> defer.Deferred[User | None]:
+        """The signed-in user, if the browser's session is live."""
+        session_id = self.session_id(request)
+        if session_id is None:
+            return defer.succeed(None)
+        return self._pool.run(self._pool.store.session_user, session_id)
 
-    def end(self, request: Request) -> None:
+    def start(self, request: Request, user: User) -> defer.Deferred[SignedIn]:
+        """Start a session of `user` and give this browser its cookie."""
+        def started(session_id: str) -> SignedIn:
+            self._set_cookie(request, SESSION_COOKIE, session_id, self._session_ttl)
+            return SignedIn(user, session_id)
+        return self._pool.run(self._pool.store.start_session, user.id, self._session_ttl).addCallback(started)
+
+    def end(self, request: Request) -> defer.Deferred[None]:
+        """End this browser's session at the server, and forget the cookie."""
         self._set_cookie(request, SESSION_COOKIE, "", 0)
+        session_id = self.session_id(request)
+        return defer.succeed(None) if session_id is None else self._pool.run(self._pool.store.end_session, session_id)
 
     def csrf_token(self, request: Request, binding: str) -> str:
         """A form token bound to this browser (a cookie, set now if missing or not one we would
@@ -92,18 +118,14 @@ class PasswordLogin:
         self._sessions = sessions
         self._metrics = metrics
 
-    def __call__(self, request: Request, form: Mapping[str, str]) -> defer.Deferred[User | None]:
-        """Check a login form's username and password; on success start a session.
+    def __call__(self, request: Request, form: Mapping[str, str]) -> defer.Deferred[SignedIn | None]:
+        """Check a login form's username and password; on success start a session."""
+        return defer.Deferred.fromCoroutine(self._check(request, form))
 
-        Three steps: read the password hash (pool), verify it (argon2id, slow on purpose:
-        away from the store's threads), and fire with the User or None."""
-        found = self._pool.run(self._pool.store.password_hash, form.get("username", ""))
-        verified = found.addCallback(lambda user_and_hash: self._pool.run_apart(verify_login, user_and_hash,
-                                                                                form.get("password", "")))
-
-        def started(user: User | None) -> User | None:
-            self._metrics.logins.labels("ok" if user else "failed").inc()
-            if user is not None:
-                self._sessions.start(request, user.id)
-            return user
-        return verified.addCallback(started)
+    async def _check(self, request: Request, form: Mapping[str, str]) -> SignedIn | None:
+        """Read the password hash (pool), verify it (argon2id, slow on purpose: away from the
+        store's threads), and start a session (pool)."""
+        user_and_hash = await self._pool.run(self._pool.store.password_hash, form.get("username", ""))
+        user = await self._pool.run_apart(verify_login, user_and_hash, form.get("password", ""))
+        self._metrics.logins.labels("ok" if user else "failed").inc()
+        return None if user is None else await self._sessions.start(request, user)

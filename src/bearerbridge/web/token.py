@@ -9,12 +9,12 @@ and over, and a token read lately needs no trip to the pool.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet import defer
 from twisted.web.server import Request
 
+from bearerbridge.config import SaslSettings
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth.endpoints import introspect_remembered
 from bearerbridge.oauth.grants import GRANT_TYPES
@@ -87,16 +87,16 @@ class IntrospectionResource(EndpointResource):
     """/introspect (RFC 7662): a client and token read lately are answered from memory."""
 
     def __init__(self, issuer: str, pool: StorePool, server: BridgeServer, recent: RecentReads,
-                 services: Mapping[str, str], metrics: Metrics) -> None:
+                 settings: SaslSettings, metrics: Metrics) -> None:
         super().__init__(issuer, pool, server, "introspection")
         self._recent = recent
         self._digest = pool.store.keyring.digest
-        self._services = services
+        self._settings = settings
         self._metrics = metrics
 
     def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
         req = snapshot(request, self._issuer)
-        remembered = introspect_remembered(req, self._recent, self._digest, self._services)
+        remembered = introspect_remembered(req, self._recent, self._digest, self._settings)
         if remembered is not None:
             return self._reply((200, remembered, []))
         return self._in_pool(req)
