@@ -63,6 +63,8 @@ class TokenSettings:
     refresh_ttl: int = 30 * 24 * 3600
     code_ttl: int = 600
     device_ttl: int = 900
+    # Device codes a client may have waiting for their users at once (RFC 8628 §5.2: each is a row).
+    device_codes_per_client: int = 100
 
 
 # How the identity a SASL client names (OAUTHBEARER authzid, XOAUTH2 user, PLAIN authcid)

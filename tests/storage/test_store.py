@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -251,3 +253,48 @@ def test_a_refresh_token_keeps_its_own_scope_when_the_access_token_has_less(stor
         assert store.find_refresh_token("r1").scope == "imap smtp"
         store.save_token("a2", "r2", "app", alice.id, "imap", 3600, 86400, refresh_scope="imap")
         assert store.find_refresh_token("r2").scope == "imap"
+
+
+def test_a_refresh_racing_a_revocation_leaves_no_token_of_the_family_alive(store, engine):
+    """A refresh rotates the token and saves its successor while, on another connection, the
+    family is revoked: the successor is revoked too, in either order. (On SQLite, writers take
+    turns; on PostgreSQL the revocation waits for the refresh's row lock.)"""
+    with store.transaction():
+        alice = store.add_user("alice", None, None)
+        make_client(store)
+        store.save_token("a1", "r1", "app", alice.id, "imap", 3600, 86400)
+        old = store.find_refresh_token("r1")
+    refreshed, revoking_started = threading.Event(), threading.Event()
+
+    def refresh() -> None:
+        with store.transaction():
+            assert store.mark_rotated(old.id)
+            refreshed.set()
+            revoking_started.wait(5)
+            time.sleep(0.3)  # the revocation is now waiting on the row (PostgreSQL) or the file (SQLite)
+            store.save_token("a2", "r2", "app", alice.id, "imap", 3600, 86400, family=old.family)
+
+    def revoke() -> None:
+        refreshed.wait(5)
+        other = SqlStore(engine, Keyring(b"k" * 32), RecentReads(1.0))  # another process's store
+        revoking_started.set()
+        with other.transaction():
+            other.revoke_family(old.family)
+
+    threads = [threading.Thread(target=refresh), threading.Thread(target=revoke)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    with store.transaction():
+        assert store.find_access_token("a2").revoked and store.find_access_token("a1").revoked
+
+
+def test_a_revoked_token_cannot_be_rotated(store):
+    with store.transaction():
+        alice = store.add_user("alice", None, None)
+        make_client(store)
+        store.save_token("a1", "r1", "app", alice.id, "imap", 3600, 86400)
+        token = store.find_refresh_token("r1")
+        store.revoke_family(token.family)
+        assert not store.mark_rotated(token.id)

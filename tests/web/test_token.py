@@ -8,6 +8,7 @@ from memory (RFC 7662), and revocation (RFC 7009).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
+from bearerbridge.config import Config
 from bearerbridge.storage.models import Client
 
 from ..fakes import Answer, Bridge, cheap_password_hash, login_and_consent, redirect_params, sqlite_store
@@ -568,3 +570,36 @@ def test_a_token_naming_no_user_is_not_active_for_a_users_service(bridge):
         bridge.store.set_resource_server("prometheus", True)
     assert introspect(bridge, machine, app=PROMETHEUS)["active"] is True  # no service named: the token is good
     assert introspect(bridge, machine, app=RS, service="imap") == {"active": False}  # judge_token: no_user
+
+
+# -- item 18: parameters given twice, and device codes without end ---------------------------------------
+
+def test_a_parameter_given_twice_is_refused_at_every_token_endpoint(bridge):
+    tokens = granted(bridge)
+    introspect(bridge, tokens["access_token"])  # remembered now: memory must refuse it too
+    for path, data in (("/token", [("grant_type", "client_credentials"), ("scope", "metrics"), ("scope", "x")]),
+                       ("/introspect", [("token", tokens["access_token"]), ("token", "other")]),
+                       ("/revoke", [("token", tokens["access_token"]), ("token", tokens["refresh_token"])])):
+        app = PROMETHEUS if path == "/token" else RS
+        answer = bridge.browser().post(path, data=data, auth=(app.client_id, app.secret))
+        assert error_of(answer) == "invalid_request", path
+        assert "given more than once" in json.loads(answer.body)["error_description"], path
+    assert introspect(bridge, tokens["access_token"])["active"] is True  # nothing was revoked
+
+
+def test_a_client_may_have_only_so_many_device_codes_waiting(tmp_path):
+    config = Config()
+    config = dataclasses.replace(config, tokens=dataclasses.replace(config.tokens, device_codes_per_client=2))
+    store = sqlite_store(tmp_path / "d.db")
+    with store.transaction():
+        store.add_client(Client("tv", "TV", (), "imap", (DEVICE_GRANT,), True), None)
+        store.add_client(Client("radio", "Radio", (), "imap", (DEVICE_GRANT,), True), None)
+    bridge = Bridge.over(store, config)
+    ask = lambda client_id: bridge.browser().post("/device_authorization", data={"client_id": client_id})  # noqa: E731
+    assert [ask("tv").code for _ in range(2)] == [200, 200]
+    refused = ask("tv")
+    assert error_of(refused, 429) == "slow_down"
+    assert ask("radio").code == 200  # another client is not held up
+    with store.transaction():
+        assert store.waiting_device_codes("tv") == 2
+    store.engine.dispose()

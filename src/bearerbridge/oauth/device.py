@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from authlib.oauth2.rfc6749 import InvalidGrantError, InvalidScopeError, UnauthorizedClientError
+from authlib.oauth2.rfc6749 import InvalidGrantError, InvalidScopeError, OAuth2Error, UnauthorizedClientError
 from authlib.oauth2.rfc8628 import DeviceAuthorizationEndpoint, DeviceCodeGrant
 
 from bearerbridge.oauth.scopes import refuse_operator_scopes
@@ -35,6 +35,15 @@ def normalize_user_code(typed: str) -> str | None:
     return "".join(letters[:4]) + "-" + "".join(letters[4:])
 
 
+class TooManyDeviceCodes(OAuth2Error):
+    """A client with `[tokens] device_codes_per_client` codes waiting already: a public client
+    could otherwise fill the table as fast as it can post."""
+
+    error = "slow_down"
+    status_code = 429
+    description = "Too many device codes are waiting for their users; try again later"
+
+
 class DeviceEndpoint(DeviceAuthorizationEndpoint):
     """POST /device_authorization (RFC 8628 §3.1)."""
 
@@ -51,6 +60,8 @@ class DeviceEndpoint(DeviceAuthorizationEndpoint):
         if allowed is None:
             raise InvalidScopeError()
         refuse_operator_scopes(allowed, self.server.config.server.operator_scopes)
+        if self.server.store.waiting_device_codes(client_id) >= self.server.config.tokens.device_codes_per_client:
+            raise TooManyDeviceCodes()
         self.server.store.save_device_code(data["device_code"], data["user_code"], client_id, allowed,
                                            int(time.time()) + self.EXPIRES_IN, self.INTERVAL)
 

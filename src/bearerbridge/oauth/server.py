@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2 import AuthorizationServer
-from authlib.oauth2.rfc6749 import OAuth2Error, OAuth2Request
+from authlib.oauth2.rfc6749 import InvalidRequestError, OAuth2Error, OAuth2Request
 from authlib.oauth2.rfc6750 import BearerTokenGenerator
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 
@@ -116,13 +116,22 @@ class BridgeServer(AuthorizationServer):
     def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
         """authlib's signals; we count outcomes in the web layer instead."""
 
-    # authlib's entry points, answering input it cannot describe (see MalformedRequest)
+    # authlib's entry points, refusing a parameter given twice, and answering input authlib
+    # cannot describe (see MalformedRequest)
 
     def create_token_response(self, request: HttpRequest) -> tuple[int, Any, Any]:
-        return self._describable(request, super().create_token_response, request)
+        return self._once_each(request) or self._describable(request, super().create_token_response, request)
 
     def create_endpoint_response(self, name: str, request: HttpRequest) -> tuple[int, Any, Any]:
-        return self._describable(request, super().create_endpoint_response, name, request)
+        return self._once_each(request) or self._describable(
+            request, super().create_endpoint_response, name, request)
+
+    def _once_each(self, request: HttpRequest) -> tuple[int, Any, Any] | None:
+        """RFC 6749 §3.1, §3.2: no parameter may be given more than once (which would a server read?)."""
+        repeated = sorted(name for name, values in request.payload.datalist.items() if len(values) > 1)
+        if not repeated:
+            return None
+        return self.handle_error_response(request, InvalidRequestError(f"{repeated[0]} is given more than once"))
 
     def authenticate_client(self, request: HttpRequest, methods: list[str], endpoint: str = "token") -> Client:
         return self._describable(request, super().authenticate_client, request, methods, endpoint)

@@ -96,8 +96,11 @@ USE_CODE = (auth_codes.update().where(auth_codes.c.code_digest == sa.bindparam("
                                        auth_codes.c.used.is_(False)).values(used=True))
 INSERT_CODE = auth_codes.insert()
 INSERT_TOKEN = tokens.insert()
-MARK_ROTATED = (tokens.update().where(tokens.c.id == sa.bindparam("token_id"), tokens.c.rotated.is_(False))
-                 .values(rotated=True))
+# Never a revoked token: a revocation that committed since the token was read wins (on PostgreSQL,
+# an UPDATE re-checks its WHERE on the newest version of a row it waited for).
+MARK_ROTATED = (tokens.update().where(tokens.c.id == sa.bindparam("token_id"), tokens.c.rotated.is_(False),
+                                      tokens.c.revoked.is_(False))
+                .values(rotated=True))
 TOKEN_QUERY = (
     sa.select(tokens, users.c.username, users.c.email,
               sa.func.coalesce(users.c.disabled, False).label("user_disabled"))

@@ -328,8 +328,11 @@ class SqlStore:
 
     def _revoke(self, condition: sa.ColumnElement[bool]) -> int:
         self._invalidates()
-        return self._db.execute(tokens.update().where(condition, tokens.c.revoked.is_(False))
-                                .values(revoked=True)).rowcount
+        revoke = tokens.update().where(condition, tokens.c.revoked.is_(False)).values(revoked=True)
+        # Twice: on PostgreSQL each statement reads the rows committed when it starts. A refresh that
+        # had rotated a token of this family when the first pass came to it held the row; the first
+        # pass waited for it, and the new token the refresh then committed is seen by the second.
+        return self._db.execute(revoke).rowcount + self._db.execute(revoke).rowcount
 
     def revoke_token(self, token_id: int) -> int:
         return self._revoke(tokens.c.id == token_id)
@@ -396,6 +399,12 @@ class SqlStore:
     def _device(self, condition: sa.ColumnElement[bool]) -> DeviceCode | None:
         row = self._db.execute(device_codes.select().where(condition)).first()
         return None if row is None else DeviceCode(**row._mapping)
+
+    def waiting_device_codes(self, client_id: str) -> int:
+        """How many of a client's device codes are unexpired and not yet answered by a user."""
+        return self._db.execute(sa.select(sa.func.count()).select_from(device_codes).where(
+            device_codes.c.client_id == client_id, device_codes.c.expires_at > _now(),
+            device_codes.c.approved.is_(None))).scalar_one()
 
     def find_device_code(self, device_code: str) -> DeviceCode | None:
         return self._device(device_codes.c.device_digest == self.keyring.digest(device_code))
