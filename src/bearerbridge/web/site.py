@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -31,6 +34,13 @@ T = TypeVar("T")
 
 MAX_BODY = 64 * 1024
 MAX_FIELDS = 64
+# Seconds from a request's first byte to the end of its head (request line and headers, at most
+# Twisted's 16 KiB), and from there to the end of its body (at most MAX_BODY). Twisted's own idle
+# timeout (60 s) restarts with every byte, so a client sending one byte a minute held a
+# connection for ever; these do not restart. They leave room for a slow link: 64 KiB in 20 s
+# needs 26 kbit/s.
+HEAD_DEADLINE = 10.0
+BODY_DEADLINE = 20.0
 SECURITY_HEADERS = {
     b"X-Frame-Options": b"DENY",
     b"Content-Security-Policy": b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -237,15 +247,106 @@ class SecuredRoot(Resource):
         return super().render(request)
 
 
+class BridgeChannel(http.HTTPChannel):
+    """Twisted's HTTP/1.1 channel, with bounds on reading a request: its head must arrive within
+    HEAD_DEADLINE seconds of its first byte and its body within BODY_DEADLINE of its head (else
+    408), and a body longer than MAX_BODY is refused with 413 as soon as the Content-Length says
+    so or the chunks add up to it, without reading the rest. Either way the connection closes."""
+
+    refused = False
+    _deadline: IDelayedCall | None = None
+    _busy = False  # a request read in full and not answered yet: what follows is only buffered
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:  # bytes already on their way (decrypted by TLS, say) when we closed
+            return
+        if self._deadline is None and not self._busy:
+            self._deadline = self.callLater(HEAD_DEADLINE, self._late)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_deadline()
+        if self.length is not None and self.length > MAX_BODY:  # None: chunked, counted as it comes
+            self.refuse(413, f"The request body is larger than {MAX_BODY} bytes")
+            return  # before Twisted would answer `Expect: 100-continue`
+        if self.length != 0:
+            self._deadline = self.callLater(BODY_DEADLINE, self._late)
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if self.refused:  # the chunked decoder may still reach the end of what it was handed
+            return
+        self._cancel_deadline()
+        self._busy = True
+        super().allContentReceived()
+
+    def requestDone(self, request: http.Request) -> None:
+        self._busy = False  # before Twisted replays what was buffered meanwhile
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def refuse(self, status: int, description: str) -> None:
+        """Answer `status` with a JSON error at once, read nothing more, and close."""
+        if self.refused:
+            return
+        self.refused = True
+        self._cancel_deadline()
+        body = json.dumps({"error": "invalid_request", "error_description": description}).encode()
+        headers = {**SECURITY_HEADERS, **JSON_HEADERS, b"Content-Length": b"%d" % len(body), b"Connection": b"close"}
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 %d %s\r\n" % (status, http.RESPONSES[status])
+                             + b"".join(b"%s: %s\r\n" % header for header in headers.items()) + b"\r\n" + body)
+        # Twisted's idle timeout still runs (nothing resets it now) and then aborts a peer that
+        # does not even read the answer.
+        self.loseConnection()
+
+    def _late(self) -> None:
+        self._deadline = None
+        self.refuse(408, "The request was not received in time")
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+
+class BridgeRequest(Request):
+    """A Request whose body is kept in memory: its channel never lets one past MAX_BODY."""
+
+    def gotLength(self, length: int | None) -> None:
+        # Twisted's own would spool a chunked body, or one over 100 kB, to a file in /tmp.
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        assert self.content is not None
+        if self.content.tell() + len(data) <= MAX_BODY:
+            self.content.write(data)
+        elif isinstance(self.channel, BridgeChannel):
+            self.channel.refuse(413, f"The request body is larger than {MAX_BODY} bytes")
+        else:  # not a channel of ours (HTTP/2 is not offered): close without an answer
+            self.loseConnection()
+
+
+def _bridge_channel(site: http.HTTPFactory) -> http._GenericHTTPChannelProtocol:
+    """`BridgeSite.protocol`: what `HTTPFactory.protocol` builds, around a BridgeChannel."""
+    return http._GenericHTTPChannelProtocol(BridgeChannel())
+
+
 class BridgeSite(Site):
     """The Site for every [http] listener. Twisted's own form parsing is off (`snapshot` parses
-    what it needs, and Twisted's Content-Type parsing costs more than a database lookup), and
-    the access log is written only to the file `[http] access_log` names."""
+    what it needs, and Twisted's Content-Type parsing costs more than a database lookup), the
+    access log is written only to the file `[http] access_log` names, and requests are read by a
+    BridgeChannel into a BridgeRequest, whose bounds keep one client from holding the server."""
 
     displayTracebacks = False
+    protocol = _bridge_channel
 
-    def __init__(self, resource: Resource, access_log: str = "") -> None:
-        super().__init__(resource, logPath=access_log or None, parsePOSTFormSubmission=False)
+    def __init__(self, resource: Resource, access_log: str = "", reactor: IReactorTime | None = None) -> None:
+        super().__init__(resource, BridgeRequest, logPath=access_log or None, parsePOSTFormSubmission=False,
+                         reactor=reactor)
         self._access_log = bool(access_log)
 
     def log(self, request: http.Request) -> None:
