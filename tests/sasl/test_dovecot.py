@@ -20,7 +20,9 @@ from twisted.logger import capturedLogs, formatEvent
 from zope.interface import implementer
 
 from bearerbridge.sasl.dovecot import (
+    HANDSHAKE_TIMEOUT,
     MAX_LINE,
+    MAX_PROTOCOL_ERRORS,
     MAX_REQUESTS,
     AuthRequest,
     Cancel,
@@ -32,6 +34,7 @@ from bearerbridge.sasl.dovecot import (
     DovecotAuthFactory,
     DovecotAuthProtocol,
     DovecotProtocolError,
+    Output,
     Version,
     format_cont,
     format_fail,
@@ -225,7 +228,7 @@ def test_connection_drops_verdict_for_a_replaced_request():
     connection.receive(Cancel("1"))
     second = connection.line_received(b"AUTH\t1\tPLAIN\tservice=smtp\tresp=" + b64(PLAIN).encode())
     stale = connection.verdict(first.validations[0], OK)
-    assert stale.lines == [] and stale.problems
+    assert stale == Output()  # nothing to write, and nothing wrong: a cancelled request is no problem
     assert connection.verdict(second.validations[0], OK).lines == [b"OK\t1\tuser=alice\n"]
 
 
@@ -576,6 +579,86 @@ def test_bad_handshake_drops_the_connection(lines):
     with capturedLogs():
         assert peer.send(*lines, auth("2", "PLAIN", PLAIN)) == b""
     assert peer.transport.disconnecting
+
+
+def test_a_client_that_never_greets_is_dropped_after_the_handshake_timeout():
+    peer = Peer(always(OK), handshake_done=False)
+    peer.clock.advance(HANDSHAKE_TIMEOUT / 2)
+    peer.protocol.dataReceived(b"VERS")  # bytes, but no VERSION: the deadline is not idle time
+    peer.clock.advance(HANDSHAKE_TIMEOUT / 2 - 0.01)
+    assert not peer.transport.disconnecting
+    peer.clock.advance(0.02)
+    assert peer.transport.disconnecting
+
+
+@pytest.mark.parametrize("greeting", [
+    b"VERSION\t1\t0\nCPID\t1\n",  # Postfix
+    b"VERSION\t1\t1\nCPID\t1\n",  # Prosody
+    b"VERSION\t1\t0\nCPID\t1\n" + auth("1", "PLAIN", PLAIN) + b"\n",  # Exim, all in one write
+])
+def test_a_client_that_greeted_is_never_dropped_for_being_idle(greeting):
+    """Postfix keeps a connection per smtpd process and Prosody one for its whole life."""
+    peer = Peer(always(OK), handshake_done=False)
+    peer.clock.advance(HANDSHAKE_TIMEOUT - 1)
+    peer.protocol.dataReceived(greeting)
+    peer.take()
+    peer.clock.advance(7 * 24 * 3600)
+    assert not peer.transport.disconnecting
+    assert peer.send(auth("2", "PLAIN", PLAIN)) == b"OK\t2\tuser=alice\n"
+
+
+def test_a_closed_connection_leaves_no_deadline_behind():
+    peer = Peer(always(OK), handshake_done=False)
+    peer.protocol.connectionLost()
+    assert peer.clock.getDelayedCalls() == []
+
+
+def test_protocol_errors_are_logged_once_counted_and_close_the_connection_at_the_bound():
+    peer = Peer(always(OK))
+    with capturedLogs() as events:
+        assert peer.send(*[b""] * (MAX_PROTOCOL_ERRORS - 1)) == b""
+        assert not peer.transport.disconnecting
+        assert len(events) == 1  # the first, with its reason
+        assert "ignored line: unknown or malformed command" in formatEvent(events[0])
+        peer.send(b"HELLO")
+        assert peer.transport.disconnecting
+        peer.protocol.connectionLost()
+    assert len(events) == 2  # and one summary
+    assert f"{MAX_PROTOCOL_ERRORS} protocol errors" in formatEvent(events[1])
+
+
+def test_a_flood_of_empty_lines_writes_two_log_lines_and_is_read_no_further():
+    """200 KB of empty lines once wrote 23 MB of warnings and stalled other clients for seconds."""
+    peer = Peer(always(OK))
+    with capturedLogs() as events:
+        peer.protocol.dataReceived(b"\n" * 200_000)
+        peer.protocol.connectionLost()
+    assert peer.transport.disconnecting and len(events) == 2
+    assert peer.protocol._connection.protocol_errors == MAX_PROTOCOL_ERRORS
+
+
+def test_requests_no_peer_would_make_are_failed_and_count_as_protocol_errors():
+    peer = Peer(always(OK))
+    with capturedLogs() as events:
+        written = peer.send(*[f"CONT\t{n}\tAQ==".encode() for n in range(MAX_PROTOCOL_ERRORS + 5)])
+    # each one answered (a decision, logged and counted), and none after the bound
+    assert written == b"".join(b"FAIL\t%d\treason=unknown request id\n" % n for n in range(MAX_PROTOCOL_ERRORS))
+    assert len(peer.decisions) == MAX_PROTOCOL_ERRORS and peer.transport.disconnecting
+    assert len(events) == 1
+
+
+def test_a_few_protocol_errors_leave_the_connection_open_and_log_no_summary():
+    peer = Peer(always(OK))
+    with capturedLogs() as events:
+        peer.send(b"", auth("1", "SCRAM-SHA-1", None))
+        assert peer.send(auth("2", "PLAIN", PLAIN)) == b"OK\t2\tuser=alice\n"
+        peer.protocol.connectionLost()
+    assert len(events) == 2 and "2 protocol errors" in formatEvent(events[1])
+    peer = Peer(always(OK))
+    with capturedLogs() as events:
+        peer.send(b"")
+        peer.protocol.connectionLost()
+    assert len(events) == 1
 
 
 def test_decisions_are_logged_without_the_token():

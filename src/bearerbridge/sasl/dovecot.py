@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, IT
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure as TwistedFailure
 
 from bearerbridge.sasl.mechanisms import (
@@ -50,6 +51,18 @@ from bearerbridge.sasl.verdict import Reason, Validate, Verdict
 
 MAX_LINE = 16384
 MAX_REQUESTS = 256
+# A real peer never breaks the protocol: the errors it could make (a line we cannot parse, an
+# unknown or repeated id, a mechanism we did not offer) are bugs. The first is logged, the rest
+# only counted (each once cost a log line: 200 KB of empty lines wrote 23 MB), and this many
+# close the connection. Not 1, so that one odd line does not cut Prosody's lifelong connection.
+MAX_PROTOCOL_ERRORS = 10
+# Postfix, Exim and Prosody send VERSION at once on connecting (Exim before it even reads ours),
+# so a connection silent this long is no peer, only a descriptor held. Seconds rather than
+# milliseconds, so that a reactor busy for a moment does not drop real peers. Nothing closes a
+# connection once it has greeted: Postfix keeps one per smtpd process and Prosody one for its
+# whole life, idle for as long as nobody logs in, and closing theirs would at best fail their
+# next login; the cap per peer address (tap.py) bounds those instead.
+HANDSHAKE_TIMEOUT = 10
 # Dovecot marks its OAUTHBEARER and XOAUTH2 "plaintext" too, since the token is
 # as good as a password. Keep them off unencrypted sessions with Postfix's
 # `smtpd_tls_auth_only = yes`: its `noplaintext` makes smtpd exit when no
@@ -287,6 +300,12 @@ class DovecotAuthConnection:
         # challenge crashes its session whatever service name it was configured with.
         self._prosody = False
         self._live: dict[str, _Live] = {}
+        self.protocol_errors = 0
+
+    @property
+    def greeted(self) -> bool:
+        """Whether the client has sent a VERSION we speak."""
+        return self._version_seen
 
     def line_received(self, line: bytes) -> Output:
         """Parse one line and act on it; protocol errors become replies here."""
@@ -295,7 +314,7 @@ class DovecotAuthConnection:
         except DovecotProtocolError as error:
             out = Output()
             if error.request_id is None or not self._version_seen:
-                out.problems.append(f"ignored line: {error}")
+                self._protocol_error(out, f"ignored line: {error}")
                 return self._handshake_check(out)
             # A broken line for a live request ends it: one reply per id.
             live = self._live.pop(error.request_id, None)
@@ -336,8 +355,7 @@ class DovecotAuthConnection:
         out = Output()
         live = self._live.get(validation.request.id)
         if live is None or live.pending is not validation:
-            out.problems.append(f"dropped answer for gone request {validation.request.id}")
-            return out
+            return out  # cancelled, replaced or its connection gone: nothing wrong, nobody to tell
         live.pending = None
         bearer = validation.bearer
         if verdict.accepted:
@@ -419,6 +437,16 @@ class DovecotAuthConnection:
         service = request.service if request else "-"
         out.decisions.append(Decision(request_id, mechanism, service, None, False, reason))
         out.lines.append(format_fail(request_id, reason))
+        self._protocol_error(out, reason)
+
+    def _protocol_error(self, out: Output, reason: str) -> None:
+        """Count an error no real peer makes: report the first, close at MAX_PROTOCOL_ERRORS."""
+        self.protocol_errors += 1
+        if self.protocol_errors == 1:
+            out.problems.append(f"{reason} (further protocol errors are only counted; "
+                                f"{MAX_PROTOCOL_ERRORS} close the connection)")
+        if self.protocol_errors >= MAX_PROTOCOL_ERRORS:
+            out.close = True
 
 
 log = Logger()
@@ -429,7 +457,9 @@ class DecisionLog:
     event each costs more than the check itself (bench/README.md). Lines are formatted at
     once and written as one event every `interval` seconds, or as soon as `max_lines`
     have gathered: writing costs about a microsecond a line, and the server answers no one
-    while it writes, so a batch must stay small."""
+    while it writes, so a batch must stay small. The price: a crash (kill -9) loses the batch
+    being gathered, at most `max_lines` - 1 decisions of the last `interval` seconds (README);
+    a normal stop writes it (DovecotAuthFactory.stopFactory)."""
 
     def __init__(self, clock: IReactorTime, interval: float = 0.25, max_lines: int = 200) -> None:
         self._clock = clock
@@ -461,12 +491,17 @@ def _ignore_decision(mechanism: str, service: str, ok: bool, reason: str) -> Non
     """The default ``on_decision``: no metrics."""
 
 
-class DovecotAuthProtocol(LineOnlyReceiver):
+def _peer_name(address: IAddress) -> str:
+    return address.host if isinstance(address, (IPv4Address, IPv6Address)) else "(UNIX socket)"
+
+
+class DovecotAuthProtocol(LineOnlyReceiver, TimeoutMixin):
     """One auth-client connection: writes the handshake, runs validations.
 
     A validation that takes longer than ``timeout`` seconds is answered as a
     temporary failure, because Postfix gives up after 10 s and Prosody blocks
-    while it waits.
+    while it waits. A client that has not sent VERSION within HANDSHAKE_TIMEOUT
+    seconds is disconnected; one that has, never for being idle.
     """
 
     delimiter = b"\n"
@@ -498,9 +533,16 @@ class DovecotAuthProtocol(LineOnlyReceiver):
         self._timeout = timeout
         self._decision_log = decision_log or DecisionLog(clock)
         self._replies: list[bytes] | None = None  # collected while dataReceived runs
+        self._peer = "?"
+
+    def callLater(self, period: float, func: Callable[[], None]) -> IDelayedCall:
+        """TimeoutMixin's clock: ours, not the global reactor."""
+        return self._clock.callLater(period, func)
 
     def connectionMade(self) -> None:
         transport = self.transport
+        self._peer = _peer_name(transport.getPeer())
+        self.setTimeout(HANDSHAKE_TIMEOUT)
         if ITCPTransport.providedBy(transport) and isinstance(transport.getHost(), (IPv4Address, IPv6Address)):
             # Without it, a reply written while the last one is still unacknowledged waits for
             # the peer's delayed ACK: 40 ms stalls whenever a client has two requests in flight.
@@ -518,20 +560,26 @@ class DovecotAuthProtocol(LineOnlyReceiver):
             LineOnlyReceiver.dataReceived(self, data)
         finally:
             self._flush()
+        if self.timeOut is not None and self._connection.greeted:  # once per read, not per line
+            self.setTimeout(None)  # the handshake deadline is met; no other applies
 
     def lineReceived(self, line: bytes) -> None:
         self._apply(self._connection.line_received(line))
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        log.warn("closing Dovecot auth connection: line longer than {max} bytes", max=MAX_LINE)
+        log.warn("Dovecot auth client {peer}: line longer than {max} bytes, closing", peer=self._peer, max=MAX_LINE)
         self._close()
 
     def connectionLost(self, reason: TwistedFailure = connectionDone) -> None:
+        self.setTimeout(None)
         self._connection.lost()
+        if (errors := self._connection.protocol_errors) > 1:  # the first was logged when it came
+            log.warn("Dovecot auth client {peer}: {errors} protocol errors in all on a connection now closed",
+                     peer=self._peer, errors=errors)
 
     def _apply(self, out: Output) -> None:
         for problem in out.problems:
-            log.warn("Dovecot auth client: {problem}", problem=problem)
+            log.warn("Dovecot auth client {peer}: {problem}", peer=self._peer, problem=problem)
         for d in out.decisions:
             self._decision_log.add(d)
             self._on_decision(d.mechanism, d.service, d.ok, d.reason)
