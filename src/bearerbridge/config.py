@@ -47,6 +47,8 @@ class HttpSettings:
     listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
     # A file for the access log (combined log format); none when empty.
     access_log: str = ""
+    # Connections open at once from one IP address (an IPv6 /64); a unix: listener has no cap.
+    max_connections_per_peer: int = 256
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ class SaslSettings:
         {"smtp": "smtp", "imap": "imap", "xmpp": "xmpp"}))
     # Service name = the form of user name reported to it (default: username).
     usernames: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
+    # Connections open at once from one IP address (an IPv6 /64); a unix: listener has no cap.
+    max_connections_per_peer: int = 256
 
     @property
     def offered(self) -> tuple[str, ...]:
