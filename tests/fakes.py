@@ -10,7 +10,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from argon2 import PasswordHasher
-from sqlalchemy.exc import OperationalError
 from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.web.resource import IResource
@@ -20,6 +19,7 @@ from bearerbridge.crypto import Keyring
 from bearerbridge.metrics import Metrics
 from bearerbridge.sasl.validator import Validator
 from bearerbridge.storage import migrations
+from bearerbridge.storage.pool import DatabaseUnavailable
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.store import SqlStore, make_engine
 
@@ -60,16 +60,22 @@ class SyncPool:
     def run_apart(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
         return defer.maybeDeferred(fn, *args)
 
+    def stalled(self) -> bool:
+        return False
+
 
 class DeadPool:
     """A StorePool whose database has gone away: the store is there (its keyring and memory of
-    recent reads too), but no call reaches it."""
+    recent reads too), but no call reaches it; each fails at once, as StorePool fails it."""
 
     def __init__(self, store: Any) -> None:
         self.store = store
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
-        return defer.fail(OperationalError("SELECT 1", {}, Exception("connection refused")))
+        return defer.fail(DatabaseUnavailable("the database failed: connection refused"))
+
+    def stalled(self) -> bool:
+        return False
 
     def run_apart(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
         return defer.maybeDeferred(fn, *args)

@@ -103,7 +103,8 @@ class Service:
 
     @classmethod
     def start(cls, directory: Path, *, url: str | None = None, listen: list[str] | None = None,
-              extra: str = "", database_url: str | None = None, verify: str | bool = True) -> Service:
+              extra: str = "", database_url: str | None = None, verify: str | bool = True,
+              deadline: float | None = None) -> Service:
         port = free_port()
         url = url or f"http://127.0.0.1:{port}"
         listen = listen or [f"tcp:{port}:interface=127.0.0.1"]
@@ -112,7 +113,7 @@ class Service:
         config.write_text(
             f'[server]\nissuer = "{url}"\nsecret_key_file = "{directory / "secret.key"}"\n'
             f'[http]\nlisten = {json.dumps(listen)}\n'
-            f'[database]\nurl = "{database_url}"\n' + extra)
+            f'[database]\nurl = "{database_url}"\n' + (f"deadline = {deadline}\n" if deadline else "") + extra)
         service = cls(directory, url, config, verify=verify)
         service.process = subprocess.Popen(
             [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(directory / "twistd.log"),

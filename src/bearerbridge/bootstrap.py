@@ -13,6 +13,6 @@ def open_store(config: Config) -> SqlStore:
     """Read (or create) the secret key, connect, and bring the schema up to date. The store
     remembers what it reads for `[sasl] cache_ttl` seconds (`storage.recent`)."""
     keyring = Keyring(secret_key(config))
-    engine = make_engine(config.database.url, config.database.threads)
+    engine = make_engine(config.database.url, config.database.threads, config.database.deadline)
     migrations.upgrade(engine)
     return SqlStore(engine, keyring, RecentReads(config.sasl.cache_ttl))

@@ -57,6 +57,9 @@ class DatabaseSettings:
     # SQLite lets one writer in at a time, so more threads only queue on its lock; PostgreSQL
     # gains from a few.
     threads: int = 1
+    # Seconds a request waits for the database before it is answered "try later": also the
+    # connect and statement timeout of PostgreSQL and the time SQLite waits for its write lock.
+    deadline: float = 5.0
 
 
 @dataclass(frozen=True)

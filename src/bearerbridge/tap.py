@@ -70,7 +70,7 @@ def make_service(config: configuration.Config) -> MultiService:
     store = open_store(config)
     metrics = Metrics()
     top = MultiService()
-    pool = StorePool(store, config.database.threads)
+    pool = StorePool(store, config.database.threads, config.database.deadline)
     pool.setServiceParent(top)
     validator = Validator(pool, config.sasl)
     site = BridgeSite(http_root(config, pool, metrics, validator), config.http.access_log)

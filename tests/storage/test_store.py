@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata

@@ -70,8 +70,9 @@ def _private_sqlite_file(path: Path) -> None:
                     existing.chmod(mode & 0o700)
 
 
-def make_engine(url: str, threads: int = 4) -> Engine:
-    """An engine for `url`; SQLite gets WAL, a busy timeout and enforced foreign keys."""
+def make_engine(url: str, threads: int = 4, deadline: float = 5.0) -> Engine:
+    """An engine for `url`; SQLite gets WAL, enforced foreign keys, and waits for its write lock
+    at most `deadline` seconds, as PostgreSQL does to connect and for a statement."""
     parsed = make_url(url)
     # Each pool thread keeps a connection; two more for the CLI and migrations.
     options: dict[str, Any] = {"pool_size": threads + 2, "max_overflow": 0, "pool_pre_ping": False}
@@ -80,6 +81,12 @@ def make_engine(url: str, threads: int = 4) -> Engine:
             _private_sqlite_file(Path(parsed.database))
     else:
         options["pool_pre_ping"] = True
+    if parsed.get_backend_name() == "postgresql":
+        # psycopg's own options (a search_path, say) are kept; the timeout joins them.
+        timeout = f"-c statement_timeout={int(deadline * 1000)}"
+        server_options = " ".join(filter(None, [str(parsed.query.get("options") or ""), timeout]))
+        parsed = parsed.difference_update_query(["options"])
+        options["connect_args"] = {"connect_timeout": max(1, round(deadline)), "options": server_options}
     engine = sa.create_engine(parsed, **options)
     if parsed.get_backend_name() == "sqlite":
         @sa.event.listens_for(engine, "connect")
@@ -89,7 +96,7 @@ def make_engine(url: str, threads: int = 4) -> Engine:
             # NORMAL is durable against crashes of the process and never corrupts in
             # WAL mode; only a power cut may lose the last commits.
             cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=5000")
+            cursor.execute(f"PRAGMA busy_timeout={int(deadline * 1000)}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
     return engine
@@ -144,8 +151,10 @@ class SqlStore:
             raise RuntimeError("store used outside a transaction")
         return conn
 
-    def ping(self) -> None:
-        self._db.execute(sa.text("SELECT 1"))
+    def check_writable(self) -> None:
+        """A write that changes nothing: it waits for SQLite's write lock as any write would,
+        and fails on a PostgreSQL that takes no writes."""
+        self._db.execute(sessions.delete().where(sessions.c.expires_at < 0))
 
     # -- users --------------------------------------------------------------------------
 

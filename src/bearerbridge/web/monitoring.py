@@ -39,12 +39,18 @@ class MetricsResource(AsyncResource):
 
 
 class Health(AsyncResource):
-    """/healthz: 200 while the database answers, else 503."""
+    """/healthz: 200 while the database takes a write within `[database] deadline`; 503 when it
+    does not, or when the pool is stalled (a call has waited past the deadline), at once."""
 
     def __init__(self, pool: StorePool) -> None:
         super().__init__()
         self._pool = pool
 
     def render_GET(self, request: Request) -> int:
-        return self._answer(request, lambda r: self._pool.run(self._pool.store.ping).addCallback(
-            lambda _: Reply(200, b"ok\n", {b"Content-Type": b"text/plain"})))
+        return self._answer(request, self._get)
+
+    def _get(self, request: Request) -> Reply | defer.Deferred[Reply]:
+        if self._pool.stalled():
+            return Reply(503, b"the database is not keeping up\n", {b"Content-Type": b"text/plain"})
+        return self._pool.run(self._pool.store.check_writable).addCallback(
+            lambda _: Reply(200, b"ok\n", {b"Content-Type": b"text/plain"}))

@@ -28,6 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
 from bearerbridge.oauth.requests import HttpRequest, MalformedRequest
+from bearerbridge.storage.pool import DatabaseUnavailable
 
 log = Logger()
 T = TypeVar("T")
@@ -175,7 +176,11 @@ class AsyncResource(Resource):
                 else:
                     write(self._error(400, "invalid_request", str(malformed)))
                 return
-            log.failure("Request to {path} failed", failure, path=request.path.decode("latin-1"))
+            if failure.check(DatabaseUnavailable):
+                log.warn("Request to {path} answered 503: {reason}", path=request.path.decode("latin-1"),
+                         reason=str(failure.value))
+            else:
+                log.failure("Request to {path} failed", failure, path=request.path.decode("latin-1"))
             write(self._error(503, "temporarily_unavailable", UNAVAILABLE))
 
         # Whether the handler raises at once or its Deferred fails later, the answer is ours
