@@ -97,7 +97,7 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     pages = Pages(config.server.site_name)
     sessions = Sessions(pool, config.server.session_ttl, secure=config.https)
     login = PasswordLogin(pool, sessions, metrics)
-    top = SecuredRoot(https=config.https)
+    top = SecuredRoot(https=config.https, pages=pages)
     top.putChild(b"authorize", Authorize(pages, issuer, sessions, login, pool, server, metrics))
     top.putChild(b"logout", Logout(pages, issuer, sessions))
     top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics))

@@ -33,13 +33,20 @@ def secured(answer) -> bool:
             and "frame-ancestors 'none'" in (answer.header("Content-Security-Policy") or ""))
 
 
-def test_twisteds_own_404_405_and_501_pages_carry_the_security_headers(bridge):
+def test_every_error_page_ours_or_twisteds_carries_the_security_headers(bridge):
     browser = bridge.browser()
     for answer, code in ((browser.get("/no-such-page"), 404), (browser.get("/"), 404),
                          (browser.get("/token"), 405), (browser.request("PUT", "/authorize"), 501),
                          (browser.get("/static/"), 404), (browser.get("/healthz"), 200)):
         assert answer.code == code
         assert secured(answer), answer
+
+
+def test_an_address_that_names_nothing_gets_the_sites_own_page(bridge):
+    for path in ("/no-such-page", "/", "/favicon.ico", "/no/such/page"):
+        answer = bridge.browser().get(path)
+        assert answer.code == 404 and answer.header("Content-Type") == "text/html; charset=utf-8", path
+        assert b"There is no page at this address." in answer.body and b"not_found" in answer.body, path
 
 
 def test_the_static_folder_lists_nothing(bridge):

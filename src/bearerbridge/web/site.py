@@ -228,16 +228,28 @@ class StaticFiles(File):
         return notFound()
 
 
+class NotFound(PageResource):
+    """Any address under the root that names no page: the site's own error page, 404."""
+
+    def render(self, request: Request) -> int:
+        return self._answer(request, lambda r: self.pages.error(404, "not_found",
+                                                                "There is no page at this address."))
+
+
 class SecuredRoot(Resource):
     """The root of the tree. Every request passes it first, so it gives every response the
     security headers (pages refuse framing, no sniffing, no referrer; HSTS under an https
-    issuer), Twisted's own 404 and 405 pages included."""
+    issuer), Twisted's own 405 pages included; an address that names nothing gets `NotFound`."""
 
-    def __init__(self, https: bool) -> None:
+    def __init__(self, https: bool, pages: Pages) -> None:
         super().__init__()
         self._headers = dict(SECURITY_HEADERS)
         if https:  # RFC 6797: browsers then refuse plain http to this host for a year
             self._headers[b"Strict-Transport-Security"] = b"max-age=31536000"
+        self._not_found = NotFound(pages)
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return self._not_found
 
     def _secure(self, request: Request) -> None:
         for name, value in self._headers.items():
