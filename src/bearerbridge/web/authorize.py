@@ -25,8 +25,8 @@ from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, snapsh
 log = Logger()
 
 
-class Authorize(PageResource):
-    """/authorize (RFC 6749 §3.1, §4.1.1)."""
+class SignInAndConsent(PageResource):
+    """A page where a person signs in and answers an app's request: /authorize, /device."""
 
     def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
                  server: BridgeServer, metrics: Metrics) -> None:
@@ -37,6 +37,10 @@ class Authorize(PageResource):
         self._pool = pool
         self._server = server
         self._metrics = metrics
+
+
+class Authorize(SignInAndConsent):
+    """/authorize (RFC 6749 §3.1, §4.1.1)."""
 
     def render_GET(self, request: Request) -> int:
         return self._answer(request, self._get)

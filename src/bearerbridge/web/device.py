@@ -16,8 +16,9 @@ from bearerbridge.oauth.server import BridgeServer
 from bearerbridge.storage.models import User
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.uris import is_loopback_address
+from bearerbridge.web.authorize import SignInAndConsent
 from bearerbridge.web.sessions import PasswordLogin, Sessions
-from bearerbridge.web.site import PageResource, Pages, Reply, parse_query, snapshot
+from bearerbridge.web.site import Pages, Reply, parse_query, snapshot
 
 WRONG_CODES_ALLOWED = 5
 WRONG_CODES_WINDOW = 300
@@ -58,18 +59,12 @@ class GuessLimiter:
             self._failures.setdefault(key, collections.deque()).append(self._clock())
 
 
-class DevicePage(PageResource):
+class DevicePage(SignInAndConsent):
     """The verification page: login, the code, then the same consent page as the code grant."""
 
     def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
                  server: BridgeServer, metrics: Metrics) -> None:
-        super().__init__(pages)
-        self._issuer = issuer
-        self._sessions = sessions
-        self._login = login
-        self._pool = pool
-        self._server = server
-        self._metrics = metrics
+        super().__init__(pages, issuer, sessions, login, pool, server, metrics)
         self.limiter = GuessLimiter()
 
     def render_GET(self, request: Request) -> int:
