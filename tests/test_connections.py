@@ -1,4 +1,4 @@
-"""The wiring's own policies: the cap on connections per peer, and the limit of open files."""
+"""What every listener allows (bearerbridge.connections): connections per peer address, and open files."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from bearerbridge.tap import LimitConnectionsByPeer, peer_address
+from bearerbridge.connections import LimitConnectionsByPeer, peer_address
 
 
 def connect(factory, address):
@@ -86,7 +86,7 @@ def test_the_soft_limit_of_open_files_is_raised_to_the_hard_one():
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < 1024:
         pytest.skip(f"the hard limit of open files here is {hard}")
-    script = ("import resource\nfrom bearerbridge.tap import raise_open_files_limit\n"
+    script = ("import resource\nfrom bearerbridge.connections import raise_open_files_limit\n"
               "print(raise_open_files_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True,
                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, 1024))).stdout
