@@ -161,3 +161,22 @@ def test_disabling_a_user_says_what_it_ended(run):
     assert status == 1 and "exists already" in err
     status, out, _ = run("user", "disable", "carol")  # names are found whatever their case
     assert status == 0 and "0 browser session(s) ended and 0 token(s) revoked" in out
+
+
+def test_every_client_must_use_pkce_unless_a_confidential_one_is_let_off(run):
+    status, out, _ = run("client", "create", "--name", "App", "--redirect-uri", "https://app.example/cb", "--json")
+    created = json.loads(out)
+    assert status == 0 and created["pkce_required"] is True
+    status, out, _ = run("client", "create", "--name", "Legacy", "--redirect-uri", "https://old.example/cb",
+                         "--no-pkce", "--json")
+    assert status == 0 and json.loads(out)["pkce_required"] is False
+    status, out, _ = run("client", "update", created["client_id"], "--no-pkce")
+    assert status == 0 and json.loads(out)["pkce_required"] is False
+    assert json.loads(run("client", "show", created["client_id"])[1])["pkce_required"] is False
+    status, _, err = run("client", "create", "--name", "Native", "--public", "--redirect-uri",
+                         "http://127.0.0.1/cb", "--no-pkce")
+    assert status == 1 and "must use PKCE" in err
+    _, out, _ = run("client", "create", "--name", "Native", "--public", "--redirect-uri", "http://127.0.0.1/cb",
+                    "--json")
+    status, _, err = run("client", "update", json.loads(out)["client_id"], "--no-pkce")
+    assert status == 1 and "must use PKCE" in err

@@ -88,6 +88,8 @@ def client_create(store: SqlStore, args: argparse.Namespace, config: configurati
         else ["authorization_code", "refresh_token"])))
     if args.public and args.resource_server:
         raise CommandError("a public client cannot be a resource server (it has no secret to introspect with)")
+    if args.public and args.no_pkce:
+        raise CommandError("a public client must use PKCE (it has no secret to prove itself with)")
     if args.public and "client_credentials" in grants:
         raise CommandError("a public client cannot use client_credentials (it has no secret)")
     if "authorization_code" in grants and not args.redirect_uri:
@@ -102,7 +104,7 @@ def client_create(store: SqlStore, args: argparse.Namespace, config: configurati
     client = Client(client_id=secrets.token_hex(16), name=args.name,
                     redirect_uris=tuple(_check_redirect_uri(u) for u in args.redirect_uri or ()),
                     scope=" ".join(scopes), grant_types=grants, public=args.public,
-                    resource_server=args.resource_server)
+                    resource_server=args.resource_server, pkce_required=not args.no_pkce)
     secret = None if args.public else new_secret()
     store.add_client(client, secret)
     if args.json:
@@ -117,7 +119,8 @@ def client_create(store: SqlStore, args: argparse.Namespace, config: configurati
 def _describe(client: Client) -> dict[str, Any]:
     return {"client_id": client.client_id, "name": client.name, "public": client.public,
             "redirect_uris": list(client.redirect_uris), "scope": client.scope,
-            "grant_types": list(client.grant_types), "resource_server": client.resource_server}
+            "grant_types": list(client.grant_types), "resource_server": client.resource_server,
+            "pkce_required": client.pkce_required}
 
 
 def client_list(store: SqlStore, args: argparse.Namespace) -> str:
@@ -133,10 +136,13 @@ def client_show(store: SqlStore, args: argparse.Namespace) -> str:
 
 
 def client_update(store: SqlStore, args: argparse.Namespace) -> str:
-    if not store.set_resource_server(args.id, args.resource_server):
+    client = store.get_client(args.id)
+    if client is None:
         raise CommandError(f"no client {args.id!r}")
-    return (f"client {args.id} may now introspect other clients' tokens" if args.resource_server
-            else f"client {args.id} may now introspect only its own tokens")
+    if args.pkce is False and client.public:
+        raise CommandError("a public client must use PKCE (it has no secret to prove itself with)")
+    store.update_client(args.id, resource_server=args.resource_server, pkce_required=args.pkce)
+    return json.dumps(_describe(store.get_client(args.id) or client), indent=2)
 
 
 def client_delete(store: SqlStore, args: argparse.Namespace) -> str:
@@ -224,16 +230,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resource-server", action="store_true",
                    help="may introspect other clients' tokens (an IMAP, WebDAV or mail server); any client "
                         "may introspect its own")
+    p.add_argument("--no-pkce", action="store_true",
+                   help="a legacy confidential client that sends no PKCE challenge (OAuth 2.1 wants one from all)")
     p.add_argument("--grant", action="append", choices=GRANTS,
                    help="a grant it may use (default: authorization_code and refresh_token with a redirect URI, "
                         "else client_credentials)")
     p.add_argument("--json", action="store_true")
     verb(client, "list", client_list, "list clients")
     verb(client, "show", client_show, "show one client").add_argument("id")
-    p = verb(client, "update", client_update, "change whether a client is a resource server")
+    p = verb(client, "update", client_update, "change whether a client is a resource server or must use PKCE")
     p.add_argument("id")
-    p.add_argument("--resource-server", action=argparse.BooleanOptionalAction, required=True,
+    p.add_argument("--resource-server", action=argparse.BooleanOptionalAction,
                    help="may it introspect other clients' tokens")
+    p.add_argument("--pkce", action=argparse.BooleanOptionalAction,
+                   help="must it send a PKCE S256 challenge (--no-pkce: only for a legacy confidential client)")
     verb(client, "delete", client_delete, "delete a client with its tokens").add_argument("id")
 
     token = nouns.add_parser("token", help="issue and revoke tokens").add_subparsers(dest="verb", required=True)

@@ -267,8 +267,12 @@ def test_a_bad_request_from_a_known_client_is_redirected_back_with_its_error(sto
     assert consented(store, alice, query.get("client_id") or "web") == set()
 
 
-def test_a_confidential_client_need_not_use_pkce(alice, authorize):
-    """RFC 9700 wants PKCE from every client, but a confidential one authenticates at the token
-    endpoint, and not every server-side library sends a challenge."""
+def test_a_confidential_client_must_use_pkce_unless_registered_without(store, alice, authorize):
+    """OAuth 2.1 (RFC 9700 §2.1.1) wants PKCE from every client; a legacy confidential one, which
+    authenticates at the token endpoint and whose library sends no challenge, may be let off."""
+    refused = redirected(authorize(alice.id, "approve", code_challenge=None, code_challenge_method=None))
+    assert refused["error"] == "invalid_request" and "PKCE is required" in refused["error_description"]
+    with store.transaction():
+        store.update_client("web", pkce_required=False)
     assert set(redirected(authorize(alice.id, "approve", code_challenge=None, code_challenge_method=None))) == {
         "code", "state", "iss"}

@@ -567,7 +567,7 @@ def test_a_client_sees_its_own_tokens_and_only_a_resource_server_sees_others(bri
 def test_a_token_naming_no_user_is_not_active_for_a_users_service(bridge):
     machine = tokens_of(token_request(bridge, {"grant_type": "client_credentials"}, PROMETHEUS))["access_token"]
     with bridge.store.transaction():
-        bridge.store.set_resource_server("prometheus", True)
+        bridge.store.update_client("prometheus", resource_server=True)
     assert introspect(bridge, machine, app=PROMETHEUS)["active"] is True  # no service named: the token is good
     assert introspect(bridge, machine, app=RS, service="imap") == {"active": False}  # judge_token: no_user
 

@@ -20,9 +20,10 @@ ANY_AUTH = SECRET_AUTH + ["none"]
 
 
 class S256Challenge(CodeChallenge):
-    """PKCE (RFC 7636) with S256 only: required for public clients, honoured for all.
+    """PKCE (RFC 7636) with S256 only, required of every client (OAuth 2.1, RFC 9700 §2.1.1) but
+    a confidential one registered with `--no-pkce`; a challenge sent is honoured from any client.
 
-    authlib accepts `plain` and a missing challenge; RFC 9700 §2.1.1 wants neither.
+    authlib accepts `plain`, and a missing challenge from a confidential client.
     """
 
     SUPPORTED_CODE_CHALLENGE_METHOD = ["S256"]
@@ -31,7 +32,8 @@ class S256Challenge(CodeChallenge):
         data = grant.request.payload.data
         if data.get("code_challenge") and data.get("code_challenge_method") != "S256":
             raise InvalidRequestError("code_challenge_method must be S256")
-        if grant.request.client.public and not data.get("code_challenge"):
+        client = grant.request.client
+        if (client.public or client.pkce_required) and not data.get("code_challenge"):
             raise InvalidRequestError("PKCE is required: send code_challenge with code_challenge_method=S256")
         super().validate_code_challenge(grant, redirect_uri)
 

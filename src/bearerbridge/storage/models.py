@@ -37,6 +37,8 @@ class Client(ClientMixin):
     created_at: int = 0
     # May introspect other clients' tokens (an IMAP, WebDAV or mail server); any client its own.
     resource_server: bool = False
+    # Must send a PKCE S256 challenge; False only for a legacy confidential client (`--no-pkce`).
+    pkce_required: bool = True
     # Turns a presented secret into its stored digest; set by the store (it holds the key).
     digest: Callable[[str], str] | None = field(default=None, compare=False, repr=False)
 

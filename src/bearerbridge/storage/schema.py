@@ -34,6 +34,8 @@ clients = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     # May introspect other clients' tokens (RFC 7662 §4): an IMAP, WebDAV or mail server.
     sa.Column("resource_server", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Must send a PKCE S256 challenge (OAuth 2.1); only a legacy confidential client is let off.
+    sa.Column("pkce_required", sa.Boolean, nullable=False, server_default=sa.true()),
 )
 
 

@@ -227,10 +227,10 @@ class SqlStore:
             secret_digest=self.keyring.digest(secret) if secret else None,
             redirect_uris="\n".join(client.redirect_uris), scope=client.scope,
             grant_types=" ".join(client.grant_types), public=client.public, created_at=_now(),
-            resource_server=client.resource_server))
+            resource_server=client.resource_server, pkce_required=client.pkce_required))
 
     def _client(self, row: Row[Any]) -> Client:
-        return Client(resource_server=row.resource_server,
+        return Client(resource_server=row.resource_server, pkce_required=row.pkce_required,
             client_id=row.client_id, name=row.name,
             redirect_uris=tuple(u for u in row.redirect_uris.split("\n") if u),
             scope=row.scope, grant_types=tuple(row.grant_types.split()), public=row.public,
@@ -253,11 +253,16 @@ class SqlStore:
     def list_clients(self) -> list[Client]:
         return [self._client(row) for row in self._db.execute(clients.select().order_by(clients.c.name))]
 
-    def set_resource_server(self, client_id: str, resource_server: bool) -> bool:
-        """Whether a client may introspect others' tokens; False if there is no such client."""
+    def update_client(self, client_id: str, resource_server: bool | None = None,
+                      pkce_required: bool | None = None) -> bool:
+        """Change what is given (not None) of a client's settings; False if there is no such client."""
+        values = {name: value for name, value in (("resource_server", resource_server),
+                                                  ("pkce_required", pkce_required)) if value is not None}
+        if not values:
+            return self.get_client(client_id) is not None
         self._invalidates()  # the client as remembered says otherwise
         return self._db.execute(clients.update().where(clients.c.client_id == client_id)
-                                .values(resource_server=resource_server)).rowcount > 0
+                                .values(**values)).rowcount > 0
 
     def delete_client(self, client_id: str) -> bool:
         """Delete a client with its codes, tokens and consents (cascading foreign keys)."""
