@@ -269,7 +269,8 @@ def test_a_token_for_one_folder_stays_out_of_the_others(tmp_path):
         assert raw_request(stack, "GET", "/private/secret.txt", token)[0] == 403
         for target in PATH_TRICKS:
             assert raw_request(stack, "GET", target, token)[0] == 400, target
-        # bearerbridge prefers X-Forwarded-Host to Host; webdav.conf sets it, so a client's is ignored.
+        # With X-Original-URI only Host counts, and webdav.conf sets X-Forwarded-Host anyway: a client's
+        # own names no other rule.
         forged = raw_request(stack, "GET", "/private/secret.txt", token, {"X-Forwarded-Host": "scratch.example"})
         assert forged[0] == 403
     finally:
