@@ -227,6 +227,44 @@ def test_a_request_that_cannot_be_trusted_gets_an_error_page(store, alice, autho
     assert consented(store, alice) == set()
 
 
+ALL_DROPPED = dict.fromkeys(("response_type", "client_id", "redirect_uri", "scope", "state", "code_challenge",
+                              "code_challenge_method"))
+GO_BACK = "Go back to it and try again"
+
+
+@pytest.mark.parametrize("query, error, says", [
+    (ALL_DROPPED, "unsupported_response_type", "this visit did not come with an app's request. To give an app "
+                                               "access, start from the app."),
+    ({"response_type": None, "client_id": "no-such-client"}, "unsupported_response_type",
+     "it did not say what it asks for (response_type is missing)"),
+    ({"response_type": "garbage", "client_id": "no-such-client"}, "unsupported_response_type",
+     "it asked for a kind of access this server does not give (response_type must be code)"),
+    ({"client_id": None}, "invalid_client", "it did not say which app is asking (client_id is missing)"),
+    ({"client_id": "no-such-client"}, "invalid_client",
+     "it is not registered with this server (its client_id is unknown)"),
+    ({"redirect_uri": "https://evil.example/cb"}, "invalid_request",
+     "it asked to send you back to an address it has not registered with this server (https://evil.example/cb), "
+     "so you are not sent there"),
+    ({"client_id": "two-uris", "redirect_uri": None}, "invalid_request",
+     "it did not say where to send you back to (redirect_uri is missing, and the app has registered more than "
+     "one address)"),
+    ({"client_id": ["web", "machine"]}, "invalid_request", "it gave client_id more than once"),
+    ({"redirect_uri": 'https://app.example/cb"'}, "invalid_request",
+     "its request holds characters that are not allowed"),
+], ids=["nothing-at-all", "no-response-type", "garbage-response-type", "no-client-id", "unknown-client",
+        "unregistered-redirect", "ambiguous-redirect", "repeated", "unquotable"])
+def test_an_error_page_says_in_words_what_is_wrong_and_what_to_do(authorize, query, error, says):
+    """The person who followed an app's link learns that the app erred and to go back to it;
+    the OAuth error code is authlib's, unchanged."""
+    outcome = authorize(None, **query)
+    assert isinstance(outcome, ErrorPage), outcome
+    assert outcome.error == error and says in outcome.description
+    if query is not ALL_DROPPED:
+        assert outcome.description.startswith("The app that sent you here made a mistake: ")
+        assert GO_BACK in outcome.description
+    assert "None" not in outcome.description and "'" not in outcome.description.replace("app's", "")
+
+
 @pytest.mark.parametrize("query", [
     {"redirect_uri": 'https://app.example/cb"'},
     {"redirect_uri": "https://app.example/cb\\"},

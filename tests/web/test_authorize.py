@@ -276,6 +276,29 @@ def test_unknown_client_gets_an_error_page_not_a_redirect(bridge):
     assert page.header("Content-Type") == "text/html; charset=utf-8"
 
 
+def test_authorize_without_parameters_reads_well_to_a_person(bridge):
+    """Not authlib's garbled "response_type=The response type 'None' is not supported ...": what
+    this address is for and what to do, with the OAuth error code kept below for developers."""
+    for path in ("/authorize", "/authorize?foo=bar"):
+        page = bridge.browser().get(path)
+        assert page.code == 400 and page.header("Location") is None
+        assert "This request cannot be completed." in text(page)
+        assert ("This address is where an app sends you to ask for access to your account, and this visit did not "
+                "come with an app&#39;s request. To give an app access, start from the app.") in text(page)
+        assert 'Error code: <code id="error">unsupported_response_type</code>' in text(page)
+        assert "None" not in text(page)
+
+
+def test_an_app_s_garbled_request_tells_the_person_to_go_back_to_the_app(bridge):
+    page = bridge.browser().get("/authorize?response_type=token%20nonsense&client_id=no-such-client")
+    assert page.code == 400 and 'id="error">unsupported_response_type' in text(page)
+    assert ("The app that sent you here made a mistake: it asked for a kind of access this server does not give "
+            "(response_type must be code). Nothing was shared with the app. Go back to it and try again; if this "
+            "page comes back, tell its developers.") in text(page).replace("&#39;", "'")
+    page = bridge.browser().get(url(client_id="no-such-client"))
+    assert "it is not registered with this server (its client_id is unknown)" in text(page)
+
+
 def test_mismatched_redirect_uri_gets_an_error_page_not_a_redirect(bridge):
     browser = bridge.browser()
     for uri in ("https://evil.example/cb", "https://app.example/cb/", "https://app.example/cb?x=1"):

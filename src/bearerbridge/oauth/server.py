@@ -15,7 +15,13 @@ from typing import Any, TypeVar
 
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2 import AuthorizationServer
-from authlib.oauth2.rfc6749 import InvalidRequestError, OAuth2Error, OAuth2Request
+from authlib.oauth2.rfc6749 import (
+    InvalidClientError,
+    InvalidRequestError,
+    OAuth2Error,
+    OAuth2Request,
+    UnsupportedResponseTypeError,
+)
 from authlib.oauth2.rfc6750 import BearerTokenGenerator
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 
@@ -39,6 +45,9 @@ from bearerbridge.storage.store import SqlStore
 
 T = TypeVar("T")
 
+# How authlib begins its description of a failed client authentication, followed by a list's repr.
+_AUTHLIB_NO_METHOD = "The client cannot authenticate with methods:"
+
 # -- the authorization step ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -48,7 +57,8 @@ class Redirect:
 
 @dataclass(frozen=True)
 class ErrorPage:
-    """An error that must not redirect: unknown client or unverified redirect URI."""
+    """An error that must not redirect: unknown client or unverified redirect URI. The
+    description is for the person who followed the app's link (see `error_page`)."""
     error: str
     description: str
 
@@ -134,7 +144,16 @@ class BridgeServer(AuthorizationServer):
         return self.handle_error_response(request, InvalidRequestError(f"{repeated[0]} is given more than once"))
 
     def authenticate_client(self, request: HttpRequest, methods: list[str], endpoint: str = "token") -> Client:
-        return self._describable(request, super().authenticate_client, request, methods, endpoint)
+        """authlib's client authentication, with its description of a failed one (a wrong
+        secret, say) in words rather than the repr of a Python list."""
+        try:
+            return self._describable(request, super().authenticate_client, request, methods, endpoint)
+        except InvalidClientError as error:
+            if (error.description or "").startswith(_AUTHLIB_NO_METHOD):
+                error.description = ("Client authentication failed: the client secret is wrong or missing, or the "
+                                     "client used a method this endpoint does not take "
+                                     f"(it takes {', '.join(methods)})")
+            raise
 
     @staticmethod
     def _describable(request: HttpRequest, call: Callable[..., T], *args: Any) -> T:
@@ -174,8 +193,9 @@ class BridgeServer(AuthorizationServer):
         """
         try:
             return self._describable(request, self._authorize, request, user_id, decision)
-        except MalformedRequest as error:
-            return ErrorPage("invalid_request", str(error))
+        except MalformedRequest:
+            return ErrorPage("invalid_request", _for_a_person(
+                "its request holds characters that are not allowed in its parameters"))
 
     def _authorize(self, request: HttpRequest, user_id: int | None, decision: str | None) -> AuthorizeOutcome:
         user = self.active_user(user_id)
@@ -184,7 +204,7 @@ class BridgeServer(AuthorizationServer):
         except OAuth2Error as error:
             if error.redirect_uri:
                 return self._with_issuer(self.handle_error_response(request, error))
-            return ErrorPage(error.error, error.get_error_description() or error.error)
+            return error_page(error, request)
         client: Client = grant.client
         if user is None:
             return AskLogin(client.name)
@@ -196,6 +216,45 @@ class BridgeServer(AuthorizationServer):
                               tuple((s, self.config.scopes.get(s, s)) for s in request.scope.split()))
         granted = user if decision != "deny" else None
         return self._with_issuer(self.create_authorization_response(request, grant_user=granted, grant=grant))
+
+
+# The parameters authlib refuses to see twice at /authorize (RFC 6749 §3.1), in its order.
+_ONCE = ("response_type", "client_id", "redirect_uri", "scope", "state")
+_GO_BACK = "Nothing was shared with the app. Go back to it and try again; if this page comes back, tell its developers."
+
+
+def _for_a_person(what: str) -> str:
+    return f"The app that sent you here made a mistake: {what}. {_GO_BACK}"
+
+
+def error_page(error: OAuth2Error, request: HttpRequest) -> ErrorPage:
+    """The page for an error that may not go back to the app (RFC 6749 §4.1.2.1), in words for
+    the person who followed the app's link: what is wrong and what to do. The error code stays
+    authlib's; the case is read from the request, as authlib's own descriptions are for the app's
+    developers (and one, for a missing response_type, is garbled)."""
+    payload = request.payload
+    if isinstance(error, UnsupportedResponseTypeError) and not (payload.response_type or payload.client_id):
+        return ErrorPage(error.error, "This address is where an app sends you to ask for access to your account, "
+                                      "and this visit did not come with an app's request. To give an app access, "
+                                      "start from the app.")
+    repeated = next((name for name in _ONCE if len(payload.datalist.get(name, [])) > 1), None)
+    if isinstance(error, UnsupportedResponseTypeError):
+        what = ("it did not say what it asks for (response_type is missing)" if not payload.response_type
+                else "it asked for a kind of access this server does not give (response_type must be code)")
+    elif isinstance(error, InvalidClientError):
+        what = ("it did not say which app is asking (client_id is missing)" if not payload.client_id
+                else "it is not registered with this server (its client_id is unknown)")
+    elif isinstance(error, InvalidRequestError) and repeated:
+        what = f"it gave {repeated} more than once, so it is not clear what it asks for"
+    elif isinstance(error, InvalidRequestError) and payload.redirect_uri:
+        what = (f"it asked to send you back to an address it has not registered with this server "
+                f"({payload.redirect_uri}), so you are not sent there")
+    elif isinstance(error, InvalidRequestError):
+        what = ("it did not say where to send you back to (redirect_uri is missing, and the app has registered "
+                "more than one address)")
+    else:
+        what = f"its request was refused ({error.get_error_description() or error.error})"
+    return ErrorPage(error.error, _for_a_person(what))
 
 
 def discovery_url(issuer: str) -> str:
