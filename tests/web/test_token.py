@@ -19,6 +19,7 @@ from twisted.logger import capturedLogs
 
 from bearerbridge.config import Config
 from bearerbridge.storage.models import Client
+from bearerbridge.storage.schema import auth_codes
 
 from ..fakes import Answer, Bridge, cheap_password_hash, login_and_consent, redirect_params, sqlite_store
 from ..support import authorize_url, pkce_pair
@@ -227,6 +228,56 @@ def test_code_of_another_client(bridge):
 
 def test_an_unknown_code(bridge):
     assert error_of(exchange_code(bridge, WEB, "no-such-code", pkce_pair()[0])) == "invalid_grant"
+
+
+def description_of(answer: Answer) -> str:
+    assert answer.code in (400, 401), (answer.code, answer.body)
+    return json.loads(answer.body)["error_description"]
+
+
+def test_an_unknown_an_expired_and_a_replayed_code_are_told_apart(bridge):
+    """All invalid_grant (RFC 6749 §5.2), each with its own description; the replay still
+    revokes what the code issued."""
+    unknown = exchange_code(bridge, WEB, "no-such-code", pkce_pair()[0])
+    assert error_of(unknown) == "invalid_grant"
+    assert description_of(unknown) == ("The code is unknown: this server did not issue it to this client "
+                                       "(check that it was copied whole)")
+    code, verifier = get_code(bridge)
+    assert description_of(exchange_code(bridge, OTHER, code, verifier)) == description_of(unknown)
+
+    with bridge.store.engine.begin() as db:  # as if the code had been issued 601 seconds ago
+        db.execute(auth_codes.update().values(expires_at=auth_codes.c.expires_at - 601))
+    for _ in range(2):  # an expired code is refused as expired however often it comes, and is no replay
+        expired = exchange_code(bridge, WEB, code, verifier)
+        assert error_of(expired) == "invalid_grant"
+        assert description_of(expired) == ("The code has expired: a code must be exchanged within 600 seconds; "
+                                           "ask for a new one")
+    assert bridge.count("bearerbridge_token_failures_total", grant_type="authorization_code",
+                        reason="code_reused") == 0
+
+    code, verifier = get_code(bridge)
+    tokens = tokens_of(exchange_code(bridge, WEB, code, verifier))
+    replayed = exchange_code(bridge, WEB, code, verifier)
+    assert error_of(replayed) == "invalid_grant"
+    assert description_of(replayed) == ("The code was presented before: a code is good for one exchange only, "
+                                        "and any tokens issued from it are now revoked")
+    assert introspect(bridge, tokens["access_token"]) == {"active": False}
+    assert bridge.count("bearerbridge_token_failures_total", grant_type="authorization_code",
+                        reason="code_reused") == 1
+
+
+@pytest.mark.parametrize("path", ["/token", "/introspect", "/revoke"])
+@pytest.mark.parametrize("basic", [True, False], ids=["basic", "post"])
+def test_a_wrong_client_secret_is_described_in_words_not_a_python_list(bridge, path, basic):
+    """authlib says "The client cannot authenticate with methods: ['client_secret_basic', ...]"."""
+    answer = post(bridge, path, {"grant_type": "client_credentials", "token": "t"}, App("web", "not-the-secret"),
+                  basic=basic)
+    assert error_of(answer, 401) == "invalid_client"
+    methods = "client_secret_basic, client_secret_post" + (", none" if path == "/revoke" else "")  # the grant's
+    assert description_of(answer) == (
+        "Client authentication failed: the client secret is wrong or missing, or the client used a method this "
+        f"endpoint does not take (it takes {methods})")
+    assert "[" not in answer.header("WWW-Authenticate") and "'" not in answer.header("WWW-Authenticate")
 
 
 def test_no_scope_parameter_gets_the_registered_scopes(bridge):

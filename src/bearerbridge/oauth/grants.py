@@ -53,18 +53,24 @@ class CodeGrant(grants.AuthorizationCodeGrant):
             request.scope, data.get("code_challenge"), data.get("code_challenge_method"),
             int(time.time()) + self.server.config.tokens.code_ttl)
 
-    def query_authorization_code(self, code: str, client: Client) -> AuthCode | None:
+    def query_authorization_code(self, code: str, client: Client) -> AuthCode:
         """A code is good once: the first exchange marks it used, and presenting a used
-        code again revokes every token issued from it (RFC 6749 §4.1.2)."""
+        code again revokes every token issued from it (RFC 6749 §4.1.2). An unknown, an
+        expired and a replayed code are each invalid_grant, with a description of their own."""
         store = self.server.store
         found = store.find_code(code)
         if found is None or found.client_id != client.client_id:
-            return None
+            raise InvalidGrantError("The code is unknown: this server did not issue it to this client "
+                                    "(check that it was copied whole)")
+        if not found.used and found.is_expired():  # left unused: presenting it again is no replay
+            raise InvalidGrantError(f"The code has expired: a code must be exchanged within "
+                                    f"{self.server.config.tokens.code_ttl} seconds; ask for a new one")
         if found.used or not store.use_code(found.code_digest):
             store.revoke_from_code(found.code_digest)
             self.server.note_failure("authorization_code", "code_reused")
-            return None
-        return None if found.is_expired() else found
+            raise InvalidGrantError("The code was presented before: a code is good for one exchange only, "
+                                    "and any tokens issued from it are now revoked")
+        return found
 
     def delete_authorization_code(self, authorization_code: AuthCode) -> None:
         """Nothing to do: the code was marked used when it was queried, and stays
