@@ -80,6 +80,8 @@ def test_operator_issued_token_and_revocations(service, resource_server):
     (["client", "show", "nope"], "no client"),
     (["client", "delete", "nope"], "no client"),
     (["token", "revoke", "not-a-token"], "no such token"),
+    (["token", "revoke", "--client", "nope"], "no client 'nope'"),
+    (["token", "revoke", "--user", "nope"], "no user 'nope'"),
     (["token", "issue", "--user", "nobody", "--client", "x", "--scope", "imap"], "no enabled user"),
     (["user", "disable", "nobody"], "no user"),
 ])

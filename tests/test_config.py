@@ -71,16 +71,87 @@ def test_bad_values_name_the_key(tmp_path, text, message):
     assert message in str(caught.value) and str(path) in str(caught.value)
 
 
-def test_twistd_options_refuse_a_bad_config_or_endpoint(tmp_path):
+def test_twistd_options_refuse_a_bad_config_or_endpoint_in_one_line(tmp_path):
+    """A SystemExit with a message, which Python prints as one line on stderr with status 1: twistd
+    would print its whole usage text above a UsageError (tests/test_operator_mistakes.py runs it)."""
     path = tmp_path / "c.toml"
     path.write_text("[tokens]\naccess_ttl = 'soon'\n")
-    with pytest.raises(usage.UsageError, match="access_ttl"):
+    with pytest.raises(SystemExit, match="^twistd bearerbridge: .*access_ttl"):
         tap.Options().parseOptions(["--config", str(path)])
     path.write_text("[http]\nlisten = ['carrier-pigeon:80']\n")
-    with pytest.raises(usage.UsageError, match=r"\[http\] listen\[0\]"):
+    with pytest.raises(SystemExit, match=r"\[http\] listen\[0\]"):
         tap.Options().parseOptions(["--config", str(path)])
-    with pytest.raises(usage.UsageError, match="No such file"):
+    with pytest.raises(SystemExit, match="cannot read the config file: No such file"):
         tap.Options().parseOptions(["--config", str(tmp_path / "missing.toml")])
+    with pytest.raises(usage.UsageError):  # a mistake in the command line itself stays twistd's
+        tap.Options().parseOptions(["--confgi", str(path)])
+
+
+# -- relative paths ---------------------------------------------------------------------------------------
+
+def test_relative_paths_in_a_file_resolve_against_its_directory(tmp_path, monkeypatch):
+    (tmp_path / "etc").mkdir()
+    path = tmp_path / "etc" / "bearerbridge.toml"
+    path.write_text('[server]\nsecret_key_file = "keys/secret.key"\n[http]\naccess_log = "../log/access.log"\n'
+                    '[database]\nurl = "sqlite:///data/bb.db"\n')
+    monkeypatch.chdir(tmp_path)  # run from elsewhere, and name the file relatively
+    loaded = config.load("etc/bearerbridge.toml")
+    assert loaded.server.secret_key_file == str(tmp_path / "etc" / "keys" / "secret.key")
+    assert loaded.http.access_log == str(tmp_path / "etc" / ".." / "log" / "access.log")
+    assert loaded.database.url == f"sqlite:///{tmp_path / 'etc' / 'data' / 'bb.db'}"
+    monkeypatch.setenv(config.ENV_VAR, "etc/bearerbridge.toml")  # so does $BEARERBRIDGE_CONFIG's
+    assert config.load() == loaded
+
+
+def test_the_documented_defaults_resolve_beside_the_example_file():
+    loaded = config.load(EXAMPLE)
+    assert loaded.server.secret_key_file == str(EXAMPLE.parent.absolute() / "var" / "secret.key")
+    assert loaded.database.url == f"sqlite:///{EXAMPLE.parent.absolute() / 'var' / 'bearerbridge.db'}"
+    assert loaded.http.access_log == ""  # none stays none
+
+
+def test_without_a_file_the_defaults_stay_relative_to_the_working_directory(monkeypatch):
+    monkeypatch.delenv(config.ENV_VAR, raising=False)
+    loaded = config.load()
+    assert loaded.server.secret_key_file == "var/secret.key"
+    assert loaded.database.url == "sqlite:///var/bearerbridge.db"
+
+
+@pytest.mark.parametrize("url, resolved", [
+    ("sqlite:////srv/bb.db", "sqlite:////srv/bb.db"),                          # absolute: as it is
+    ("sqlite:///bb.db?timeout=3", "sqlite:///{base}/bb.db?timeout=3"),         # the query kept
+    ("sqlite+pysqlite:///bb.db", "sqlite+pysqlite:///{base}/bb.db"),           # a driver named
+    ("sqlite://", "sqlite://"),                                                # memory
+    ("sqlite:///:memory:", "sqlite:///:memory:"),
+    ("sqlite:///file:bb.db?uri=true", "sqlite:///file:bb.db?uri=true"),        # SQLite's URI form
+    ("postgresql+psycopg://bb@db.internal/bb", "postgresql+psycopg://bb@db.internal/bb"),
+])
+def test_which_database_urls_are_paths(tmp_path, url, resolved):
+    settings = config.Config(database=config.DatabaseSettings(url=url))
+    assert config.resolve_paths(settings, tmp_path).database.url == resolved.format(base=tmp_path)
+
+
+def test_absolute_paths_and_endpoint_strings_are_left_alone(tmp_path):
+    settings = config.Config(server=config.ServerSettings(secret_key_file="/etc/bb/secret.key"),
+                             http=config.HttpSettings(listen=("ssl:8443:privateKey=key.pem:certKey=cert.pem",
+                                                              "unix:run/http.sock")))
+    resolved = config.resolve_paths(settings, tmp_path)
+    assert resolved.server.secret_key_file == "/etc/bb/secret.key"
+    assert resolved.http.listen == settings.http.listen  # Twisted's: relative to the working directory
+
+
+@pytest.mark.parametrize("url", ["mysql://bb@127.0.0.1/bb", "mysql+pymysql://bb@h/bb", "oracle://h/x", "bb.db"])
+def test_databases_other_than_sqlite_and_postgresql_are_refused(url):
+    with pytest.raises(config.ConfigError, match=r"^\[database\] url: a .* is not supported"):
+        config.parse({"database": {"url": url}})
+
+
+def test_a_key_that_cannot_be_created_names_the_key_and_the_file(tmp_path):
+    (tmp_path / "keys").write_text("a file, not a directory\n")
+    where = tmp_path / "keys" / "secret.key"
+    settings = config.Config(server=config.ServerSettings(secret_key_file=str(where)))
+    with pytest.raises(config.ConfigError, match=rf"^\[server\] secret_key_file: cannot .* {where}: Not a directory"):
+        config.secret_key(settings)
 
 
 def test_secret_key_is_created_once_and_private(tmp_path):

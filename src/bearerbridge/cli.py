@@ -11,11 +11,14 @@ import getpass
 import json
 import secrets
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import sqlalchemy as sa
+
 from bearerbridge import config as configuration
-from bearerbridge.bootstrap import open_store
+from bearerbridge.bootstrap import OpenError, describe_url, one_line, open_store
 from bearerbridge.crypto import hash_password, new_secret
 from bearerbridge.oauth.grants import GRANT_TYPES
 from bearerbridge.storage.models import Client
@@ -35,12 +38,25 @@ def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
+        password = _ask("Password: ")
+        if _ask("Again: ") != password:
             raise CommandError("the passwords differ")
     if not password:
         raise CommandError("an empty password is not allowed")
     return password
+
+
+def _ask(prompt: str) -> str:
+    """A password typed at the terminal. Without a terminal getpass would warn over several lines
+    and read stdin with echo: refused instead. Ctrl-D ends with a refusal; Ctrl-C reaches main."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", getpass.GetPassWarning)
+        try:
+            return getpass.getpass(prompt)
+        except getpass.GetPassWarning:
+            raise CommandError("no terminal to ask for the password on; give it with --password-stdin") from None
+        except EOFError:
+            raise CommandError("no password given (the input ended)") from None
 
 
 def _check_redirect_uri(uri: str) -> str:
@@ -192,6 +208,8 @@ def token_revoke(store: SqlStore, args: argparse.Namespace) -> str:
             raise CommandError(f"no user {args.user!r}")
         return f"revoked {store.revoke_for_user(user.id)} token(s) of {args.user}"
     if args.client:
+        if store.get_client(args.client) is None:
+            raise CommandError(f"no client {args.client!r}")
         return f"revoked {store.revoke_for_client(args.client)} token(s) of client {args.client}"
     token = store.find_access_token(args.token) or store.find_refresh_token(args.token)
     if token is None:
@@ -265,19 +283,47 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every refusal and start-up failure is one line on stderr with status 1
+    (130 for Ctrl-C), never a traceback."""
     args = parser().parse_args(argv)
     try:
         config = configuration.load(args.config)
         store = open_store(config)
-        with store.transaction():
-            needs_config = args.func in (client_create, token_issue)
-            output = args.func(store, args, config) if needs_config else args.func(store, args)
-    except (CommandError, StoreError, configuration.ConfigError) as e:
-        print(f"bearerbridge: {e}", file=sys.stderr)
-        return 1
+        try:
+            with store.transaction():
+                needs_config = args.func in (client_create, token_issue)
+                output = args.func(store, args, config) if needs_config else args.func(store, args)
+        except sa.exc.DBAPIError as e:  # locked, gone away: the driver's words, not the statement
+            raise CommandError(f"database {describe_url(config.database.url)}: {one_line(e.orig or e)}") from None
+    except (CommandError, StoreError, configuration.ConfigError, OpenError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
     if output:
         print(output)
     return 0
+
+
+def _fail(message: str) -> int:
+    """Print a refusal as one line on stderr; exit status 1."""
+    print(f"bearerbridge: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+def announce(config_path: str | None = None) -> None:
+    """What `make run` prints before it starts the service: where it listens, where its data is,
+    and the next step. Nothing for a config that does not load: twistd then says why, in one line."""
+    try:
+        config = configuration.load(config_path)
+    except configuration.ConfigError:
+        return
+    command = ".venv/bin/bearerbridge" + (f" --config {config_path}" if config_path else "")
+    print(f"bearerbridge: serving {config.server.issuer} (listening on {', '.join(config.http.listen)}); "
+          f"data in {describe_url(config.database.url)}\n"
+          f"Next, in another terminal, create a user:  echo 'a long passphrase' | {command} user add NAME "
+          "--password-stdin\n"
+          "then a client and a token: README.md, Quickstart. Ctrl-C stops the service.", flush=True)
 
 
 if __name__ == "__main__":

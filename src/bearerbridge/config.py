@@ -3,6 +3,8 @@
 Every section is a dataclass whose field names are the TOML keys, so the file, the
 defaults and the validation cannot drift apart. An unknown key or a value of the
 wrong kind raises `ConfigError` naming the key, and the service refuses to start.
+Relative paths in a file resolve against the file's directory (`resolve_paths`); the
+built-in defaults, used without a file, stay relative to the working directory.
 """
 
 from __future__ import annotations
@@ -265,10 +267,51 @@ def _cross_check(config: Config) -> None:
             raise ConfigError(f"[forward_auth.rules[{i}]] path_prefix: must start with /")
     if sasl.cache_ttl > 60:
         raise ConfigError("[sasl] cache_ttl: at most 60 seconds (it delays other processes' revocations)")
+    scheme, separator, _ = config.database.url.partition("://")
+    if not separator or scheme.partition("+")[0] not in DATABASES:
+        what = f"a {scheme}:// URL" if separator else "a URL without a scheme://"
+        raise ConfigError(f"[database] url: {what} is not supported; bearerbridge keeps its data in SQLite "
+                          "(sqlite:///PATH) or PostgreSQL (postgresql+psycopg://USER@HOST/NAME)")
+
+
+# The SQLAlchemy backends bearerbridge is tested on (the part of a URL's scheme before any +driver).
+DATABASES = ("sqlite", "postgresql")
+
+
+def _sqlite_path(url: str) -> tuple[str, str] | None:
+    """(the path, the rest) of an SQLite URL naming a file, else None (another database, memory,
+    or a URI filename, which SQLite resolves itself)."""
+    scheme, _, rest = url.partition("://")
+    if scheme.partition("+")[0] != "sqlite" or not rest.startswith("/"):
+        return None
+    path, query, parameters = rest[1:].partition("?")
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return path, query + parameters
+
+
+def resolve_paths(config: Config, base: Path) -> Config:
+    """`config` with its relative paths made absolute against `base`, the config file's directory:
+    `[server] secret_key_file`, `[http] access_log` and an SQLite `[database] url`. Paths inside
+    endpoint strings (`unix:` sockets, TLS keys and certificates) are Twisted's: they stay
+    relative to the working directory."""
+    def resolved(path: str) -> str:
+        return str(base / path) if path and not os.path.isabs(path) else path
+
+    url = config.database.url
+    sqlite = _sqlite_path(url)
+    if sqlite is not None:
+        url = f"{url.partition('://')[0]}:///{resolved(sqlite[0])}{sqlite[1]}"
+    return dataclasses.replace(
+        config,
+        server=dataclasses.replace(config.server, secret_key_file=resolved(config.server.secret_key_file)),
+        http=dataclasses.replace(config.http, access_log=resolved(config.http.access_log)),
+        database=dataclasses.replace(config.database, url=url))
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Read the config from `path`, else from $BEARERBRIDGE_CONFIG, else use the defaults."""
+    """Read the config from `path`, else from $BEARERBRIDGE_CONFIG, else use the defaults. Relative
+    paths in a file are relative to its directory; the defaults' to the working directory."""
     path = path or os.environ.get(ENV_VAR)
     if not path:
         return Config()
@@ -276,17 +319,18 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:
-        return parse(data)
+        return resolve_paths(parse(data), Path(path).absolute().parent)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
 def secret_key(config: Config) -> bytes:
-    """Read the server's secret key, creating it (mode 0600) on first use."""
+    """Read the server's secret key, creating it (mode 0600) on first use. A key that cannot be
+    read or created raises ConfigError naming the key, the file and why."""
     path = Path(config.server.secret_key_file)
     try:
         return bytes.fromhex(path.read_text().strip())
@@ -294,12 +338,19 @@ def secret_key(config: Config) -> bytes:
         pass
     except ValueError:
         raise ConfigError(f"[server] secret_key_file: {path} does not hold a hex key") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"[server] secret_key_file: cannot read {path}: {e.strerror}") from None
     key = os.urandom(32)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"[server] secret_key_file: cannot create {path.parent}: {e.strerror}") from None
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # another process created it first: use theirs
         return secret_key(config)
+    except OSError as e:
+        raise ConfigError(f"[server] secret_key_file: cannot create {path}: {e.strerror}") from None
     with os.fdopen(fd, "w") as f:
         f.write(key.hex() + "\n")
     return key

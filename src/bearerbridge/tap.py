@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import functools
 import gc
+import sys
 from importlib import resources
+from typing import NoReturn
 
 from twisted.application import strports
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
 from bearerbridge import config as configuration
-from bearerbridge.bootstrap import open_store
+from bearerbridge.bootstrap import OpenError, open_store
 from bearerbridge.connections import LimitConnectionsByPeer, raise_open_files_limit
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth.server import BridgeServer, discovery_url, metadata
@@ -44,40 +47,87 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "Path to the TOML configuration file."]]
 
     def postOptions(self) -> None:
+        """Read the config and parse its endpoints; a mistake stops twistd with one line (`refuse`):
+        twistd would print its whole usage text above a UsageError, for what is not a usage error."""
         try:
             self.config = configuration.load(self["config"])
         except configuration.ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            refuse(str(e))
         for key, descriptions in (("[http] listen", self.config.http.listen),
                                   ("[sasl] listen", self.config.sasl.listen)):
             for i, description in enumerate(descriptions):
                 try:
                     serverFromString(reactor, description)
-                except (ValueError, KeyError, TypeError) as e:
-                    raise usage.UsageError(f"{key}[{i}]: bad endpoint {description!r}: {e}") from None
+                except (ValueError, KeyError, TypeError, OSError) as e:  # OSError: a TLS file unread
+                    refuse(f"{key}[{i}]: bad endpoint {description!r}: {e}")
+
+
+def refuse(message: str) -> NoReturn:
+    """Stop twistd before its log starts: Python prints the SystemExit's message, one line on
+    stderr, and exits with status 1."""
+    raise SystemExit(f"twistd bearerbridge: {message}")
+
+
+class BridgeService(MultiService):
+    """The top of the service tree. A listener that cannot listen (a port in use, a socket's
+    directory missing) stops twistd with one line naming the key, on stderr and in the log, and
+    status 1: it happens after twistd has started its log, where Python would print a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listeners: dict[IService, str] = {}
+
+    def listen(self, key: str, description: str, listener: IService) -> None:
+        self.listeners[listener] = f"{key} {description!r}"
+        listener.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except (CannotListenError, OSError) as e:  # OSError: a unix: socket's lock file
+                error = e.socketError if isinstance(e, CannotListenError) else e
+                reason = getattr(error, "strerror", None) or error
+                line = f"twistd bearerbridge: {self.listeners.get(child, 'a listener')}: cannot listen: {reason}"
+                log.critical("{line}", line=line)
+                if sys.__stderr__ is not None:
+                    print(line, file=sys.__stderr__, flush=True)
+                raise SystemExit(1) from None
+
+
+def _check_access_log(path: str) -> None:
+    """Open the access log now, so that a file that cannot be written is named at start."""
+    if path:
+        try:
+            open(path, "a").close()
+        except OSError as e:
+            raise configuration.ConfigError(f"[http] access_log: cannot write {path}: {e.strerror}") from None
 
 
 def make_service(config: configuration.Config) -> MultiService:
-    """Build the service tree; the pool comes first so that it stops last."""
+    """Build the service tree; the pool comes first so that it stops last. A key, database or
+    access log that cannot be used raises ConfigError or OpenError, saying which and why."""
     raise_open_files_limit()
+    _check_access_log(config.http.access_log)
     store = open_store(config)
     metrics = Metrics()
-    top = MultiService()
+    top = BridgeService()
     pool = StorePool(store, config.database.threads, config.database.deadline)
     pool.setServiceParent(top)
     validator = Validator(pool, config.sasl)
     site = BridgeSite(http_root(config, pool, metrics, validator), config.http.access_log)
     http_listener = LimitConnectionsByPeer(site, config.http.max_connections_per_peer)
-    for description in config.http.listen:
-        strports.service(description, http_listener).setServiceParent(top)
+    for i, description in enumerate(config.http.listen):
+        top.listen(f"[http] listen[{i}]", description, strports.service(description, http_listener))
     if config.sasl.listen:
         dovecot = DovecotAuthFactory(
             validator.validate, openid_configuration=discovery_url(config.server.issuer),
             mechanisms=config.sasl.offered,
             on_decision=functools.partial(metrics.sasl_decision, "dovecot", config.sasl.services))
         sasl_listener = LimitConnectionsByPeer(dovecot, config.sasl.max_connections_per_peer)
-        for description in config.sasl.listen:
-            strports.service(description, sasl_listener).setServiceParent(top)
+        for i, description in enumerate(config.sasl.listen):
+            top.listen(f"[sasl] listen[{i}]", description, strports.service(description, sasl_listener))
     TimerService(PURGE_INTERVAL, _purge, pool).setServiceParent(top)
     reactor.callWhenRunning(_settle_garbage_collector)
     return top
@@ -126,4 +176,8 @@ def _purge(pool: StorePool) -> None:
 
 
 def makeService(options: Options) -> MultiService:
-    return make_service(options.config)
+    """twistd's entry point: start-up failures are one line and status 1, never a traceback."""
+    try:
+        return make_service(options.config)
+    except (configuration.ConfigError, OpenError) as e:
+        refuse(str(e))

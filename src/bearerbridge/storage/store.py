@@ -70,9 +70,14 @@ def _private_sqlite_file(path: Path) -> None:
                     existing.chmod(mode & 0o700)
 
 
-def make_engine(url: str, threads: int = 4, deadline: float = 5.0) -> Engine:
+def make_engine(url: str, threads: int = 4, deadline: float = 5.0, *, transactional_ddl: bool = False) -> Engine:
     """An engine for `url`; SQLite gets WAL, enforced foreign keys, and waits for its write lock
-    at most `deadline` seconds, as PostgreSQL does to connect and for a statement."""
+    at most `deadline` seconds, as PostgreSQL does to connect and for a statement.
+
+    `transactional_ddl` (for migrations) makes SQLite's transactions begin where SQLAlchemy's do,
+    so that CREATE and ALTER roll back with the rest: Python's sqlite3 otherwise runs DDL outside
+    any transaction, and a migration that refuses halfway would leave half its tables behind
+    (SQLAlchemy's documented recipe; PostgreSQL needs none)."""
     parsed = make_url(url)
     # Each pool thread keeps a connection; two more for the CLI and migrations.
     options: dict[str, Any] = {"pool_size": threads + 2, "max_overflow": 0, "pool_pre_ping": False}
@@ -99,6 +104,13 @@ def make_engine(url: str, threads: int = 4, deadline: float = 5.0) -> Engine:
             cursor.execute(f"PRAGMA busy_timeout={int(deadline * 1000)}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+            if transactional_ddl:
+                dbapi_connection.isolation_level = None  # sqlite3 emits no BEGIN of its own ...
+
+        if transactional_ddl:
+            @sa.event.listens_for(engine, "begin")
+            def _sqlite_begin(connection: Connection) -> None:
+                connection.exec_driver_sql("BEGIN")  # ... so the transaction starts here
     return engine
 
 
