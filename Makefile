@@ -15,7 +15,9 @@ install: $(BIN)/python
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 .PHONY: install
 
+# Says where the service listens and what to do next, then runs it in the foreground (Ctrl-C stops it).
 run: install
+	@$(BIN)/python -c 'import sys; from bearerbridge.cli import announce; announce(sys.argv[1] or None)' "$(CONFIG)"
 	$(BIN)/twistd -n bearerbridge $(if $(CONFIG),--config $(CONFIG))
 
 # Real peers (Chromium, Prometheus, ...) from Debian's archive; needs root.
