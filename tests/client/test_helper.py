@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from twisted.internet import defer
 
 from bearerbridge.client.profile import (
     LOCK_POLL,
+    MAX_AGE,
     DamagedProfile,
     Profile,
     ProfileFile,
@@ -53,7 +56,7 @@ METADATA = {"issuer": ISSUER, "authorization_endpoint": f"{ISSUER}/authorize", "
             "revocation_endpoint": f"{ISSUER}/revoke",
             "device_authorization_endpoint": f"{ISSUER}/device_authorization"}
 PROFILE = Profile(issuer=ISSUER, client_id="cid", token_endpoint=f"{ISSUER}/token", scope="imap",
-                  access_token="AT-secret", expires_at=1000.0, refresh_token="RT-secret")
+                  access_token="AT-secret", expires_at=1000.0, refresh_token="RT-secret", obtained_at=900.0)
 
 
 # -- discovery and metadata (RFC 8414) -------------------------------------------------------
@@ -166,11 +169,26 @@ def test_refresh_when_missing_or_expiring_within_a_minute():
     assert not needs_refresh(Profile(ISSUER, "cid", "t", access_token="A"), now=0)
 
 
+def test_refresh_when_older_than_max_age_to_learn_whether_the_login_still_stands():
+    """A revoked login is noticed at the first print MAX_AGE (300) seconds after the token came."""
+    assert MAX_AGE == 300
+    young = dataclasses.replace(PROFILE, expires_at=5000.0)
+    assert not needs_refresh(young, now=900 + MAX_AGE - 1)
+    assert needs_refresh(young, now=900 + MAX_AGE)
+    assert needs_refresh(young, now=899)  # the clock went back: its age is unknown
+    assert not needs_refresh(young, now=1000, max_age=3600) and needs_refresh(young, now=1000, max_age=0)
+    assert needs_refresh(dataclasses.replace(young, obtained_at=None), now=900)  # a profile from before
+    # without a refresh token there is nothing to ask with: the token serves until it expires
+    assert not needs_refresh(dataclasses.replace(young, refresh_token=None), now=4000)
+    assert not needs_refresh(dataclasses.replace(young, refresh_token=None, obtained_at=None), now=4000)
+
+
 def test_a_token_response_rotates_or_keeps_the_refresh_token():
     rotated = apply_token_response(PROFILE, {"access_token": "A2", "token_type": "bearer", "expires_in": 3600,
                                              "refresh_token": "R2", "scope": "smtp"}, requested_at=5000)
     assert (rotated.access_token, rotated.refresh_token, rotated.expires_at, rotated.scope) == (
         "A2", "R2", 8600, "smtp")
+    assert rotated.obtained_at == 5000 and rotated.without_tokens().obtained_at is None
     kept = apply_token_response(PROFILE, {"access_token": "A2", "token_type": "Bearer"}, requested_at=5000)
     assert kept.refresh_token == "RT-secret" and kept.scope == "imap" and kept.expires_at is None
     asked = apply_token_response(Profile(ISSUER, "cid", "t"), {"access_token": "A", "token_type": "Bearer"}, 0, "smtp")
@@ -469,6 +487,37 @@ def test_a_revoked_refresh_token_asks_for_a_new_login(short_service, tmp_path):
     assert "refresh token: none" in helper(tmp_path, "status", "--profile", "mail").stdout
     again = helper(tmp_path, "print", "--profile", "mail")
     assert again.returncode == 3 and again.stdout == "" and "run: bearerbridge-token login" in again.stderr
+
+
+def test_print_notices_a_revoked_login_once_the_token_is_older_than_max_age(service, native_client, tmp_path):
+    """Access tokens live an hour here; within --max-age print trusts the one it holds, after it
+    asks the server (a refresh), which refuses a login revoked meanwhile: exit 3, log in again."""
+    username, password = service.user()
+    assert browser_login(service, tmp_path, native_client, username, password).returncode == 0
+    held = stored(tmp_path)
+    asked = helper(tmp_path, "print", "--max-age", "0")  # older than 0 s: refreshed, the login stands
+    assert asked.returncode == 0 and asked.stdout.strip() != held["access_token"], asked.stderr
+    assert stored(tmp_path)["refresh_token"] != held["refresh_token"]
+    service.cli("token", "revoke", "--user", username)
+    within = helper(tmp_path, "print", "--max-age", "3600")
+    assert within.returncode == 0 and within.stdout == asked.stdout  # within the bound: not noticed yet
+    time.sleep(1.1)
+    after = helper(tmp_path, "print", "--max-age", "1")
+    assert after.returncode == 3 and after.stdout == ""
+    assert after.stderr == ("bearerbridge-token: the login has expired or was revoked; run: bearerbridge-token "
+                            f"login --issuer {service.url} --client-id {native_client['client_id']} "
+                            '--scope "imap smtp"\n')
+    assert stored(tmp_path)["refresh_token"] is None
+
+
+def test_print_documents_its_bound_and_refuses_a_bad_max_age(tmp_path):
+    usage = helper(tmp_path, "print", "--help")
+    assert usage.returncode == 0
+    assert "--max-age SECONDS" in usage.stdout and "(default: 300;" in usage.stdout
+    assert "revoked" in usage.stdout and "exits 3" in usage.stdout
+    for bad in ("-1", "soon", "inf", "nan"):
+        refused = helper(tmp_path, "print", "--max-age", bad)
+        assert refused.returncode == 2 and "is not a number of seconds" in refused.stderr and refused.stdout == ""
 
 
 def test_logout_revokes_at_the_server(service, native_client, resource_server, tmp_path):

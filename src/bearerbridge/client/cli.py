@@ -2,16 +2,17 @@
 
     bearerbridge-token login --issuer URL --client-id ID [--client-secret S] [--scope "a b"]
                              [--profile NAME] [--device | --browser] [--ca-file PEM] [--port N]
-    bearerbridge-token print  [--profile NAME]    # the access token alone on stdout
+    bearerbridge-token print  [--profile NAME] [--max-age SECONDS]    # the access token alone on stdout
     bearerbridge-token status [--profile NAME]    # never shows a token
     bearerbridge-token logout [--profile NAME] [--no-revoke]
 
 `login` discovers the server (RFC 8414) and runs the device grant (RFC 8628) or the code grant
-with PKCE and a loopback redirect (RFC 7636, RFC 8252 §7.3). `print` refreshes first when the
-access token expires within a minute (RFC 6749 §6) and saves the rotated refresh token under an
-exclusive lock, so concurrent callers (rclone runs the command again after every 401) never replay
-one. Exit status: 0, 1 on a failure that may pass (network, server), 3 when only a new `login` can
-help, 130 when interrupted; stdout is empty unless `print` succeeds.
+with PKCE and a loopback redirect (RFC 7636, RFC 8252 §7.3). `print` refreshes first (RFC 6749 §6)
+when the access token expires within a minute or is older than `--max-age` (300 s: a login revoked
+at the server is noticed at the first `print` after that, which exits 3), and saves the rotated
+refresh token under an exclusive lock, so concurrent callers (rclone runs the command again after
+every 401) never replay one. Exit status: 0, 1 on a failure that may pass (network, server), 3
+when only a new `login` can help, 130 when interrupted; stdout is empty unless `print` succeeds.
 
 This module is the I/O: argparse, treq, the loopback listener. The decisions are in
 `client.protocol` and the state in `client.profile`. treq runs on an `Agent` whose
@@ -44,6 +45,7 @@ from twisted.web.server import Site
 
 from bearerbridge.client.profile import (
     APP,
+    MAX_AGE,
     DamagedProfile,
     Profile,
     ProfileFile,
@@ -356,7 +358,7 @@ async def cmd_print(reactor: Reactor, args: argparse.Namespace, environ: Mapping
         profile = store.load()
         if profile is None:
             raise missing
-        if needs_refresh(profile, time.time()):
+        if needs_refresh(profile, time.time(), max_age=args.max_age):
             profile = await refreshed(reactor, store, profile)
     sys.stdout.write(f"{profile.access_token}\n")
     sys.stdout.flush()
@@ -391,6 +393,16 @@ async def cmd_logout(reactor: Reactor, args: argparse.Namespace, environ: Mappin
 
 # -- entry point -----------------------------------------------------------------------------
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds (0 or more)")
+    return seconds
+
+
 def _profile_name(value: str) -> str:
     try:
         return check_profile_name(value)
@@ -405,8 +417,8 @@ def parser() -> argparse.ArgumentParser:
                                   f"{EXIT_LOGIN_NEEDED} log in again, {EXIT_INTERRUPTED} interrupted.")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, run: Command, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
+    def command(name: str, run: Command, help: str, more: str = "") -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help + more)
         sub.set_defaults(run=run)
         sub.add_argument("--profile", default="default", type=_profile_name,
                          help="which login (default: default), stored in $XDG_CONFIG_HOME/bearerbridge-token/")
@@ -426,7 +438,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-file", help="trust only the CA certificates in this PEM file (remembered)")
     p.add_argument("--port", type=int, default=0,
                    help="loopback port for --browser (default: any free one; unused with --device)")
-    command("print", cmd_print, "print a valid access token on stdout, refreshing it first if needed")
+    p = command("print", cmd_print, "print a valid access token on stdout, refreshing it first if needed",
+                ": when it expires within a minute, or is older than --max-age. The refresh asks the server "
+                "whether the login still stands, so a login revoked there is noticed at the first print after "
+                f"that bound (by default {MAX_AGE} s), which exits {EXIT_LOGIN_NEEDED} and says to log in again.")
+    p.add_argument("--max-age", type=_seconds, default=MAX_AGE, metavar="SECONDS",
+                   help=f"refresh an access token older than this, to learn whether the login still stands "
+                   f"(default: {MAX_AGE}; 0 asks the server at every print)")
     command("status", cmd_status, "describe the stored login, without showing its tokens")
     p = command("logout", cmd_logout, "revoke the login at the server and delete it")
     p.add_argument("--no-revoke", action="store_true", help="only delete the local profile")

@@ -24,6 +24,10 @@ from pathlib import Path
 
 APP = "bearerbridge-token"
 REFRESH_MARGIN = 60  # seconds: refresh an access token that expires sooner than this
+# Seconds: refresh an access token older than this, so that a login revoked at the server (by the
+# user, an operator, or a disabled account) is noticed at the first `print` after this bound
+# rather than when the token expires (an hour at bearerbridge). `print --max-age` changes it.
+MAX_AGE = 300
 LOCK_POLL = 0.05  # seconds between tries for a profile's lock that another process holds
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -50,6 +54,7 @@ class Profile:
     access_token: str | None = None
     expires_at: float | None = None  # seconds since the epoch; None when the server did not say
     refresh_token: str | None = None
+    obtained_at: float | None = None  # when the access token was asked for; None in older profiles
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -64,20 +69,25 @@ class Profile:
 
     def without_tokens(self) -> Profile:
         """What remains once the server has refused the refresh token: enough to say how to log in."""
-        return dataclasses.replace(self, access_token=None, expires_at=None, refresh_token=None)
+        return dataclasses.replace(self, access_token=None, expires_at=None, refresh_token=None, obtained_at=None)
 
 
 # -- decisions -------------------------------------------------------------------------------
 
-def needs_refresh(profile: Profile, now: float, margin: float = REFRESH_MARGIN) -> bool:
+def needs_refresh(profile: Profile, now: float, margin: float = REFRESH_MARGIN, max_age: float = MAX_AGE) -> bool:
     """Whether `print` must refresh before answering.
 
     A missing access token, or one expiring within `margin` seconds, needs a refresh. When the
     server gave no lifetime (`expires_in` is only RECOMMENDED, RFC 6749 §5.1) we cannot know, so
-    we refresh whenever a refresh token allows it.
+    we refresh whenever a refresh token allows it. With a refresh token, so does an access token
+    older than `max_age` seconds (or of unknown age, or from a clock that went back): the refresh
+    asks the server whether the login still stands, and a revoked one is noticed within `max_age`.
     """
     if profile.access_token is None:
         return True
+    if profile.refresh_token is not None:
+        if profile.obtained_at is None or not 0 <= now - profile.obtained_at < max_age:
+            return True
     if profile.expires_at is None:
         return profile.refresh_token is not None
     return profile.expires_at - now < margin
@@ -110,7 +120,7 @@ def apply_token_response(profile: Profile, body: object, requested_at: float, re
         raise ProtocolError("the token endpoint's scope is not a string")
     return dataclasses.replace(
         profile, access_token=access_token,
-        expires_at=None if expires_in is None else requested_at + expires_in,
+        expires_at=None if expires_in is None else requested_at + expires_in, obtained_at=requested_at,
         refresh_token=refresh_token or profile.refresh_token,
         scope=scope if scope is not None else (requested_scope if requested_scope is not None else profile.scope))
 
