@@ -56,10 +56,13 @@ class BadRequest(Exception):
 
 
 def parse_query(raw: bytes | str) -> dict[str, list[str]]:
-    """A query string or form body: strict UTF-8, at most MAX_FIELDS fields (else BadRequest)."""
+    """A query string or form body: strict UTF-8, at most MAX_FIELDS fields (else BadRequest).
+
+    Strict after percent-decoding too: parse_qs's default would read `%FF` as U+FFFD, so that
+    different values (two `state`s, say) came out the same (found by tests/web/test_fuzz.py)."""
     try:
         return parse_qs(raw if isinstance(raw, str) else raw.decode("utf-8", "strict"),
-                        keep_blank_values=True, max_num_fields=MAX_FIELDS)
+                        keep_blank_values=True, max_num_fields=MAX_FIELDS, errors="strict")
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("The parameters are malformed or too many") from None
 
