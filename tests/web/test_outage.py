@@ -25,7 +25,7 @@ from ..fakes import DeadPool
 def dead_root(memory: RecentReads | None = None, metrics: Metrics | None = None):
     """The whole HTTP tree over a database that is gone."""
     settings = config.Config()
-    store = SimpleNamespace(keyring=Keyring(b"k" * 32), recent=memory or RecentReads(60.0), ping=lambda: None)
+    store = SimpleNamespace(keyring=Keyring(b"k" * 32), recent=memory or RecentReads(60.0))
     pool = DeadPool(store)
     return tap.http_root(settings, pool, metrics or Metrics(), Validator(pool, settings.sasl))
 

@@ -110,8 +110,8 @@ def introspect_remembered(request: HttpRequest, recent: RecentReads, digest: Cal
     token_string = request.form.get("token")
     if client is None or not token_string or request.form.get("token_type_hint") not in (None, "", "access_token"):
         return None
-    if any(len(values) > 1 for values in request.payload.datalist.values()):
-        return None  # a parameter given twice: refused in the pool (BridgeServer._once_each)
+    if request.repeated() is not None:
+        return None  # refused in the pool (BridgeServer._once_each)
     remembered = recent.token(digest(token_string))
     if remembered is None:
         return None

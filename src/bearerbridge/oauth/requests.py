@@ -78,6 +78,11 @@ class HttpRequest(OAuth2Request):
     def form(self) -> dict[str, str]:
         return self._form
 
+    def repeated(self) -> str | None:
+        """A parameter given more than once, if any: RFC 6749 §3.1 and §3.2 forbid it (which
+        of the values would a server read?)."""
+        return min((name for name, values in self.payload.datalist.items() if len(values) > 1), default=None)
+
     def malformed(self) -> MalformedRequest | None:
         """Why authlib could not describe this request in an error, if it could not."""
         if not _DESCRIBABLE.fullmatch(self.headers.get("Authorization") or ""):

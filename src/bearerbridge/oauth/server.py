@@ -137,11 +137,11 @@ class BridgeServer(AuthorizationServer):
             request, super().create_endpoint_response, name, request)
 
     def _once_each(self, request: HttpRequest) -> tuple[int, Any, Any] | None:
-        """RFC 6749 §3.1, §3.2: no parameter may be given more than once (which would a server read?)."""
-        repeated = sorted(name for name, values in request.payload.datalist.items() if len(values) > 1)
-        if not repeated:
+        """invalid_request for a parameter given more than once (`HttpRequest.repeated`)."""
+        repeated = request.repeated()
+        if repeated is None:
             return None
-        return self.handle_error_response(request, InvalidRequestError(f"{repeated[0]} is given more than once"))
+        return self.handle_error_response(request, InvalidRequestError(f"{repeated} is given more than once"))
 
     def authenticate_client(self, request: HttpRequest, methods: list[str], endpoint: str = "token") -> Client:
         """authlib's client authentication, with its description of a failed one (a wrong

@@ -360,7 +360,7 @@ class DovecotAuthConnection:
         bearer = validation.bearer
         if verdict.accepted:
             live.exchange.accept()
-            self._decide(out, live, verdict.username, True, verdict.reason or "ok")
+            self._decide(out, live, verdict.username, True, verdict.reason or Reason.OK)
             # `accepted` means there is a name, which the type checker cannot see through the property.
             self._finish(out, live, format_ok(live.request.id, verdict.username))  # type: ignore[arg-type]
         elif (reason := verdict.unavailable) is not None:
