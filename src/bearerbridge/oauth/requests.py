@@ -57,12 +57,14 @@ class HttpRequest(OAuth2Request):
 
     twisted.web merges the query and the form in `request.args`; we keep them apart
     (`args` and `form`, as RFC 6749 says where each parameter belongs) and give
-    authlib their union as the payload.
+    authlib their union as the payload. `address` is where the request came from
+    (`web.site.client_address`), None on a UNIX socket.
     """
 
     def __init__(self, method: str, uri: str, headers: Mapping[str, str],
-                 query: Mapping[str, list[str]], form: Mapping[str, list[str]]) -> None:
+                 query: Mapping[str, list[str]], form: Mapping[str, list[str]], address: str | None = None) -> None:
         super().__init__(method, uri, headers=_Headers({k.lower(): v for k, v in headers.items()}))
+        self.address = address  # the client's IP address (an IPv6 /64), for throttling and the audit log
         self._args = {k: v[0] for k, v in query.items() if v}
         self._form = {k: v[0] for k, v in form.items() if v}
         merged: dict[str, list[str]] = {k: list(v) for k, v in query.items()}

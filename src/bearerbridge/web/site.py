@@ -27,6 +27,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
+from bearerbridge.connections import peer_address
 from bearerbridge.oauth.requests import HttpRequest, MalformedRequest
 from bearerbridge.storage.pool import DatabaseUnavailable
 
@@ -82,7 +83,14 @@ def snapshot(request: Request, issuer: str) -> HttpRequest:
     headers = {name.decode("latin-1"): b", ".join(values).decode("latin-1")
                for name, values in request.requestHeaders.getAllRawHeaders()}
     uri = issuer.rstrip("/") + request.uri.decode("latin-1")
-    return HttpRequest(request.method.decode("ascii"), uri, headers, parse_query(raw_query), form)
+    return HttpRequest(request.method.decode("ascii"), uri, headers, parse_query(raw_query), form,
+                       client_address(request))
+
+
+def client_address(request: Request) -> str | None:
+    """The address a request came from, as throttling and the audit log count it: an IPv4
+    address or an IPv6 /64 (`connections.peer_address`); None on a UNIX socket."""
+    return peer_address(request.getClientAddress())
 
 
 def bearer_token(request: Request) -> str | None:
