@@ -3,6 +3,7 @@ the HTTP tree driven through treq's StubTreq with no socket, and a browser's par
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.web.resource import IResource
 
+from bearerbridge.audit import AuditLog
 from bearerbridge.config import Config
 from bearerbridge.crypto import Keyring
 from bearerbridge.metrics import Metrics
@@ -119,6 +121,22 @@ class Http:
         return self.request("POST", path, **kwargs)
 
 
+class MemoryAudit(AuditLog):
+    """An audit log keeping its events in a list, each the dict its JSON line holds. Fields are
+    checked as the real log checks them: one named like a secret raises ValueError."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[dict[str, Any]] = []
+
+    def _write(self, data: bytes) -> None:
+        self.events.append(json.loads(data))
+
+    def of(self, event: str) -> list[dict[str, Any]]:
+        """The events of one name, oldest first, without their time."""
+        return [{k: v for k, v in e.items() if k not in ("time", "event")} for e in self.events if e["event"] == event]
+
+
 # -- the whole HTTP tree in process, and a browser's part of the code grant ---------------------
 
 _CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -139,6 +157,7 @@ class Bridge:
     config: Config
     pool: SyncPool
     metrics: Metrics
+    audit: MemoryAudit
     root: IResource
 
     @classmethod
@@ -147,8 +166,9 @@ class Bridge:
 
         config = config or Config()
         pool = SyncPool(store)
-        metrics = Metrics()
-        return cls(store, config, pool, metrics, tap.http_root(config, pool, metrics, Validator(pool, config.sasl)))
+        metrics, audit = Metrics(), MemoryAudit()
+        return cls(store, config, pool, metrics, audit,
+                   tap.http_root(config, pool, metrics, Validator(pool, config.sasl), audit))
 
     def browser(self) -> Http:
         """A new browser (or program): no cookies yet."""
@@ -160,7 +180,7 @@ class Bridge:
         from bearerbridge import tap
 
         pool = DeadPool(self.store)
-        return Http(tap.http_root(self.config, pool, Metrics(), Validator(pool, self.config.sasl)))
+        return Http(tap.http_root(self.config, pool, Metrics(), Validator(pool, self.config.sasl), self.audit))
 
     def count(self, name: str, **labels: str) -> float:
         """A sample of the service's Prometheus counters; 0 when never counted."""

@@ -26,7 +26,7 @@ def test_defaults():
 def test_the_documented_example_is_valid_and_complete():
     data = tomllib.loads(EXAMPLE.read_text())
     loaded = config.parse(data)
-    for section in ("server", "http", "database", "tokens", "sasl", "forward_auth"):
+    for section in ("server", "http", "audit", "database", "tokens", "sasl", "forward_auth"):
         documented = set(data[section])
         known = set(getattr(config.Config(), section).__dataclass_fields__)
         assert documented == known, f"[{section}] in conf/bearerbridge.toml"
@@ -108,6 +108,7 @@ def test_the_documented_defaults_resolve_beside_the_example_file():
     assert loaded.server.secret_key_file == str(EXAMPLE.parent.absolute() / "var" / "secret.key")
     assert loaded.database.url == f"sqlite:///{EXAMPLE.parent.absolute() / 'var' / 'bearerbridge.db'}"
     assert loaded.http.access_log == ""  # none stays none
+    assert loaded.audit.file == str(EXAMPLE.parent.absolute() / "var" / "audit.log")
 
 
 def test_without_a_file_the_defaults_stay_relative_to_the_working_directory(monkeypatch):
@@ -165,3 +166,15 @@ def test_plain_for_a_service_adds_plain_to_the_offered_mechanisms():
     assert SaslSettings().offered == ("OAUTHBEARER", "XOAUTH2")
     assert SaslSettings(mechanisms=("OAUTHBEARER",), plain=("imap",)).offered == ("OAUTHBEARER", "PLAIN")
     assert SaslSettings(mechanisms=("PLAIN", "XOAUTH2"), plain=("imap",)).offered == ("PLAIN", "XOAUTH2")
+
+
+def test_the_audit_file_is_relative_to_the_config_file_and_may_be_empty(tmp_path):
+    path = tmp_path / "bearerbridge.toml"
+    path.write_text('[audit]\nfile = "logs/audit.log"\n')
+    assert config.load(path).audit.file == str(tmp_path / "logs" / "audit.log")
+    path.write_text('[audit]\nfile = ""\n')
+    assert config.load(path).audit.file == ""
+    path.write_text('[audit]\nfile = 3\n')
+    with pytest.raises(config.ConfigError, match=r"\[audit\] file: expected a non-empty string"):
+        config.load(path)
+    assert config.Config().audit.file == "var/audit.log"

@@ -74,6 +74,17 @@ class TokenSettings:
     device_codes_per_client: int = 100
 
 
+@dataclass(frozen=True)
+class AuditSettings:
+    # The file security events are appended to, one JSON object a line (see audit.py); created
+    # mode 0600. Empty: no audit log.
+    file: str = "var/audit.log"
+
+
+# Keys that may be empty although their default is not: empty turns something off.
+MAY_BE_EMPTY = frozenset({"[audit] file"})
+
+
 # How the identity a SASL client names (OAUTHBEARER authzid, XOAUTH2 user, PLAIN authcid)
 # may match the token's user, and the forms of user name reported back to a service.
 IDENTITY_RULES = ("username", "email", "user@realm")
@@ -140,6 +151,7 @@ DEFAULT_SCOPES: Mapping[str, str] = types.MappingProxyType({
 class Config:
     server: ServerSettings = field(default_factory=ServerSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     tokens: TokenSettings = field(default_factory=TokenSettings)
     sasl: SaslSettings = field(default_factory=SaslSettings)
@@ -195,7 +207,7 @@ def _section(cls: type, name: str, table: Any) -> Any:
     for key, value in table.items():
         if key not in known:
             raise ConfigError(f"[{name}] {key}: unknown key (known: {', '.join(sorted(known))})")
-        if value == "" and getattr(defaults, key) == "":  # empty only where the default is
+        if value == "" and (getattr(defaults, key) == "" or f"[{name}] {key}" in MAY_BE_EMPTY):
             values[key] = value
             continue
         values[key] = _check_value(f"[{name}] {key}", hints[key], value)
@@ -292,7 +304,7 @@ def _sqlite_path(url: str) -> tuple[str, str] | None:
 
 def resolve_paths(config: Config, base: Path) -> Config:
     """`config` with its relative paths made absolute against `base`, the config file's directory:
-    `[server] secret_key_file`, `[http] access_log` and an SQLite `[database] url`. Paths inside
+    `[server] secret_key_file`, `[http] access_log`, `[audit] file` and an SQLite `[database] url`. Paths inside
     endpoint strings (`unix:` sockets, TLS keys and certificates) are Twisted's: they stay
     relative to the working directory."""
     def resolved(path: str) -> str:
@@ -306,6 +318,7 @@ def resolve_paths(config: Config, base: Path) -> Config:
         config,
         server=dataclasses.replace(config.server, secret_key_file=resolved(config.server.secret_key_file)),
         http=dataclasses.replace(config.http, access_log=resolved(config.http.access_log)),
+        audit=dataclasses.replace(config.audit, file=resolved(config.audit.file)),
         database=dataclasses.replace(config.database, url=url))
 
 

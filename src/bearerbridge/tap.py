@@ -19,6 +19,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 
 from bearerbridge import config as configuration
+from bearerbridge.audit import AuditLog, open_audit_log
 from bearerbridge.bootstrap import OpenError, open_store
 from bearerbridge.connections import LimitConnectionsByPeer, raise_open_files_limit
 from bearerbridge.metrics import Metrics
@@ -110,13 +111,14 @@ def make_service(config: configuration.Config) -> MultiService:
     access log that cannot be used raises ConfigError or OpenError, saying which and why."""
     raise_open_files_limit()
     _check_access_log(config.http.access_log)
+    audit = open_audit_log(config.audit, lambda message: log.error("{message}", message=message))
     store = open_store(config)
     metrics = Metrics()
     top = BridgeService()
     pool = StorePool(store, config.database.threads, config.database.deadline)
     pool.setServiceParent(top)
     validator = Validator(pool, config.sasl)
-    site = BridgeSite(http_root(config, pool, metrics, validator), config.http.access_log)
+    site = BridgeSite(http_root(config, pool, metrics, validator, audit), config.http.access_log)
     http_listener = LimitConnectionsByPeer(site, config.http.max_connections_per_peer)
     for i, description in enumerate(config.http.listen):
         top.listen(f"[http] listen[{i}]", description, strports.service(description, http_listener))
@@ -133,10 +135,12 @@ def make_service(config: configuration.Config) -> MultiService:
     return top
 
 
-def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, validator: Validator) -> Resource:
-    """The resource tree served on every [http] listener, each resource given what it uses."""
+def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, validator: Validator,
+              audit: AuditLog) -> Resource:
+    """The resource tree served on every [http] listener, each resource given what it uses; the
+    process's one audit log goes to whoever records security events."""
     issuer = config.server.issuer
-    server = BridgeServer(pool.store, config, metrics)
+    server = BridgeServer(pool.store, config, audit, metrics)
     pages = Pages(config.server.site_name)
     sessions = Sessions(pool, config.server.session_ttl, secure=config.https)
     login = PasswordLogin(pool, sessions, metrics)

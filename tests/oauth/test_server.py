@@ -20,10 +20,11 @@ from bearerbridge.oauth.server import AskConsent, AskLogin, AuthorizeOutcome, Br
 from bearerbridge.storage.models import Client, User
 from bearerbridge.storage.store import SqlStore
 
-from ..fakes import sqlite_store
+from ..fakes import MemoryAudit, sqlite_store
 
 ISSUER = "http://127.0.0.1:8080"
 CB = "https://app.example/cb"
+ADDRESS = "192.0.2.7"
 LOOPBACK = "http://127.0.0.1/callback"
 CODE_GRANT = ("authorization_code", "refresh_token")
 VERIFIER = "v" * 64
@@ -55,11 +56,16 @@ def alice(store) -> User:
 
 
 @pytest.fixture
-def authorize(store):
+def audit() -> MemoryAudit:
+    return MemoryAudit()
+
+
+@pytest.fixture
+def authorize(store, audit):
     """authorize(user_id, decision, **query) -> the outcome, for a code grant request of "web"
     (with PKCE S256, scope imap, state st-1) changed by `query` (None drops a parameter, a list
     repeats it). A decision comes as the consent form's POST does, with the same query."""
-    server = BridgeServer(store, Config())
+    server = BridgeServer(store, Config(), audit)
 
     def authorize(user_id: int | None = None, decision: str | None = None,
                   **query: str | list[str] | None) -> AuthorizeOutcome:
@@ -67,7 +73,8 @@ def authorize(store):
                   "state": "st-1", "code_challenge": CHALLENGE, "code_challenge_method": "S256", **query}
         lists = {k: v if isinstance(v, list) else [v] for k, v in params.items() if v is not None}
         method, form = ("GET", {}) if decision is None else ("POST", {"step": ["consent"], "decision": [decision]})
-        request = HttpRequest(method, f"{ISSUER}/authorize?{urlencode(lists, doseq=True)}", {}, lists, form)
+        request = HttpRequest(method, f"{ISSUER}/authorize?{urlencode(lists, doseq=True)}", {}, lists, form,
+                              ADDRESS)
         with store.transaction():
             return server.authorize(request, user_id, decision)
     return authorize
@@ -314,3 +321,21 @@ def test_a_confidential_client_must_use_pkce_unless_registered_without(store, al
         store.update_client("web", pkce_required=False)
     assert set(redirected(authorize(alice.id, "approve", code_challenge=None, code_challenge_method=None))) == {
         "code", "state", "iss"}
+
+
+# -- the audit log -------------------------------------------------------------------------------
+
+def test_a_consent_approved_or_denied_is_recorded_with_who_what_and_where(alice, audit, authorize):
+    authorize(alice.id)  # the consent page alone decides nothing
+    assert audit.events == []
+    authorize(alice.id, "approve", scope="imap smtp")
+    authorize(alice.id, "deny")
+    assert audit.of("consent") == [
+        {"user": "alice", "client_id": "web", "scope": "imap smtp", "approved": True, "address": ADDRESS},
+        {"user": "alice", "client_id": "web", "scope": "imap", "approved": False, "address": ADDRESS}]
+
+
+def test_a_remembered_consent_is_not_recorded_again(alice, audit, authorize):
+    authorize(alice.id, "approve")
+    redirected(authorize(alice.id))
+    assert len(audit.of("consent")) == 1

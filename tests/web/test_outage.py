@@ -19,7 +19,7 @@ from bearerbridge.storage.models import Client, Token
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.web.site import AsyncResource
 
-from ..fakes import DeadPool
+from ..fakes import DeadPool, MemoryAudit
 
 
 def dead_root(memory: RecentReads | None = None, metrics: Metrics | None = None):
@@ -27,7 +27,7 @@ def dead_root(memory: RecentReads | None = None, metrics: Metrics | None = None)
     settings = config.Config()
     store = SimpleNamespace(keyring=Keyring(b"k" * 32), recent=memory or RecentReads(60.0))
     pool = DeadPool(store)
-    return tap.http_root(settings, pool, metrics or Metrics(), Validator(pool, settings.sasl))
+    return tap.http_root(settings, pool, metrics or Metrics(), Validator(pool, settings.sasl), MemoryAudit())
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from bearerbridge.sasl.verdict import Verdict
 from bearerbridge.storage.models import Client
 from bearerbridge.web.sasl import SaslEndpoint
 
-from ..fakes import SyncPool, sqlite_store
+from ..fakes import MemoryAudit, SyncPool, sqlite_store
 
 MESSAGE = base64.b64encode(b"n,,\x01auth=Bearer tok\x01\x01").decode()
 XOAUTH2 = base64.b64encode(b"user=alice\x01auth=Bearer tok\x01\x01").decode()
@@ -30,7 +30,7 @@ def post(tmp_path):
         store.add_client(Client("caller", "Caller", (), "imap", ("client_credentials",), False), "secret")
     metrics = Metrics()
     pool = SyncPool(store)
-    server = BridgeServer(store, settings, metrics)
+    server = BridgeServer(store, settings, MemoryAudit(), metrics)
 
     def post(verdict, mechanisms=settings.sasl.offered, **form):
         sasl = dataclasses.replace(settings.sasl, mechanisms=mechanisms)

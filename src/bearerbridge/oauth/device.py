@@ -116,11 +116,15 @@ def find_by_user_code(server: BridgeServer, user_code: str) -> DeviceRequest | N
     return DeviceRequest(user_code, client.name, scopes)
 
 
-def decide(server: BridgeServer, user_code: str, user_id: int, approved: bool) -> bool:
-    """Record the user's answer; remember the consent when they approve."""
+def decide(server: BridgeServer, user_code: str, user_id: int, approved: bool, address: str | None = None) -> bool:
+    """Record the user's answer (and audit it as `consent`, from the user's `address`); remember
+    the consent when they approve."""
     found = server.store.find_user_code(user_code)
     if found is None or found.is_expired() or not server.store.decide_device_code(user_code, user_id, approved):
         return False
+    user = server.store.get_user(user_id)
+    server.audit.record("consent", user=user.username if user else None, client_id=found.client_id,
+                        scope=found.scope, approved=approved, grant_type=GRANT_TYPE, address=address)
     if approved:
         server.store.save_consent(user_id, found.client_id, set(found.scope.split()))
     return True

@@ -142,4 +142,7 @@ class Revocation(RevocationEndpoint):
         return query_token(self.server.store, token_string, token_type_hint)
 
     def revoke_token(self, token: Token, request: HttpRequest) -> None:
-        self.server.store.revoke_family(token.family)
+        revoked = self.server.store.revoke_family(token.family)
+        self.server.audit.record("token_revoked", client_id=token.client_id, user=token.username,
+                                 token_type="refresh_token" if token.refresh else "access_token",
+                                 token_id=token.id, family=token.family, revoked=revoked, address=request.address)

@@ -66,8 +66,11 @@ class CodeGrant(grants.AuthorizationCodeGrant):
             raise InvalidGrantError(f"The code has expired: a code must be exchanged within "
                                     f"{self.server.config.tokens.code_ttl} seconds; ask for a new one")
         if found.used or not store.use_code(found.code_digest):
-            store.revoke_from_code(found.code_digest)
+            revoked = store.revoke_from_code(found.code_digest)
             self.server.note_failure("authorization_code", "code_reused")
+            user = store.get_user(found.user_id)
+            self.server.audit.record("code_replayed", client_id=client.client_id, user=user.username if user else None,
+                                     scope=found.scope, revoked=revoked, address=self.request.address)
             raise InvalidGrantError("The code was presented before: a code is good for one exchange only, "
                                     "and any tokens issued from it are now revoked")
         return found
@@ -105,8 +108,13 @@ class RefreshGrant(grants.RefreshTokenGrant):
             raise InvalidGrantError()
 
     def _replayed(self, token: Token) -> None:
-        self.server.store.revoke_family(token.family)
+        """A rotated refresh token came back: whoever holds the family now may be a thief, so all
+        of it is revoked (RFC 9700 §4.14.2)."""
+        revoked = self.server.store.revoke_family(token.family)
         self.server.note_failure("refresh_token", "refresh_reused")
+        self.server.audit.record("refresh_replayed", client_id=token.client_id, user=token.username,
+                                 token_id=token.id, family=token.family, revoked=revoked,
+                                 address=self.request.address)
 
     def authenticate_user(self, refresh_token: Token) -> User | None:
         return self.server.active_user(refresh_token.user_id)

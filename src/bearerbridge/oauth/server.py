@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from uuid import uuid4
 
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2 import AuthorizationServer
@@ -25,6 +26,7 @@ from authlib.oauth2.rfc6749 import (
 from authlib.oauth2.rfc6750 import BearerTokenGenerator
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 
+from bearerbridge.audit import AuditLog
 from bearerbridge.config import Config
 from bearerbridge.crypto import new_secret
 from bearerbridge.metrics import Metrics
@@ -80,12 +82,14 @@ AuthorizeOutcome = Redirect | ErrorPage | AskLogin | AskConsent
 
 
 class BridgeServer(AuthorizationServer):
-    """authlib's AuthorizationServer bound to our store and settings."""
+    """authlib's AuthorizationServer bound to our store and settings; the security events of
+    the grants and endpoints go to `audit`."""
 
-    def __init__(self, store: SqlStore, config: Config, metrics: Metrics | None = None) -> None:
+    def __init__(self, store: SqlStore, config: Config, audit: AuditLog, metrics: Metrics | None = None) -> None:
         super().__init__(scopes_supported=list(config.scopes))
         self.store = store
         self.config = config
+        self.audit = audit
         self.metrics = metrics
         self.register_token_generator("default", BearerTokenGenerator(
             access_token_generator=lambda **_: new_secret(),
@@ -106,16 +110,32 @@ class BridgeServer(AuthorizationServer):
     def query_client(self, client_id: str) -> Client | None:
         return self.store.find_client(client_id)
 
-    def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None:
+    def save_token(self, token: dict[str, Any], request: HttpRequest) -> None:
+        """Store a token pair issued by any grant, and record it: `token_issued`, or
+        `token_refreshed` for a rotation (which keeps the family of the token it replaces)."""
         previous: Token | None = request.refresh_token
         code: AuthCode | None = request.authorization_code
+        family = previous.family if previous else uuid4().hex
         self.store.save_token(
             token["access_token"], token.get("refresh_token"), request.client.client_id,
             request.user.id if request.user else None, token.get("scope", ""), token["expires_in"],
-            self.config.tokens.refresh_ttl, family=previous.family if previous else None,
-            code_digest=code.code_digest if code else None,
+            self.config.tokens.refresh_ttl, family=family, code_digest=code.code_digest if code else None,
             # A refresh keeps the scope of the refresh token presented, whatever it asked for (RFC 6749 §6).
             refresh_scope=previous.scope if previous else None)
+        self.audit.record(
+            "token_refreshed" if previous else "token_issued", grant_type=request.payload.grant_type,
+            client_id=request.client.client_id, user=request.user.username if request.user else None,
+            scope=token.get("scope", ""), token_id=self._token_id(token), family=family,
+            previous_token_id=previous.id if previous else None, address=request.address)
+
+    def _token_id(self, token: dict[str, Any]) -> int | None:
+        """The row id of a pair just saved: `SqlStore.save_token` does not return it, so it is
+        read back by the refresh token, else by the access token (which the memory of recent
+        reads then holds, as the token's first use would have it): one indexed read an issue."""
+        refresh_token = token.get("refresh_token")
+        saved = (self.store.find_refresh_token(refresh_token) if refresh_token
+                 else self.store.find_access_token(token["access_token"]))
+        return saved.id if saved is not None else None
 
     def create_oauth2_request(self, request: OAuth2Request) -> OAuth2Request:
         return request
@@ -209,6 +229,9 @@ class BridgeServer(AuthorizationServer):
         if user is None:
             return AskLogin(client.name)
         scope = set(request.scope.split())
+        if decision in ("approve", "deny"):
+            self.audit.record("consent", user=user.username, client_id=client.client_id, scope=request.scope,
+                              approved=decision == "approve", address=request.address)
         if decision == "approve":
             self.store.save_consent(user.id, client.client_id, scope)
         elif decision != "deny" and not scope <= self.store.consented_scope(user.id, client.client_id):
