@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import io
 import json
 import subprocess
@@ -182,3 +183,71 @@ def test_every_client_must_use_pkce_unless_a_confidential_one_is_let_off(run):
                     "--json")
     status, _, err = run("client", "update", json.loads(out)["client_id"], "--no-pkce")
     assert status == 1 and "must use PKCE" in err
+
+
+# -- the audit log: every change, by whom, never a secret ---------------------------------------------
+
+def audit_events(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "var" / "audit.log").read_text().splitlines()]
+
+
+def test_every_change_is_recorded_with_who_made_it_and_no_secret(run, tmp_path):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.stdin", io.StringIO("first passphrase\nsecond passphrase\n"))
+        run("user", "add", "carol", "--password-stdin")
+        run("user", "passwd", "carol", "--password-stdin")
+    created = json.loads(run("client", "create", "--name", "App", "--redirect-uri", "https://app.example/cb",
+                             "--scope", "imap", "--json")[1])
+    client_id = created["client_id"]
+    run("client", "update", client_id, "--no-pkce")
+    token = run("token", "issue", "--user", "carol", "--client", client_id, "--scope", "imap")[1].strip()
+    run("token", "revoke", token)
+    run("token", "revoke", "--user", "carol")
+    run("user", "disable", "carol")
+    run("user", "enable", "carol")
+    run("token", "revoke", "--client", client_id)
+    run("client", "delete", client_id)
+    run("db", "upgrade")
+    for listing in (("user", "list"), ("client", "list"), ("client", "show", client_id)):
+        run(*listing)  # reading changes nothing: not recorded
+
+    events = audit_events(tmp_path)
+    assert [e["action"] for e in events] == [
+        "user add", "user passwd", "client create", "client update", "token issue", "token revoke", "token revoke",
+        "user disable", "user enable", "token revoke", "client delete", "db upgrade"]
+    assert {(e["event"], e["actor"], e["outcome"]) for e in events} == {("admin", getpass.getuser(), "done")}
+    assert all(e.get("user") == "carol" for e in events if e["action"].startswith("user"))
+    assert events[2]["client_id"] == client_id and events[2]["client_name"] == "App"
+    assert events[2]["redirect_uris"] == ["https://app.example/cb"] and events[2]["public"] is False
+    assert events[3]["pkce_required"] is False and "resource_server" not in events[3]  # only what changed
+    issued = events[4]
+    assert (issued["user"], issued["client_id"], issued["scope"]) == ("carol", client_id, "imap")
+    assert events[5]["token_id"] == issued["token_id"] and events[5]["revoked"] == 1
+    assert events[6]["revoked"] == 0 and events[9]["client_id"] == client_id
+    text = (tmp_path / "var" / "audit.log").read_text()
+    for secret in ("first passphrase", "second passphrase", created["client_secret"], token):
+        assert secret not in text
+
+
+def test_a_refused_change_is_recorded_with_its_reason_and_never_the_token_it_named(run, tmp_path):
+    assert run("client", "delete", "nope")[0] == 1
+    assert run("token", "revoke", "a-token-no-one-has")[0] == 1
+    assert run("user", "disable", "nobody")[0] == 1
+    refused = audit_events(tmp_path)
+    assert [(e["action"], e["outcome"], e["reason"]) for e in refused] == [
+        ("client delete", "refused", "no client 'nope'"), ("token revoke", "refused", "no such token"),
+        ("user disable", "refused", "no user 'nobody'")]
+    assert refused[0]["client_id"] == "nope" and refused[2]["user"] == "nobody"
+    assert "a-token-no-one-has" not in (tmp_path / "var" / "audit.log").read_text()
+
+
+def test_without_an_audit_log_no_change_is_made_but_reading_works(tmp_path, capsys):
+    config = tmp_path / "bearerbridge.toml"
+    config.write_text(f'[server]\nsecret_key_file = "{tmp_path / "key"}"\n'
+                      f'[database]\nurl = "sqlite:///{tmp_path / "bb.db"}"\n[audit]\nfile = "{tmp_path}"\n')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.stdin", io.StringIO("a long passphrase\n"))
+        assert cli.main(["--config", str(config), "user", "add", "carol", "--password-stdin"]) == 1
+    assert capsys.readouterr().err == f"bearerbridge: [audit] file: cannot write {tmp_path}: Is a directory\n"
+    assert cli.main(["--config", str(config), "user", "list"]) == 0
+    assert "carol" not in capsys.readouterr().out

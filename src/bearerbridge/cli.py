@@ -1,7 +1,9 @@
 """`bearerbridge`: the operator's command line for users, clients and tokens.
 
 It opens the same database as the service (applying migrations first) and works
-on it directly; the service does not need to be running.
+on it directly; the service does not need to be running. Every command that changes
+something is recorded in the audit log as an `admin` event: the action, the object, who
+ran it (`actor`, the OS user) and the outcome, never a password or secret it prints.
 """
 
 from __future__ import annotations
@@ -9,15 +11,18 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import secrets
 import sys
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 
 from bearerbridge import config as configuration
+from bearerbridge.audit import AuditLog, AuditValue, open_audit_log
 from bearerbridge.bootstrap import OpenError, describe_url, one_line, open_store
 from bearerbridge.crypto import hash_password, new_secret
 from bearerbridge.oauth.grants import GRANT_TYPES
@@ -32,6 +37,14 @@ GRANTS = {grant_type.rpartition(":")[2]: grant_type for grant_type in GRANT_TYPE
 
 class CommandError(Exception):
     """A refused command; printed without a traceback, exit status 1."""
+
+
+@dataclass(frozen=True)
+class Done:
+    """What a command that changes something prints, and what its `admin` audit event says of
+    it besides the action, actor and outcome (never a secret)."""
+    output: str
+    audit: dict[str, AuditValue] = field(default_factory=dict)
 
 
 def _read_password(from_stdin: bool) -> str:
@@ -69,26 +82,28 @@ def _check_redirect_uri(uri: str) -> str:
 
 # -- users ----------------------------------------------------------------------------------
 
-def user_add(store: SqlStore, args: argparse.Namespace) -> str:
+def user_add(store: SqlStore, args: argparse.Namespace) -> Done:
     password = hash_password(_read_password(args.password_stdin))
     user = store.add_user(args.name, args.email, password)
-    return f"added user {user.username}"
+    return Done(f"added user {user.username}", {"user": user.username})
 
 
-def user_passwd(store: SqlStore, args: argparse.Namespace) -> str:
+def user_passwd(store: SqlStore, args: argparse.Namespace) -> Done:
     ended = store.set_password(args.name, hash_password(_read_password(args.password_stdin)))
-    return f"password of {args.name} changed; {ended} browser session(s) ended (its tokens still work)"
+    return Done(f"password of {args.name} changed; {ended} browser session(s) ended (its tokens still work)",
+                {"user": args.name, "sessions_ended": ended})
 
 
-def user_disable(store: SqlStore, args: argparse.Namespace) -> str:
+def user_disable(store: SqlStore, args: argparse.Namespace) -> Done:
     sessions, tokens = store.set_disabled(args.name, True)
-    return (f"disabled {args.name}: {sessions} browser session(s) ended and {tokens} token(s) revoked; "
-            "enabling the user again brings none of them back")
+    return Done(f"disabled {args.name}: {sessions} browser session(s) ended and {tokens} token(s) revoked; "
+                "enabling the user again brings none of them back",
+                {"user": args.name, "sessions_ended": sessions, "revoked": tokens})
 
 
-def user_enable(store: SqlStore, args: argparse.Namespace) -> str:
+def user_enable(store: SqlStore, args: argparse.Namespace) -> Done:
     store.set_disabled(args.name, False)
-    return f"enabled {args.name}"
+    return Done(f"enabled {args.name}", {"user": args.name})
 
 
 def user_list(store: SqlStore, args: argparse.Namespace) -> str:
@@ -98,7 +113,7 @@ def user_list(store: SqlStore, args: argparse.Namespace) -> str:
 
 # -- clients --------------------------------------------------------------------------------
 
-def client_create(store: SqlStore, args: argparse.Namespace, config: configuration.Config) -> str:
+def client_create(store: SqlStore, args: argparse.Namespace, config: configuration.Config) -> Done:
     grants = tuple(dict.fromkeys(GRANTS[g] for g in args.grant or (
         ["client_credentials"] if not args.redirect_uri and not args.public
         else ["authorization_code", "refresh_token"])))
@@ -123,13 +138,15 @@ def client_create(store: SqlStore, args: argparse.Namespace, config: configurati
                     resource_server=args.resource_server, pkce_required=not args.no_pkce)
     secret = None if args.public else new_secret()
     store.add_client(client, secret)
+    described = _describe(client)
+    audit = {("client_name" if key == "name" else key): value for key, value in described.items()}
     if args.json:
-        return json.dumps({**_describe(client), "client_secret": secret})
+        return Done(json.dumps({**described, "client_secret": secret}), audit)
     lines = [f"client_id: {client.client_id}"]
     if secret:
         lines.append(f"client_secret: {secret}")
         lines.append("(the secret is shown only now; bearerbridge keeps only a hash of it)")
-    return "\n".join(lines)
+    return Done("\n".join(lines), audit)
 
 
 def _describe(client: Client) -> dict[str, Any]:
@@ -151,20 +168,21 @@ def client_show(store: SqlStore, args: argparse.Namespace) -> str:
     return json.dumps(_describe(client), indent=2)
 
 
-def client_update(store: SqlStore, args: argparse.Namespace) -> str:
+def client_update(store: SqlStore, args: argparse.Namespace) -> Done:
     client = store.get_client(args.id)
     if client is None:
         raise CommandError(f"no client {args.id!r}")
     if args.pkce is False and client.public:
         raise CommandError("a public client must use PKCE (it has no secret to prove itself with)")
     store.update_client(args.id, resource_server=args.resource_server, pkce_required=args.pkce)
-    return json.dumps(_describe(store.get_client(args.id) or client), indent=2)
+    return Done(json.dumps(_describe(store.get_client(args.id) or client), indent=2),
+                {"client_id": args.id, "resource_server": args.resource_server, "pkce_required": args.pkce})
 
 
-def client_delete(store: SqlStore, args: argparse.Namespace) -> str:
+def client_delete(store: SqlStore, args: argparse.Namespace) -> Done:
     if not store.delete_client(args.id):
         raise CommandError(f"no client {args.id!r}")
-    return f"deleted client {args.id} with its codes, tokens and consents"
+    return Done(f"deleted client {args.id} with its codes, tokens and consents", {"client_id": args.id})
 
 
 # -- tokens ---------------------------------------------------------------------------------
@@ -193,28 +211,38 @@ def issue_token(store: SqlStore, config: configuration.Config, username: str, cl
             "scope": " ".join(scopes)}
 
 
-def token_issue(store: SqlStore, args: argparse.Namespace, config: configuration.Config) -> str:
+def token_issue(store: SqlStore, args: argparse.Namespace, config: configuration.Config) -> Done:
     try:
         token = issue_token(store, config, args.user, args.client, args.scope.split(), args.ttl)
     except ValueError as e:
         raise CommandError(str(e)) from None
-    return json.dumps(token) if args.json else token["access_token"]
+    saved = store.find_access_token(token["access_token"])
+    return Done(json.dumps(token) if args.json else token["access_token"],
+                {"user": args.user, "client_id": args.client, "scope": token["scope"],
+                 "expires_in": token["expires_in"], "token_id": saved.id if saved else None,
+                 "family": saved.family if saved else None})
 
 
-def token_revoke(store: SqlStore, args: argparse.Namespace) -> str:
+def token_revoke(store: SqlStore, args: argparse.Namespace) -> Done:
     if args.user:
         user = store.get_user_by_name(args.user)
         if user is None:
             raise CommandError(f"no user {args.user!r}")
-        return f"revoked {store.revoke_for_user(user.id)} token(s) of {args.user}"
+        revoked = store.revoke_for_user(user.id)
+        return Done(f"revoked {revoked} token(s) of {args.user}", {"user": args.user, "revoked": revoked})
     if args.client:
         if store.get_client(args.client) is None:
             raise CommandError(f"no client {args.client!r}")
-        return f"revoked {store.revoke_for_client(args.client)} token(s) of client {args.client}"
+        revoked = store.revoke_for_client(args.client)
+        return Done(f"revoked {revoked} token(s) of client {args.client}",
+                    {"client_id": args.client, "revoked": revoked})
     token = store.find_access_token(args.token) or store.find_refresh_token(args.token)
     if token is None:
         raise CommandError("no such token")
-    return f"revoked {store.revoke_family(token.family)} token(s)"
+    revoked = store.revoke_family(token.family)
+    return Done(f"revoked {revoked} token(s)", {"token_id": token.id, "family": token.family,
+                                                "client_id": token.client_id, "user": token.username,
+                                                "revoked": revoked})
 
 
 def parser() -> argparse.ArgumentParser:
@@ -222,10 +250,11 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--config", help=f"the TOML config (default: ${configuration.ENV_VAR}, else built-in defaults)")
     nouns = top.add_subparsers(dest="noun", required=True)
 
-    def verb(noun: argparse._SubParsersAction[argparse.ArgumentParser], name: str, func: Callable[..., str],
+    def verb(noun: argparse._SubParsersAction[argparse.ArgumentParser], name: str, func: Callable[..., str | Done],
              help: str) -> argparse.ArgumentParser:
+        """A command; one that changes something returns `Done`, and is audited."""
         p = noun.add_parser(name, help=help)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, changes=func not in (user_list, client_list, client_show))
         return p
 
     user = nouns.add_parser("user", help="manage users").add_subparsers(dest="verb", required=True)
@@ -278,31 +307,67 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--client")
 
     db = nouns.add_parser("db", help="the database").add_subparsers(dest="verb", required=True)
-    verb(db, "upgrade", lambda store, args: "the schema is up to date", "apply migrations")
+    verb(db, "upgrade", lambda store, args: Done("the schema is up to date"), "apply migrations")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every refusal and start-up failure is one line on stderr with status 1
-    (130 for Ctrl-C), never a traceback."""
+    (130 for Ctrl-C), never a traceback. A command that changes something opens the audit log
+    first (one that cannot be opened refuses the command) and records its outcome there, done
+    once committed or refused with the reason."""
     args = parser().parse_args(argv)
+    audit: AuditLog | None = None
     try:
         config = configuration.load(args.config)
-        store = open_store(config)
-        try:
-            with store.transaction():
-                needs_config = args.func in (client_create, token_issue)
-                output = args.func(store, args, config) if needs_config else args.func(store, args)
-        except sa.exc.DBAPIError as e:  # locked, gone away: the driver's words, not the statement
-            raise CommandError(f"database {describe_url(config.database.url)}: {one_line(e.orig or e)}") from None
+        if args.changes:  # a failed write later is said on stderr: the change stands
+            audit = open_audit_log(config.audit, lambda message: print(f"bearerbridge: {message}", file=sys.stderr))
+        output = _run(args, config)
     except (CommandError, StoreError, configuration.ConfigError, OpenError) as e:
+        if audit is not None:
+            _audit(audit, args, "refused", reason=" ".join(str(e).split()), **_named(args))
         return _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted")
         return 130
+    if isinstance(output, Done):
+        if audit is not None:
+            _audit(audit, args, "done", **output.audit)
+        output = output.output
     if output:
         print(output)
     return 0
+
+
+def _run(args: argparse.Namespace, config: configuration.Config) -> str | Done:
+    """Run the command in one transaction."""
+    store = open_store(config)
+    try:
+        with store.transaction():
+            needs_config = args.func in (client_create, token_issue)
+            return args.func(store, args, config) if needs_config else args.func(store, args)
+    except sa.exc.DBAPIError as e:  # locked, gone away: the driver's words, not the statement
+        raise CommandError(f"database {describe_url(config.database.url)}: {one_line(e.orig or e)}") from None
+
+
+def _audit(audit: AuditLog, args: argparse.Namespace, outcome: str, **fields: AuditValue) -> None:
+    audit.record("admin", action=f"{args.noun} {args.verb}", actor=_actor(), outcome=outcome, **fields)
+
+
+def _actor() -> str:
+    """The OS user running the command (a uid where the system has no name for it)."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # OSError from Python 3.13, KeyError before
+        return f"uid {os.getuid()}"
+
+
+def _named(args: argparse.Namespace) -> dict[str, AuditValue]:
+    """The object a refused command named, as the audit log calls it (never a token)."""
+    name = getattr(args, "name", None)
+    return {"user": name if args.noun == "user" else getattr(args, "user", None),
+            "client_name": name if args.noun == "client" else None,
+            "client_id": getattr(args, "id", None) or getattr(args, "client", None)}
 
 
 def _fail(message: str) -> int:
