@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 from argon2 import PasswordHasher
 from treq.testing import StubTreq
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.web.resource import IResource
 
 from bearerbridge.audit import AuditLog
@@ -103,6 +104,13 @@ class Http:
         self.treq = StubTreq(resource)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Answer:
+        answers = self.pending(method, path, **kwargs)
+        assert answers, f"{method} {path} got no answer"
+        return answers[0]
+
+    def pending(self, method: str, path: str, **kwargs: Any) -> list[Answer]:
+        """Send a request and return the list its answer is put in: empty while a throttle holds
+        it (advance the clock, then `flush`)."""
         answers: list[Answer] = []
         failures: list[Any] = []
         d = self.treq.request(method, BASE + path, allow_redirects=False, **kwargs)
@@ -111,8 +119,10 @@ class Http:
         self.treq.flush()
         if failures:
             failures[0].raiseException()
-        assert answers, f"{method} {path} got no answer"
-        return answers[0]
+        return answers
+
+    def flush(self) -> None:
+        self.treq.flush()
 
     def get(self, path: str, **kwargs: Any) -> Answer:
         return self.request("GET", path, **kwargs)
@@ -159,16 +169,19 @@ class Bridge:
     metrics: Metrics
     audit: MemoryAudit
     root: IResource
+    clock: Clock
 
     @classmethod
-    def over(cls, store: SqlStore, config: Config | None = None) -> Bridge:
+    def over(cls, store: SqlStore, config: Config | None = None, clock: Clock | None = None) -> Bridge:
+        """The tree over `store`; its throttles' delays run on `clock` (a fresh Clock: advance it
+        to see a held answer)."""
         from bearerbridge import tap  # here: tap imports the reactor, which not every user of fakes wants
 
         config = config or Config()
         pool = SyncPool(store)
-        metrics, audit = Metrics(), MemoryAudit()
+        metrics, audit, clock = Metrics(), MemoryAudit(), clock or Clock()
         return cls(store, config, pool, metrics, audit,
-                   tap.http_root(config, pool, metrics, Validator(pool, config.sasl), audit))
+                   tap.http_root(config, pool, metrics, Validator(pool, config.sasl), audit, clock=clock), clock)
 
     def browser(self) -> Http:
         """A new browser (or program): no cookies yet."""

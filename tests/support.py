@@ -90,6 +90,10 @@ def wait_for(check, timeout: float = 20.0, interval: float = 0.1, what: str = "c
         time.sleep(interval)
 
 
+UNTHROTTLED = "".join(f"\n[throttle.{door}]\nfree_failures = 1000000\naccount_block_after = 0\n"
+                      "address_block_after = 0\n" for door in ("sign_in", "clients", "sasl"))
+
+
 @dataclass
 class Service:
     """A `twistd -n bearerbridge` process started from a temporary config."""
@@ -104,7 +108,9 @@ class Service:
     @classmethod
     def start(cls, directory: Path, *, url: str | None = None, listen: list[str] | None = None,
               extra: str = "", database_url: str | None = None, verify: str | bool = True,
-              deadline: float | None = None) -> Service:
+              deadline: float | None = None, throttled: bool = False) -> Service:
+        """A running service. Its throttles are off unless `throttled` (or `extra` sets them): a
+        test session fails many logins from 127.0.0.1 on purpose, and would be slowed and blocked."""
         port = free_port()
         url = url or f"http://127.0.0.1:{port}"
         listen = listen or [f"tcp:{port}:interface=127.0.0.1"]
@@ -113,7 +119,8 @@ class Service:
         config.write_text(
             f'[server]\nissuer = "{url}"\nsecret_key_file = "{directory / "secret.key"}"\n'
             f'[http]\nlisten = {json.dumps(listen)}\n'
-            f'[database]\nurl = "{database_url}"\n' + (f"deadline = {deadline}\n" if deadline else "") + extra)
+            f'[database]\nurl = "{database_url}"\n' + (f"deadline = {deadline}\n" if deadline else "") + extra
+            + ("" if throttled or "[throttle" in extra else UNTHROTTLED))
         service = cls(directory, url, config, verify=verify)
         service.process = subprocess.Popen(
             [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(directory / "twistd.log"),

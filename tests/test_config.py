@@ -26,10 +26,13 @@ def test_defaults():
 def test_the_documented_example_is_valid_and_complete():
     data = tomllib.loads(EXAMPLE.read_text())
     loaded = config.parse(data)
-    for section in ("server", "http", "audit", "database", "tokens", "sasl", "forward_auth"):
-        documented = set(data[section])
-        known = set(getattr(config.Config(), section).__dataclass_fields__)
-        assert documented == known, f"[{section}] in conf/bearerbridge.toml"
+    for section in ("server", "http", "audit", "database", "tokens", "sasl", "forward_auth", "passwords",
+                    "throttle.sign_in", "throttle.clients", "throttle.sasl"):
+        outer, _, inner = section.partition(".")
+        documented = set(data[outer][inner] if inner else data[outer])
+        known = config.Config()
+        settings = getattr(getattr(known, outer), inner) if inner else getattr(known, outer)
+        assert documented == set(settings.__dataclass_fields__), f"[{section}] in conf/bearerbridge.toml"
     assert loaded.scopes
     assert loaded == config.Config()  # every documented value is the default it says it is
 

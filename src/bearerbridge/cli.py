@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from bearerbridge import config as configuration
 from bearerbridge.audit import AuditLog, AuditValue, open_audit_log
 from bearerbridge.bootstrap import OpenError, describe_url, one_line, open_store
-from bearerbridge.crypto import hash_password, new_secret
+from bearerbridge.crypto import hash_password, new_secret, use_password_parameters
 from bearerbridge.oauth.grants import GRANT_TYPES
 from bearerbridge.storage.models import Client
 from bearerbridge.storage.store import SqlStore, StoreError
@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     audit: AuditLog | None = None
     try:
         config = configuration.load(args.config)
+        use_password_parameters(config.passwords)
         if args.changes:  # a failed write later is said on stderr: the change stands
             audit = open_audit_log(config.audit, lambda message: print(f"bearerbridge: {message}", file=sys.stderr))
         output = _run(args, config)

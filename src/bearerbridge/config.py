@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -22,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bearerbridge.sasl.mechanisms import MECHANISMS
+from bearerbridge.throttle import ThrottleRules
 from bearerbridge.uris import is_loopback_host
 
 ENV_VAR = "BEARERBRIDGE_CONFIG"
@@ -51,6 +53,10 @@ class HttpSettings:
     access_log: str = ""
     # Connections open at once from one IP address (an IPv6 /64); a unix: listener has no cap.
     max_connections_per_peer: int = 256
+    # Proxies (IP addresses) whose X-Forwarded-For names the client, for throttling and the audit
+    # log: a reverse proxy on this host by default. Behind one, every request comes from its
+    # address: have it send the header (nginx: proxy_set_header X-Forwarded-For $remote_addr).
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,36 @@ class ForwardAuthSettings:
     rules: tuple[ForwardAuthRule, ...] = (ForwardAuthRule(),)
 
 
+@dataclass(frozen=True)
+class ThrottleSettings:
+    # The login form of /authorize and /device, and the device user code: counted in the
+    # database, so that every instance sharing it sees the same counts.
+    sign_in: ThrottleRules = field(default_factory=ThrottleRules)
+    # Client authentication at /token, /introspect, /revoke, /device_authorization and /sasl:
+    # client secrets are 256 random bits, so a client is only delayed (blocking it would let
+    # anyone who knows its id stop it); its address is blocked. Counted in each process's memory.
+    clients: ThrottleRules = field(default_factory=lambda: ThrottleRules(
+        free_failures=3, first_delay=1.0, max_delay=4.0, account_block_after=0, address_block_after=50))
+    # Tokens on the Dovecot socket (per user named and per `rip`) and POST /sasl (per user named
+    # and caller): every failure answered after 2 s, as Dovecot's own auth_failure_delay; an
+    # address blocked, a user never (that would lock them out of mail and protect no 256-bit
+    # token). Counted in each process's memory.
+    sasl: ThrottleRules = field(default_factory=lambda: ThrottleRules(
+        free_failures=0, first_delay=2.0, max_delay=2.0, account_block_after=0, address_block_after=100))
+
+
+@dataclass(frozen=True)
+class PasswordSettings:
+    # Password checks (argon2id) running at once: memory stays under this many times
+    # `memory_cost`; more wait their turn.
+    checks_at_once: int = 4
+    # argon2id's parameters for new hashes (argon2-cffi's defaults, RFC 9106's second choice);
+    # a stored hash keeps the parameters it was made with. memory_cost is in KiB.
+    time_cost: int = 3
+    memory_cost: int = 65536
+    parallelism: int = 4
+
+
 DEFAULT_SCOPES: Mapping[str, str] = types.MappingProxyType({
     "imap": "Read and manage your mail (IMAP)",
     "smtp": "Send mail as you (SMTP)",
@@ -156,6 +192,8 @@ class Config:
     tokens: TokenSettings = field(default_factory=TokenSettings)
     sasl: SaslSettings = field(default_factory=SaslSettings)
     forward_auth: ForwardAuthSettings = field(default_factory=ForwardAuthSettings)
+    throttle: ThrottleSettings = field(default_factory=ThrottleSettings)
+    passwords: PasswordSettings = field(default_factory=PasswordSettings)
     scopes: Mapping[str, str] = field(default_factory=lambda: DEFAULT_SCOPES)
 
     @property
@@ -163,11 +201,12 @@ class Config:
         return self.server.issuer.startswith("https://")
 
 
-def _check_value(where: str, kind: Any, value: Any) -> Any:
+def _check_value(where: str, kind: Any, value: Any, minimum: int = 1) -> Any:
     """Return `value` converted to `kind`, or raise ConfigError naming `where`."""
     if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+            raise ConfigError(f"{where}: expected {what}, got {value!r}")
         return value
     if kind is bool:
         if not isinstance(value, bool):
@@ -197,21 +236,25 @@ def _check_value(where: str, kind: Any, value: Any) -> Any:
     raise TypeError(f"no rule for {kind!r}")  # a programming error: a new field type
 
 
-def _section(cls: type, name: str, table: Any) -> Any:
+def _section(cls: type, name: str, table: Any, defaults: Any = None) -> Any:
+    """A dataclass from a TOML table: `defaults` (else the class's own) with the table's keys
+    replaced; a key whose kind is a dataclass is a table of its own (`[throttle.sign_in]`)."""
     if not isinstance(table, dict):
         raise ConfigError(f"[{name}]: expected a table, got {table!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    defaults = cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = cls() if defaults is None else defaults
     values = {}
     for key, value in table.items():
-        if key not in known:
-            raise ConfigError(f"[{name}] {key}: unknown key (known: {', '.join(sorted(known))})")
-        if value == "" and (getattr(defaults, key) == "" or f"[{name}] {key}" in MAY_BE_EMPTY):
+        if key not in fields:
+            raise ConfigError(f"[{name}] {key}: unknown key (known: {', '.join(sorted(fields))})")
+        if dataclasses.is_dataclass(hints[key]):
+            values[key] = _section(hints[key], f"{name}.{key}", value, getattr(defaults, key))
+        elif value == "" and (getattr(defaults, key) == "" or f"[{name}] {key}" in MAY_BE_EMPTY):
             values[key] = value
-            continue
-        values[key] = _check_value(f"[{name}] {key}", hints[key], value)
-    return cls(**values)
+        else:
+            values[key] = _check_value(f"[{name}] {key}", hints[key], value, fields[key].metadata.get("min", 1))
+    return dataclasses.replace(defaults, **values)
 
 
 def _scopes(table: Any) -> Mapping[str, str]:
@@ -279,6 +322,17 @@ def _cross_check(config: Config) -> None:
             raise ConfigError(f"[forward_auth.rules[{i}]] path_prefix: must start with /")
     if sasl.cache_ttl > 60:
         raise ConfigError("[sasl] cache_ttl: at most 60 seconds (it delays other processes' revocations)")
+    for i, proxy in enumerate(config.http.trusted_proxies):
+        try:
+            ipaddress.ip_address(proxy)
+        except ValueError:
+            raise ConfigError(f"[http] trusted_proxies[{i}]: {proxy!r} is not an IP address") from None
+    for door in ("sign_in", "clients", "sasl"):
+        rules = getattr(config.throttle, door)
+        if rules.max_delay < rules.first_delay:
+            raise ConfigError(f"[throttle.{door}] max_delay: less than first_delay ({rules.first_delay})")
+    if config.passwords.memory_cost < 8 * config.passwords.parallelism:
+        raise ConfigError("[passwords] memory_cost: argon2 needs at least 8 KiB for each of its parallelism lanes")
     scheme, separator, _ = config.database.url.partition("://")
     if not separator or scheme.partition("+")[0] not in DATABASES:
         what = f"a {scheme}:// URL" if separator else "a URL without a scheme://"

@@ -36,14 +36,19 @@ def peer_address(address: IAddress) -> str | None:
     """The address whose connections are counted together: an IPv4 address, an IPv6 /64 (a
     host holds a whole one to pick from) or the IPv4 address mapped in one; None on a UNIX
     socket, where every peer shares one nameless address."""
-    if isinstance(address, IPv4Address):
-        return address.host
-    if isinstance(address, IPv6Address):
-        ip = ipaddress.IPv6Address(address.host.partition("%")[0])
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return counted_address(address.host)
     return None
+
+
+def counted_address(host: str) -> str:
+    """`host` (an IP address in text) as `peer_address` counts it; ValueError if it is none."""
+    ip = ipaddress.ip_address(host.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 class _Refused(Protocol):

@@ -19,9 +19,10 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 if TYPE_CHECKING:
+    from bearerbridge.config import PasswordSettings
     from bearerbridge.storage.models import User
 
-_passwords = PasswordHasher()  # argon2id with the library's current recommended parameters
+_passwords = PasswordHasher()  # argon2id; `use_password_parameters` sets [passwords]
 
 
 @functools.cache
@@ -30,6 +31,15 @@ def _dummy_hash() -> str:
     as for a real user and does not reveal which names exist. Made on first use, not on import:
     it costs ~100 ms, which every command and test process would pay."""
     return _passwords.hash(secrets.token_urlsafe(16))
+
+
+def use_password_parameters(settings: PasswordSettings) -> None:
+    """Hash new passwords (and the unknown user's stand-in) with argon2id's parameters from
+    `[passwords]`; a stored hash is verified with the parameters it holds."""
+    global _passwords
+    _passwords = PasswordHasher(time_cost=settings.time_cost, memory_cost=settings.memory_cost,
+                                parallelism=settings.parallelism)
+    _dummy_hash.cache_clear()
 
 
 def new_secret() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from bearerbridge.sasl.verdict import Reason
@@ -35,6 +35,18 @@ class Metrics:
             ["result"], registry=self.registry)
         self.logins = Counter(
             "bearerbridge_logins", "Password logins, by result", ["result"], registry=self.registry)
+        self.throttle_refused = Counter(
+            "bearerbridge_throttle_refused", "Attempts refused without a check during a block, by door",
+            ["door"], registry=self.registry)
+        self.throttle_delayed = Counter(
+            "bearerbridge_throttle_delayed", "Failed attempts answered after a delay, by door",
+            ["door"], registry=self.registry)
+        self.throttle_blocks = Counter(
+            "bearerbridge_throttle_blocks", "Blocks started, by door and kind of key (account, address)",
+            ["door", "key"], registry=self.registry)
+        self.password_checks_waiting = Gauge(
+            "bearerbridge_password_checks_waiting", "Password checks waiting for their turn ([passwords] "
+            "checks_at_once)", registry=self.registry)
 
         self.sasl_decisions = Counter(
             "bearerbridge_sasl_decisions", "SASL logins decided, by surface, mechanism, service and reason",

@@ -14,6 +14,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
@@ -22,6 +23,8 @@ from bearerbridge import config as configuration
 from bearerbridge.audit import AuditLog, open_audit_log
 from bearerbridge.bootstrap import OpenError, open_store
 from bearerbridge.connections import LimitConnectionsByPeer, raise_open_files_limit
+from bearerbridge.crypto import use_password_parameters
+from bearerbridge.guard import DatabaseDoor, MemoryDoor
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth.server import BridgeServer, discovery_url, metadata
 from bearerbridge.sasl.dovecot import DovecotAuthFactory
@@ -34,7 +37,7 @@ from bearerbridge.web.monitoring import Health, MetricsResource
 from bearerbridge.web.sasl import SaslEndpoint
 from bearerbridge.web.sessions import PasswordLogin, Sessions
 from bearerbridge.web.site import BridgeSite, JsonDocument, Pages, SecuredRoot, StaticFiles
-from bearerbridge.web.token import EndpointResource, IntrospectionResource, TokenEndpoint
+from bearerbridge.web.token import ClientAuthThrottle, EndpointResource, IntrospectionResource, TokenEndpoint
 
 log = Logger()
 PURGE_INTERVAL = 3600
@@ -110,6 +113,7 @@ def make_service(config: configuration.Config) -> MultiService:
     """Build the service tree; the pool comes first so that it stops last. A key, database or
     access log that cannot be used raises ConfigError or OpenError, saying which and why."""
     raise_open_files_limit()
+    use_password_parameters(config.passwords)
     _check_access_log(config.http.access_log)
     audit = open_audit_log(config.audit, lambda message: log.error("{message}", message=message))
     store = open_store(config)
@@ -118,14 +122,17 @@ def make_service(config: configuration.Config) -> MultiService:
     pool = StorePool(store, config.database.threads, config.database.deadline)
     pool.setServiceParent(top)
     validator = Validator(pool, config.sasl)
-    site = BridgeSite(http_root(config, pool, metrics, validator, audit), config.http.access_log)
+    # One count of failed SASL logins for the Dovecot socket and POST /sasl.
+    sasl_door = MemoryDoor("sasl", config.throttle.sasl, metrics, audit)
+    site = BridgeSite(http_root(config, pool, metrics, validator, audit, sasl_door), config.http.access_log,
+                      trusted_proxies=config.http.trusted_proxies)
     http_listener = LimitConnectionsByPeer(site, config.http.max_connections_per_peer)
     for i, description in enumerate(config.http.listen):
         top.listen(f"[http] listen[{i}]", description, strports.service(description, http_listener))
     if config.sasl.listen:
         dovecot = DovecotAuthFactory(
             validator.validate, openid_configuration=discovery_url(config.server.issuer),
-            mechanisms=config.sasl.offered,
+            mechanisms=config.sasl.offered, door=sasl_door,
             on_decision=functools.partial(metrics.sasl_decision, "dovecot", config.sasl.services))
         sasl_listener = LimitConnectionsByPeer(dovecot, config.sasl.max_connections_per_peer)
         for i, description in enumerate(config.sasl.listen):
@@ -136,24 +143,29 @@ def make_service(config: configuration.Config) -> MultiService:
 
 
 def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, validator: Validator,
-              audit: AuditLog) -> Resource:
+              audit: AuditLog, sasl_door: MemoryDoor | None = None, clock: IReactorTime | None = None) -> Resource:
     """The resource tree served on every [http] listener, each resource given what it uses; the
     process's one audit log goes to whoever records security events."""
     issuer = config.server.issuer
     server = BridgeServer(pool.store, config, audit, metrics)
     pages = Pages(config.server.site_name)
     sessions = Sessions(pool, config.server.session_ttl, secure=config.https)
-    login = PasswordLogin(pool, sessions, metrics)
+    if sasl_door is None:  # no Dovecot socket shares its count with /sasl
+        sasl_door = MemoryDoor("sasl", config.throttle.sasl, metrics, audit, clock)
+    sign_in = DatabaseDoor("sign_in", config.throttle.sign_in, pool, metrics, audit, clock)
+    login = PasswordLogin(pool, sessions, metrics, sign_in, audit, config.passwords.checks_at_once)
+    clients = ClientAuthThrottle(MemoryDoor("clients", config.throttle.clients, metrics, audit, clock))
     top = SecuredRoot(https=config.https, pages=pages)
     top.putChild(b"authorize", Authorize(pages, issuer, sessions, login, pool, server, metrics))
     top.putChild(b"logout", Logout(pages, issuer, sessions))
     top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics))
-    top.putChild(b"token", TokenEndpoint(issuer, pool, server, metrics))
+    top.putChild(b"token", TokenEndpoint(issuer, pool, server, metrics, clients))
     top.putChild(b"introspect", IntrospectionResource(issuer, pool, server, pool.store.recent, config.sasl,
-                                                      metrics))
-    top.putChild(b"revoke", EndpointResource(issuer, pool, server, "revocation"))
-    top.putChild(b"device_authorization", EndpointResource(issuer, pool, server, "device_authorization"))
-    top.putChild(b"sasl", SaslEndpoint(issuer, pool, server, validator.validate, config.sasl, metrics))
+                                                      metrics, clients))
+    top.putChild(b"revoke", EndpointResource(issuer, pool, server, "revocation", clients))
+    top.putChild(b"device_authorization", EndpointResource(issuer, pool, server, "device_authorization", clients))
+    top.putChild(b"sasl", SaslEndpoint(issuer, pool, server, validator.validate, config.sasl, metrics, clients,
+                                       sasl_door))
     top.putChild(b"forward-auth", ForwardAuth(validator.check_scope, config.forward_auth, metrics))
     top.putChild(b"metrics", MetricsResource(pool, metrics))
     top.putChild(b"healthz", Health(pool))

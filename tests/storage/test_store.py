@@ -17,27 +17,6 @@ from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.schema import metadata
 from bearerbridge.storage.store import SqlStore, StoreError, make_engine
 
-from ..support import postgres_schema
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request, tmp_path):
-    if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
-        yield engine
-        engine.dispose()
-        return
-    with postgres_schema() as url:
-        engine = make_engine(url)
-        yield engine
-        engine.dispose()
-
-
-@pytest.fixture
-def store(engine) -> SqlStore:
-    migrations.upgrade(engine)
-    return SqlStore(engine, Keyring(b"k" * 32), RecentReads(1.0))
-
 
 def make_client(store: SqlStore, client_id: str = "app", secret: str | None = "s3cret") -> Client:
     client = Client(client_id=client_id, name="App", redirect_uris=("https://app.example/cb",), scope="imap smtp",

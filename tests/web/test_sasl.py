@@ -7,13 +7,16 @@ import dataclasses
 
 import pytest
 from treq.testing import StubTreq
+from twisted.internet.task import Clock
 
 from bearerbridge import config
+from bearerbridge.guard import MemoryDoor
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth.server import BridgeServer
 from bearerbridge.sasl.verdict import Verdict
 from bearerbridge.storage.models import Client
 from bearerbridge.web.sasl import SaslEndpoint
+from bearerbridge.web.token import ClientAuthThrottle
 
 from ..fakes import MemoryAudit, SyncPool, sqlite_store
 
@@ -31,14 +34,19 @@ def post(tmp_path):
     metrics = Metrics()
     pool = SyncPool(store)
     server = BridgeServer(store, settings, MemoryAudit(), metrics)
+    clock = Clock()
 
     def post(verdict, mechanisms=settings.sasl.offered, **form):
         sasl = dataclasses.replace(settings.sasl, mechanisms=mechanisms)
+        throttle = ClientAuthThrottle(MemoryDoor("clients", settings.throttle.clients, metrics, MemoryAudit(), clock))
+        door = MemoryDoor("sasl", settings.throttle.sasl, metrics, MemoryAudit(), clock)
         http = StubTreq(SaslEndpoint(settings.server.issuer, pool, server, lambda bearer, service: verdict, sasl,
-                                     metrics))
+                                     metrics, throttle, door))
         answers = []
         d = http.post("http://127.0.0.1:8080/sasl", data=form, auth=("caller", "secret"))
         d.addCallback(lambda r: r.json().addCallback(lambda body: answers.append((r.code, body))))
+        http.flush()
+        clock.advance(settings.throttle.sasl.max_delay)  # a failure is answered late
         http.flush()
         return answers[0]
     yield post

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from authlib.oauth2.rfc6749 import OAuth2Payload, OAuth2Request
+from authlib.oauth2.rfc6749.util import extract_basic_authorization
 
 # RFC 6749 §5.2: the characters an error_description may hold. authlib raises ValueError rather
 # than quote any other in its errors (a parameter it names, say), so a request holding one needs
@@ -79,6 +80,15 @@ class HttpRequest(OAuth2Request):
     @property
     def form(self) -> dict[str, str]:
         return self._form
+
+    def claimed_client_id(self) -> str | None:
+        """The client id the request names, in its Basic credentials or its form, before anyone
+        checks it: for throttling."""
+        try:
+            basic_id, _ = extract_basic_authorization(self.headers)
+        except ValueError:  # credentials that are not UTF-8: no name to count them on
+            basic_id = None
+        return basic_id or self._form.get("client_id") or None
 
     def repeated(self) -> str | None:
         """A parameter given more than once, if any: RFC 6749 §3.1 and §3.2 forbid it (which

@@ -37,6 +37,8 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure as TwistedFailure
 
+from bearerbridge.connections import counted_address
+from bearerbridge.guard import MemoryDoor
 from bearerbridge.sasl.mechanisms import (
     MECHANISMS,
     Bearer,
@@ -48,6 +50,7 @@ from bearerbridge.sasl.mechanisms import (
     checked_mechanisms,
 )
 from bearerbridge.sasl.verdict import Reason, Validate, Verdict
+from bearerbridge.throttle import Key
 
 MAX_LINE = 16384
 MAX_REQUESTS = 256
@@ -519,6 +522,7 @@ class DovecotAuthProtocol(LineOnlyReceiver, TimeoutMixin):
         clock: IReactorTime | None = None,
         timeout: float = 5.0,
         decision_log: DecisionLog | None = None,
+        door: MemoryDoor | None = None,
     ) -> None:
         if clock is None:
             # Imported late so that importing this module installs no reactor.
@@ -532,6 +536,9 @@ class DovecotAuthProtocol(LineOnlyReceiver, TimeoutMixin):
         self._clock: IReactorTime = clock
         self._timeout = timeout
         self._decision_log = decision_log or DecisionLog(clock)
+        # Failed logins, per user named and per remote address (`rip`): answered late, and an
+        # address that keeps failing refused unchecked for a while; None: no throttle.
+        self._door = door
         self._replies: list[bytes] | None = None  # collected while dataReceived runs
         self._peer = "?"
 
@@ -602,6 +609,13 @@ class DovecotAuthProtocol(LineOnlyReceiver, TimeoutMixin):
         self.transport.loseConnection()
 
     def _start(self, validation: Validation) -> None:
+        door = self._door
+        if door is not None and door.counts and door.blocked_for(self._throttle_keys(door, validation)):
+            # Held like a failure, so that a blocked client sending thousands a second gets as
+            # few answers as a failing one, not a fast loop of refusals.
+            self._clock.callLater(door.rules.max_delay, self._apply_verdict,
+                                  Verdict(False, temporary=True, reason=Reason.THROTTLED), validation)
+            return
         try:
             result = self._validate(validation.bearer, validation.request.service)
         except Exception:
@@ -619,9 +633,36 @@ class DovecotAuthProtocol(LineOnlyReceiver, TimeoutMixin):
         try:
             if isinstance(result, TwistedFailure):
                 result = self._validator_failed(result)
+            delay = self._settle(result, validation)
+            if delay:  # a failure, answered late as Dovecot's auth_failure_delay does: on a timer
+                self._clock.callLater(delay, self._apply_verdict, result, validation)
+                return
             self._apply(self._connection.verdict(validation, result))
         except Exception:
             log.failure("answering a Dovecot auth request")
+
+    def _apply_verdict(self, verdict: Verdict, validation: Validation) -> None:
+        try:
+            self._apply(self._connection.verdict(validation, verdict))
+        except Exception:
+            log.failure("answering a Dovecot auth request")
+
+    def _settle(self, verdict: Verdict, validation: Validation) -> float:
+        """Count a checked login on the throttle; the seconds to hold a failure's answer."""
+        door = self._door
+        if door is None or verdict.unavailable is not None or (verdict.accepted and not door.counts):
+            return 0.0  # no throttle; no check made; or no failures anywhere to forgive (the usual case)
+        return door.outcome(self._throttle_keys(door, validation), ok=verdict.accepted)
+
+    @staticmethod
+    def _throttle_keys(door: MemoryDoor, validation: Validation) -> list[Key]:
+        """The user the client named and the remote address its server passed (`rip`), if an address."""
+        rip = validation.request.params.get("rip")
+        try:
+            address = counted_address(rip) if rip else None
+        except ValueError:
+            address = None
+        return door.keys(validation.bearer.identity, address)
 
     def _validator_failed(self, failure: TwistedFailure) -> Verdict:
         if failure.check(defer.TimeoutError):

@@ -37,6 +37,8 @@ class Reason(enum.StrEnum):
     DATABASE_UNAVAILABLE = "database_unavailable"
     VALIDATION_TIMED_OUT = "validation timed out"
     VALIDATOR_ERROR = "validator error"
+    # no check: the address has failed too often lately (throttle.py), told as a temporary failure
+    THROTTLED = "too many failed logins from this address; try again later"
     # the metrics' label for a client message the mechanism refused (its own reason is logged)
     MALFORMED = "malformed"
 

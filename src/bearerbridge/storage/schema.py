@@ -137,3 +137,15 @@ sessions = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("expires_at", sa.BigInteger, nullable=False),
 )
+
+
+# Failed sign-ins per user name and per address (throttle.py), kept here so that every instance
+# sharing the database counts together. Keyed by a digest: no user name or address in clear.
+throttle_strikes = sa.Table(
+    "throttle_strikes", metadata,
+    sa.Column("key_digest", sa.String(64), primary_key=True),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("last", sa.Float, nullable=False),
+    sa.Column("blocked_until", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False, index=True),  # when the row means nothing any more
+)

@@ -16,7 +16,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row, make_url
 
 from bearerbridge.crypto import Keyring, new_secret
+from bearerbridge.storage import strikes
 from bearerbridge.storage.models import AuthCode, Client, DeviceCode, Token, User
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.schema import (
@@ -46,6 +47,7 @@ from bearerbridge.storage.schema import (
     tokens,
     users,
 )
+from bearerbridge.throttle import Failed, Key, ThrottleRules
 
 # Whitespace anywhere, and control characters: a name or address holds neither.
 _UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f]")
@@ -388,7 +390,19 @@ class SqlStore:
         return (self._db.execute(sessions.delete().where(sessions.c.expires_at < now)).rowcount
                 + self._db.execute(auth_codes.delete().where(dead_code)).rowcount
                 + self._db.execute(device_codes.delete().where(dead_device)).rowcount
-                + self._db.execute(tokens.delete().where(dead_token)).rowcount)
+                + self._db.execute(tokens.delete().where(dead_token)).rowcount
+                + strikes.purge(self._db, now))
+
+    # -- failed sign-ins (throttle.py) ----------------------------------------------------------
+
+    def begin_attempts(self, keys: Sequence[Key], now: float, rules: ThrottleRules) -> float:
+        """Count a sign-in attempt of each key before it is checked (0), or the seconds a blocked
+        key must wait (nothing counted): `storage.strikes.begin_attempts`."""
+        return strikes.begin_attempts(self._db, self.keyring.digest, keys, now, rules)
+
+    def settle_attempts(self, keys: Sequence[Key], ok: bool, now: float, rules: ThrottleRules) -> Failed:
+        """How the attempts begun came out: `storage.strikes.settle_attempts`."""
+        return strikes.settle_attempts(self._db, self.keyring.digest, keys, ok, now, rules)
 
     # -- browser sessions -----------------------------------------------------------------------
 

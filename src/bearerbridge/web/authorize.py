@@ -15,12 +15,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from bearerbridge.guard import Blocked
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth.requests import HttpRequest
 from bearerbridge.oauth.server import AskConsent, AskLogin, AuthorizeOutcome, BridgeServer, ErrorPage, Redirect
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn
-from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, snapshot
+from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, retry_after, snapshot
 
 log = Logger()
 
@@ -56,7 +57,7 @@ class Authorize(SignInAndConsent):
         req = snapshot(request, self._issuer)
         session_id = self._sessions.session_id(request)
         d = self._pool.run(self._decide, req, session_id, None)
-        return d.addCallback(self._render, request, session_id)
+        return d.addCallback(self._get_outcome, request, session_id)
 
     def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
         req = snapshot(request, self._issuer)
@@ -69,25 +70,30 @@ class Authorize(SignInAndConsent):
             if decision not in ("approve", "deny"):
                 raise BadRequest("decision must be approve or deny")
             d = self._pool.run(self._decide, req, session_id, decision)
-            return d.addCallback(self._render, request, session_id)
+            return d.addCallback(self._get_outcome, request, session_id)
         signed_in = self._login(request, form)
         after = signed_in.addCallback(lambda new: self._pool.run(self._after_login, req, new))
-        return after.addCallback(lambda outcome_and_session: self._render(outcome_and_session[0], request,
-                                                                          outcome_and_session[1]))
+        return after.addCallback(lambda outcome: self._render(outcome[0], outcome[1], outcome[2], request))
 
     def _decide(self, req: HttpRequest, session_id: str | None, decision: str | None) -> AuthorizeOutcome:
         """In the pool: the session's user, if it is live, and what the request gets."""
         user = self._pool.store.session_user(session_id) if session_id else None
         return self._server.authorize(req, user.id if user else None, decision)
 
-    def _after_login(self, req: HttpRequest, signed_in: SignedIn | None) -> tuple[AuthorizeOutcome, str | None]:
+    def _after_login(self, req: HttpRequest, signed_in: SignedIn | Blocked | None
+                     ) -> tuple[AuthorizeOutcome, str | None, Blocked | None]:
         """In the pool: go on as a fresh request from the user who signed in, if one did."""
-        outcome = self._server.authorize(req, signed_in.user.id if signed_in else None, None)
-        if signed_in is None and isinstance(outcome, AskLogin):
+        user = signed_in if isinstance(signed_in, SignedIn) else None
+        outcome = self._server.authorize(req, user.user.id if user else None, None)
+        if user is None and isinstance(outcome, AskLogin):
             outcome = AskLogin(outcome.client_name, failed=True)
-        return outcome, signed_in.session_id if signed_in else None
+        return outcome, user.session_id if user else None, signed_in if isinstance(signed_in, Blocked) else None
 
-    def _render(self, outcome: AuthorizeOutcome, request: Request, session_id: str | None) -> Reply:
+    def _get_outcome(self, outcome: AuthorizeOutcome, request: Request, session_id: str | None) -> Reply:
+        return self._render(outcome, session_id, None, request)
+
+    def _render(self, outcome: AuthorizeOutcome, session_id: str | None, blocked: Blocked | None,
+                request: Request) -> Reply:
         self._metrics.authorizations.labels(type(outcome).__name__.lower()).inc()
         action = request.uri.decode("latin-1")
         match outcome:
@@ -101,8 +107,10 @@ class Authorize(SignInAndConsent):
                 return self.pages.error(400, error, description)
             case AskLogin(client_name, failed):
                 csrf = self._sessions.csrf_token(request, self._binding(request, None))
-                return self.pages.render(401 if failed else 200, "login.html", client_name=client_name,
-                                          failed=failed, action=action, csrf=csrf)
+                return self.pages.render(429 if blocked else 401 if failed else 200, "login.html",
+                                          client_name=client_name, failed=failed, action=action, csrf=csrf,
+                                          blocked_minutes=blocked.minutes if blocked else 0,
+                                          headers=retry_after(blocked.retry_after if blocked else None))
             case AskConsent(client_name, user, scopes):
                 csrf = self._sessions.csrf_token(request, self._binding(request, session_id))
                 return self.pages.render(200, "consent.html", client_name=client_name, username=user.username,

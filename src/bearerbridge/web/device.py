@@ -10,6 +10,7 @@ from urllib.parse import urlencode, urlsplit
 from twisted.internet import defer
 from twisted.web.server import Request
 
+from bearerbridge.guard import Blocked
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth import device
 from bearerbridge.oauth.server import BridgeServer
@@ -17,8 +18,8 @@ from bearerbridge.storage.models import User
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.uris import is_loopback_address
 from bearerbridge.web.authorize import SignInAndConsent
-from bearerbridge.web.sessions import PasswordLogin, Sessions
-from bearerbridge.web.site import Pages, Reply, parse_query, snapshot
+from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn
+from bearerbridge.web.site import Pages, Reply, parse_query, retry_after, snapshot
 
 WRONG_CODES_ALLOWED = 5
 WRONG_CODES_WINDOW = 300
@@ -81,10 +82,12 @@ class DevicePage(SignInAndConsent):
             lambda user: self._code_page(request, user.id, self._typed_code(request)) if user
             else self._login_page(request, failed=False))
 
-    def _login_page(self, request: Request, failed: bool) -> Reply:
+    def _login_page(self, request: Request, failed: bool, blocked: Blocked | None = None) -> Reply:
         csrf = self._sessions.csrf_token(request, f"device-login|{request.uri.decode('latin-1')}")
-        return self.pages.render(401 if failed else 200, "login.html", client_name="A device", failed=failed,
-                                     action=request.uri.decode("latin-1"), csrf=csrf)
+        return self.pages.render(429 if blocked else 401 if failed else 200, "login.html", client_name="A device",
+                                 failed=failed, action=request.uri.decode("latin-1"), csrf=csrf,
+                                 blocked_minutes=blocked.minutes if blocked else 0,
+                                 headers=retry_after(blocked.retry_after if blocked else None))
 
     def _code_page(self, request: Request, user_id: int, user_code: str, error: str = "", status: int = 200) -> Reply:
         csrf = self._sessions.csrf_token(request, f"device|{user_id}")
@@ -97,8 +100,8 @@ class DevicePage(SignInAndConsent):
             if not self._sessions.csrf_ok(request, form, f"device-login|{request.uri.decode('latin-1')}"):
                 return self.pages.form_expired()
             return self._login(request, form).addCallback(
-                lambda signed_in: self._code_page(request, signed_in.user.id, self._typed_code(request)) if signed_in
-                else self._login_page(request, failed=True))
+                lambda signed_in: self._code_page(request, signed_in.user.id, self._typed_code(request))
+                if isinstance(signed_in, SignedIn) else self._login_page(request, failed=True, blocked=signed_in))
         return self._sessions.user(request).addCallback(self._post_signed_in, request, form)
 
     def _post_signed_in(self, user: User | None, request: Request, form: dict[str, str]

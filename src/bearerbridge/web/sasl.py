@@ -27,13 +27,16 @@ from twisted.python.failure import Failure as TwistedFailure
 from twisted.web.server import Request
 
 from bearerbridge.config import SaslSettings
+from bearerbridge.guard import MemoryDoor
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth.grants import SECRET_AUTH
 from bearerbridge.oauth.server import BridgeServer, discovery_url
 from bearerbridge.sasl.mechanisms import Challenge, Check, Failure, ServerExchange, Step
 from bearerbridge.sasl.verdict import Reason, Validate, Verdict
 from bearerbridge.storage.pool import StorePool
+from bearerbridge.throttle import Key
 from bearerbridge.web.site import AsyncResource, BadRequest, Reply, json_reply, snapshot, when_ready
+from bearerbridge.web.token import ClientAuthThrottle
 
 log = Logger()
 
@@ -53,8 +56,10 @@ class SaslEndpoint(AsyncResource):
     """Decides SASL logins posted over HTTP with the same validator as the Dovecot socket."""
 
     def __init__(self, issuer: str, pool: StorePool, server: BridgeServer, validate: Validate,
-                 settings: SaslSettings, metrics: Metrics) -> None:
+                 settings: SaslSettings, metrics: Metrics, throttle: ClientAuthThrottle, door: MemoryDoor) -> None:
         super().__init__()
+        self._throttle = throttle  # the caller's client authentication
+        self._door = door  # failed logins, per caller and user named: answered late
         self._issuer = issuer
         self._pool = pool
         self._server = server
@@ -75,24 +80,43 @@ class SaslEndpoint(AsyncResource):
             message = base64.b64decode(req.form.get("message", ""), validate=True)
         except (binascii.Error, ValueError):
             raise BadRequest("message must be base64") from None
+        keys, refusal = self._throttle.check(req)
+        if refusal is not None:
+            return refusal
         client = self._pool.run(self._server.authenticate_client, req, SECRET_AUTH, "sasl")
-        return client.addCallback(lambda _: self._exchange(mechanism, service, message)).addErrback(
-            self._refused_client)
+        return client.addCallbacks(self._authenticated, self._refused_client, (keys, mechanism, service, message),
+                                   errbackArgs=(keys,))
 
-    def _refused_client(self, failure: TwistedFailure) -> Reply:
+    def _authenticated(self, caller: Any, keys: list[Key], mechanism: str, service: str, message: bytes
+                       ) -> Reply | defer.Deferred[Reply]:
+        self._throttle.settle(keys, Reply(200, b"", {}), client_failed=False)
+        return self._exchange(caller.client_id, mechanism, service, message)
+
+    def _refused_client(self, failure: TwistedFailure, keys: list[Key]) -> Reply | defer.Deferred[Reply]:
         failure.trap(OAuth2Error)
         error: OAuth2Error = failure.value  # trap() lets only an OAuth2Error by
-        return json_reply(401, {"error": error.error, "error_description": error.get_error_description()},
-                          {"WWW-Authenticate": "Basic"})
+        return self._throttle.settle(keys, json_reply(
+            401, {"error": error.error, "error_description": error.get_error_description()},
+            {"WWW-Authenticate": "Basic"}), client_failed=True)
 
-    def _exchange(self, mechanism: str, service: str, message: bytes) -> Reply | defer.Deferred[Reply]:
+    def _exchange(self, caller: str, mechanism: str, service: str, message: bytes) -> Reply | defer.Deferred[Reply]:
         exchange = ServerExchange(mechanism, discovery_url(self._issuer))
         step = exchange.receive(message or None)
         if not isinstance(step, Check):
             self._record(mechanism, service, None, False, Reason.MALFORMED)
             return json_reply(200, _outcome(step))
+        keys = self._door.keys(f"{caller} {step.bearer.identity or ''}", None)
         verdict = when_ready(self._validate(step.bearer, service))
-        return verdict.addCallback(self._decided, exchange, mechanism, service)
+        return verdict.addCallback(self._held, exchange, mechanism, service, keys)
+
+    def _held(self, verdict: Verdict, exchange: ServerExchange, mechanism: str, service: str, keys: list[Key]
+              ) -> Reply | defer.Deferred[Reply]:
+        """The answer, a failure's held for its delay (as on the Dovecot socket); none for a
+        temporary failure, which says nothing of the token."""
+        reply = self._decided(verdict, exchange, mechanism, service)
+        if verdict.unavailable is not None:
+            return reply
+        return self._door.hold(self._door.outcome(keys, ok=verdict.accepted), reply)
 
     def _decided(self, verdict: Verdict, exchange: ServerExchange, mechanism: str, service: str) -> Reply:
         unavailable = verdict.unavailable

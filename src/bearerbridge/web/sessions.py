@@ -20,13 +20,18 @@ from twisted.internet import defer
 from twisted.web.server import Request
 
 from bearerbridge.crypto import verify_login
+from bearerbridge.guard import Blocked, DatabaseDoor, Recorder
 from bearerbridge.metrics import Metrics
 from bearerbridge.storage.models import User
 from bearerbridge.storage.pool import StorePool
+from bearerbridge.web.site import client_address
 
 SESSION_COOKIE = b"bb_session"
 CSRF_COOKIE = b"bb_csrf"
 CSRF_TTL = 900
+# A browser that has signed in as a user is let past that user's throttling block for this long.
+KNOWN_COOKIE = b"bb_known"
+KNOWN_TTL = 180 * 24 * 3600
 BROWSER_ID_BYTES = 16
 _BROWSER_ID = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(BROWSER_ID_BYTES)
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")  # crypto.new_secret()
@@ -98,6 +103,20 @@ class Sessions:
             _csrf_purpose(browser, binding), token, CSRF_TTL) == "form"
 
 
+    def known_browser(self, request: Request, username: str) -> bool:
+        """Whether this browser has signed in as `username` (case-folded) before (`remember_browser`)."""
+        value = (request.getCookie(KNOWN_COOKIE) or b"").decode("latin-1")
+        return bool(value) and self._keyring.unsign("known browser", value, KNOWN_TTL) == self._known(username)
+
+    def remember_browser(self, request: Request, username: str) -> None:
+        """Note in a cookie that this browser signed in as `username` (its digest: no name in clear)."""
+        self._set_cookie(request, KNOWN_COOKIE, self._keyring.sign("known browser", self._known(username)),
+                         KNOWN_TTL)
+
+    def _known(self, username: str) -> str:
+        return self._keyring.digest("known browser " + username.casefold())
+
+
 def _browser_id(request: Request) -> str | None:
     """The browser's CSRF cookie, if it has the form `csrf_token` gives it: a cookie planted with
     other characters (a `|`, say) must not be able to make one binding read as another."""
@@ -111,21 +130,40 @@ def _csrf_purpose(browser: str, binding: str) -> str:
 
 
 class PasswordLogin:
-    """The login form's check, shared by /authorize and /device."""
+    """The login form's check, shared by /authorize and /device: throttled per user name and per
+    address (`guard.DatabaseDoor`), with at most `checks_at_once` argon2 verifications running,
+    so that memory stays under that many times argon2's memory cost however many try at once."""
 
-    def __init__(self, pool: StorePool, sessions: Sessions, metrics: Metrics) -> None:
+    def __init__(self, pool: StorePool, sessions: Sessions, metrics: Metrics, door: DatabaseDoor,
+                 audit: Recorder, checks_at_once: int) -> None:
         self._pool = pool
         self._sessions = sessions
         self._metrics = metrics
+        self._door = door
+        self._audit = audit
+        self._checks = defer.DeferredSemaphore(checks_at_once)
+        metrics.password_checks_waiting.set_function(lambda: len(self._checks.waiting))
 
-    def __call__(self, request: Request, form: Mapping[str, str]) -> defer.Deferred[SignedIn | None]:
-        """Check a login form's username and password; on success start a session."""
-        return defer.Deferred.fromCoroutine(self._check(request, form))
+    def __call__(self, request: Request, form: Mapping[str, str]) -> defer.Deferred[SignedIn | Blocked | None]:
+        """Check a login form's username and password; on success start a session. A browser that
+        has signed in as this user before is not held back by the user's block, only its address's:
+        so that whoever knows a user's name cannot shut them out."""
+        username, address = form.get("username", ""), client_address(request)
+        known = self._sessions.known_browser(request, username)
+        keys = self._door.keys(None if known else username, address)
+        return defer.Deferred.fromCoroutine(self._door.attempt(
+            keys, lambda: self._check(request, username, form.get("password", ""), address)))
 
-    async def _check(self, request: Request, form: Mapping[str, str]) -> SignedIn | None:
+    async def _check(self, request: Request, username: str, password: str, address: str | None) -> SignedIn | None:
         """Read the password hash (pool), verify it (argon2id, slow on purpose: away from the
-        store's threads), and start a session (pool)."""
-        user_and_hash = await self._pool.run(self._pool.store.password_hash, form.get("username", ""))
-        user = await self._pool.run_apart(verify_login, user_and_hash, form.get("password", ""))
+        store's threads, a few at a time), and start a session (pool)."""
+        found = await self._pool.run(self._pool.store.password_hash, username)
+        user = await self._checks.run(self._pool.run_apart, verify_login, found, password)
         self._metrics.logins.labels("ok" if user else "failed").inc()
-        return None if user is None else await self._sessions.start(request, user)
+        if user is None:
+            reason = "unknown_user" if found[0] is None else "disabled" if found[0].disabled else "wrong_password"
+            self._audit.record("sign_in_failed", user=username, address=address, reason=reason)
+            return None
+        self._audit.record("sign_in", user=user.username, address=address)
+        self._sessions.remember_browser(request, username)
+        return await self._sessions.start(request, user)

@@ -9,6 +9,7 @@ own answer, a page for a person or JSON for a program, never Twisted's traceback
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from io import BytesIO
@@ -17,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -27,7 +29,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
-from bearerbridge.connections import peer_address
+from bearerbridge.connections import counted_address, peer_address
 from bearerbridge.oauth.requests import HttpRequest, MalformedRequest
 from bearerbridge.storage.pool import DatabaseUnavailable
 
@@ -89,8 +91,18 @@ def snapshot(request: Request, issuer: str) -> HttpRequest:
 
 def client_address(request: Request) -> str | None:
     """The address a request came from, as throttling and the audit log count it: an IPv4
-    address or an IPv6 /64 (`connections.peer_address`); None on a UNIX socket."""
-    return peer_address(request.getClientAddress())
+    address or an IPv6 /64 (`connections.peer_address`); None on a UNIX socket. From a proxy
+    the site trusts (`[http] trusted_proxies`), the last address of X-Forwarded-For: the one
+    that proxy saw; a header from anyone else is ignored, as anyone can write one."""
+    peer = request.getClientAddress()
+    forwarded = request.getHeader(b"x-forwarded-for")
+    trusted: frozenset[str] = getattr(getattr(request, "site", None), "trusted_proxies", frozenset())
+    if forwarded and isinstance(peer, (IPv4Address, IPv6Address)) and peer.host in trusted:
+        try:
+            return counted_address(forwarded.decode("latin-1").rpartition(",")[2].strip())
+        except ValueError:
+            pass  # not an address: count the proxy's
+    return peer_address(peer)
 
 
 def bearer_token(request: Request) -> str | None:
@@ -118,6 +130,11 @@ def json_error(status: int, error: str, description: str) -> Reply:
     return json_reply(status, {"error": error, "error_description": description})
 
 
+def retry_after(seconds: float | None) -> dict[bytes, bytes]:
+    """The Retry-After header of a 429 (RFC 6585 §4), in whole seconds; none without a wait."""
+    return {} if seconds is None else {b"Retry-After": str(max(1, math.ceil(seconds))).encode()}
+
+
 UNAVAILABLE = "The service is temporarily unavailable; try again shortly"
 
 
@@ -130,10 +147,10 @@ class Pages:
                                 autoescape=select_autoescape(default=True))
         self._site_name = site_name
 
-    def render(self, status: int, name: str, **values: Any) -> Reply:
+    def render(self, status: int, name: str, headers: Mapping[bytes, bytes] | None = None, **values: Any) -> Reply:
         html = self._env.get_template(name).render(site_name=self._site_name, **values)
         return Reply(status, html.encode(), {b"Content-Type": b"text/html; charset=utf-8",
-                                             b"Cache-Control": b"no-store"})
+                                             b"Cache-Control": b"no-store", **(headers or {})})
 
     def error(self, status: int, error: str, description: str) -> Reply:
         """An OAuth-style error, as a page for a person."""
@@ -372,10 +389,12 @@ class BridgeSite(Site):
     displayTracebacks = False
     protocol = _bridge_channel
 
-    def __init__(self, resource: Resource, access_log: str = "", reactor: IReactorTime | None = None) -> None:
+    def __init__(self, resource: Resource, access_log: str = "", reactor: IReactorTime | None = None,
+                 trusted_proxies: tuple[str, ...] = ()) -> None:
         super().__init__(resource, BridgeRequest, logPath=access_log or None, parsePOSTFormSubmission=False,
                          reactor=reactor)
         self._access_log = bool(access_log)
+        self.trusted_proxies = frozenset(trusted_proxies)  # whose X-Forwarded-For names the client
 
     def log(self, request: http.Request) -> None:
         if self._access_log:
