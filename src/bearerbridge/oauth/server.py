@@ -116,7 +116,7 @@ class BridgeServer(AuthorizationServer):
         previous: Token | None = request.refresh_token
         code: AuthCode | None = request.authorization_code
         family = previous.family if previous else uuid4().hex
-        self.store.save_token(
+        token_id = self.store.save_token(
             token["access_token"], token.get("refresh_token"), request.client.client_id,
             request.user.id if request.user else None, token.get("scope", ""), token["expires_in"],
             self.config.tokens.refresh_ttl, family=family, code_digest=code.code_digest if code else None,
@@ -125,17 +125,8 @@ class BridgeServer(AuthorizationServer):
         self.audit.record(
             "token_refreshed" if previous else "token_issued", grant_type=request.payload.grant_type,
             client_id=request.client.client_id, user=request.user.username if request.user else None,
-            scope=token.get("scope", ""), token_id=self._token_id(token), family=family,
+            scope=token.get("scope", ""), token_id=token_id, family=family,
             previous_token_id=previous.id if previous else None, address=request.address)
-
-    def _token_id(self, token: dict[str, Any]) -> int | None:
-        """The row id of a pair just saved: `SqlStore.save_token` does not return it, so it is
-        read back by the refresh token, else by the access token (which the memory of recent
-        reads then holds, as the token's first use would have it): one indexed read an issue."""
-        refresh_token = token.get("refresh_token")
-        saved = (self.store.find_refresh_token(refresh_token) if refresh_token
-                 else self.store.find_access_token(token["access_token"]))
-        return saved.id if saved is not None else None
 
     def create_oauth2_request(self, request: OAuth2Request) -> OAuth2Request:
         return request

@@ -304,10 +304,11 @@ class SqlStore:
 
     def save_token(self, access_token: str, refresh_token: str | None, client_id: str, user_id: int | None,
                    scope: str, expires_in: int, refresh_ttl: int | None, family: str | None = None,
-                   code_digest: str | None = None, refresh_scope: str | None = None) -> None:
-        """A token pair; `refresh_scope` when the refresh token's scope is not the access token's."""
+                   code_digest: str | None = None, refresh_scope: str | None = None) -> int:
+        """A token pair; `refresh_scope` when the refresh token's scope is not the access token's.
+        Returns its row id (for the audit log; never the tokens)."""
         now = _now()
-        self._db.execute(INSERT_TOKEN, {
+        result = self._db.execute(INSERT_TOKEN, {
             "access_digest": self.keyring.digest(access_token),
             "refresh_digest": self.keyring.digest(refresh_token) if refresh_token else None,
             "client_id": client_id, "user_id": user_id, "scope": scope, "issued_at": now,
@@ -315,6 +316,7 @@ class SqlStore:
             "refresh_expires_at": now + refresh_ttl if refresh_token and refresh_ttl else None,
             "revoked": False, "rotated": False, "family": family or uuid.uuid4().hex, "code_digest": code_digest,
             "refresh_scope": refresh_scope if refresh_scope != scope else None})
+        return int(result.inserted_primary_key[0])
 
     @staticmethod
     def _token(row: Row[Any]) -> Token:
