@@ -3,6 +3,7 @@ failure's answer, the metrics, and the audit log's `throttled` events."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -90,9 +91,13 @@ class Blocked:
     retry_after: float
 
     @property
-    def minutes(self) -> int:
-        """The wait in whole minutes, rounded up, for a person to read."""
-        return max(1, -(-int(self.retry_after) // 60))
+    def in_words(self) -> str:
+        """The wait for a person to read: whole minutes, rounded up, or a few seconds (while
+        attempts already sent are still being checked)."""
+        if self.retry_after < 30:
+            return "a few seconds"
+        minutes = max(1, math.ceil(self.retry_after / 60))
+        return f"{minutes} minute{'s' if minutes > 1 else ''}"
 
 
 class DatabaseDoor(Door):

@@ -109,7 +109,7 @@ class Authorize(SignInAndConsent):
                 csrf = self._sessions.csrf_token(request, self._binding(request, None))
                 return self.pages.render(429 if blocked else 401 if failed else 200, "login.html",
                                           client_name=client_name, failed=failed, action=action, csrf=csrf,
-                                          blocked_minutes=blocked.minutes if blocked else 0,
+                                          blocked_wait=blocked.in_words if blocked else None,
                                           headers=retry_after(blocked.retry_after if blocked else None))
             case AskConsent(client_name, user, scopes):
                 csrf = self._sessions.csrf_token(request, self._binding(request, session_id))

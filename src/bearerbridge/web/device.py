@@ -86,7 +86,7 @@ class DevicePage(SignInAndConsent):
         csrf = self._sessions.csrf_token(request, f"device-login|{request.uri.decode('latin-1')}")
         return self.pages.render(429 if blocked else 401 if failed else 200, "login.html", client_name="A device",
                                  failed=failed, action=request.uri.decode("latin-1"), csrf=csrf,
-                                 blocked_minutes=blocked.minutes if blocked else 0,
+                                 blocked_wait=blocked.in_words if blocked else None,
                                  headers=retry_after(blocked.retry_after if blocked else None))
 
     def _code_page(self, request: Request, user_id: int, user_code: str, error: str = "", status: int = 200) -> Reply:
