@@ -6,9 +6,6 @@ import time
 
 import pytest
 import requests
-from twisted.internet.address import IPv4Address, UNIXAddress
-
-from bearerbridge.web.device import GuessLimiter, guess_keys
 
 from .support import Service, form_fields, introspect
 
@@ -103,7 +100,9 @@ def test_denied(service, tv):
 @pytest.fixture(scope="module")
 def own_service(tmp_path_factory):
     """A service of its own: blocking 127.0.0.1 on the shared one would block later tests."""
-    running = Service.start(tmp_path_factory.mktemp("guesses"))
+    # Wrong codes count as failed sign-ins ([throttle.sign_in]): here five, without delays, block.
+    running = Service.start(tmp_path_factory.mktemp("guesses"),
+                            extra="[throttle.sign_in]\nfree_failures = 5\naccount_block_after = 5\n")
     yield running
     running.stop()
 
@@ -126,22 +125,6 @@ def test_wrong_codes_are_refused_then_rate_limited(own_service):
         action, fields = form_fields(page.text)
         page = browser.post(service.url + action, data={**fields, "user_code": started["user_code"]})
         assert page.status_code == 429
-
-
-def test_guess_limiter_forgets_after_its_window():
-    now = [0.0]
-    limiter = GuessLimiter(limit=2, window=60, clock=lambda: now[0])
-    limiter.failed("a")
-    limiter.failed("a")
-    assert limiter.blocked("a") and not limiter.blocked("b")
-    now[0] = 61
-    assert not limiter.blocked("a")
-
-
-def test_wrong_codes_count_against_the_address_only_when_there_is_one():
-    assert guess_keys(IPv4Address("TCP", "192.0.2.7", 4711), 3) == ("address:192.0.2.7", "user:3")
-    assert guess_keys(UNIXAddress(None), 3) == ("user:3",)  # behind a proxy on a UNIX socket
-    assert guess_keys(IPv4Address("TCP", "127.0.0.1", 4711), 3) == ("user:3",)  # or on loopback
 
 
 def test_refusals_at_the_device_endpoint(service, tv):

@@ -158,7 +158,7 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     top = SecuredRoot(https=config.https, pages=pages)
     top.putChild(b"authorize", Authorize(pages, issuer, sessions, login, pool, server, metrics))
     top.putChild(b"logout", Logout(pages, issuer, sessions))
-    top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics))
+    top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics, sign_in))
     top.putChild(b"token", TokenEndpoint(issuer, pool, server, metrics, clients))
     top.putChild(b"introspect", IntrospectionResource(issuer, pool, server, pool.store.recent, config.sasl,
                                                       metrics, clients))

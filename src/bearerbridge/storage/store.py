@@ -316,7 +316,9 @@ class SqlStore:
             "refresh_expires_at": now + refresh_ttl if refresh_token and refresh_ttl else None,
             "revoked": False, "rotated": False, "family": family or uuid.uuid4().hex, "code_digest": code_digest,
             "refresh_scope": refresh_scope if refresh_scope != scope else None})
-        return int(result.inserted_primary_key[0])
+        key = result.inserted_primary_key
+        assert key is not None  # an INSERT of one row always has one
+        return int(key[0])
 
     @staticmethod
     def _token(row: Row[Any]) -> Token:

@@ -2,71 +2,31 @@
 
 from __future__ import annotations
 
-import collections
-import time
-from collections.abc import Callable
 from urllib.parse import urlencode, urlsplit
 
 from twisted.internet import defer
 from twisted.web.server import Request
 
-from bearerbridge.guard import Blocked
+from bearerbridge.guard import Blocked, DatabaseDoor
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth import device
 from bearerbridge.oauth.server import BridgeServer
 from bearerbridge.storage.models import User
 from bearerbridge.storage.pool import StorePool
-from bearerbridge.uris import is_loopback_address
 from bearerbridge.web.authorize import SignInAndConsent
 from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn
-from bearerbridge.web.site import Pages, Reply, parse_query, retry_after, snapshot
-
-WRONG_CODES_ALLOWED = 5
-WRONG_CODES_WINDOW = 300
-
-
-def guess_keys(peer: object, user_id: int) -> tuple[str, ...]:
-    """Who a wrong code counts against: the user, and the peer's address unless it is a local
-    proxy's (a UNIX socket, or loopback), which every user shares: five wrong codes from anyone
-    would otherwise shut the page for all."""
-    host = getattr(peer, "host", None)
-    if host is None or is_loopback_address(host):
-        return (f"user:{user_id}",)
-    return (f"address:{host}", f"user:{user_id}")
-
-
-class GuessLimiter:
-    """At most `limit` wrong user codes per `window` seconds for each key (an address, a user):
-    20**8 codes would take a guesser far longer than a code lives (RFC 8628 §5.1)."""
-
-    def __init__(self, limit: int = WRONG_CODES_ALLOWED, window: float = WRONG_CODES_WINDOW,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._limit, self._window, self._clock = limit, window, clock
-        self._failures: dict[str, collections.deque[float]] = {}
-
-    def _recent(self, key: str) -> collections.deque[float]:
-        failures = self._failures.setdefault(key, collections.deque())
-        while failures and self._clock() - failures[0] > self._window:
-            failures.popleft()
-        if not failures:
-            del self._failures[key]  # keep the table to the keys that are failing now
-        return failures
-
-    def blocked(self, *keys: str) -> bool:
-        return any(len(self._recent(key)) >= self._limit for key in keys)
-
-    def failed(self, *keys: str) -> None:
-        for key in keys:
-            self._failures.setdefault(key, collections.deque()).append(self._clock())
+from bearerbridge.web.site import Pages, Reply, client_address, parse_query, retry_after, snapshot
 
 
 class DevicePage(SignInAndConsent):
     """The verification page: login, the code, then the same consent page as the code grant."""
 
     def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
-                 server: BridgeServer, metrics: Metrics) -> None:
+                 server: BridgeServer, metrics: Metrics, door: DatabaseDoor) -> None:
         super().__init__(pages, issuer, sessions, login, pool, server, metrics)
-        self.limiter = GuessLimiter()
+        # Wrong user codes count as failed sign-ins, per user and per address: 20**8 codes would
+        # take a guesser far longer than a code lives (RFC 8628 §5.1).
+        self._door = door
 
     def render_GET(self, request: Request) -> int:
         return self._answer(request, self._get)
@@ -116,29 +76,31 @@ class DevicePage(SignInAndConsent):
         consent_binding = f"device-consent|{user_id}|{user_code}"
         if step == "consent" and user_code and self._sessions.csrf_ok(request, form, consent_binding):
             approved = form.get("decision") == "approve"
-            d = self._pool.run(device.decide, self._server, user_code, user_id, approved)
+            d = self._pool.run(device.decide, self._server, user_code, user_id, approved, client_address(request))
             return d.addCallback(self._decided, request, user_id, approved)
         return self.pages.form_expired()
 
-    def _check_code(self, request: Request, user_id: int, typed: str) -> Reply | defer.Deferred[Reply]:
-        keys = guess_keys(request.getClientAddress(), user_id)
-        if self.limiter.blocked(*keys):
-            return self._code_page(request, user_id, "", "Too many wrong codes. Wait a few minutes and try again.",
-                                   status=429)
+    def _check_code(self, request: Request, user_id: int, typed: str) -> defer.Deferred[Reply]:
         user_code = device.normalize_user_code(typed)
-        d = self._pool.run(device.find_by_user_code, self._server, user_code) if user_code \
-            else defer.succeed(None)
-        return d.addCallback(self._found, request, user_id, typed, keys)
 
-    def _found(self, found: device.DeviceRequest | None, request: Request, user_id: int, typed: str,
-               keys: tuple[str, ...]) -> Reply:
+        async def find() -> device.DeviceRequest | None:
+            return await self._pool.run(device.find_by_user_code, self._server, user_code) if user_code else None
+
+        keys = self._door.keys(f"device code of user {user_id}", client_address(request))
+        found = defer.Deferred.fromCoroutine(self._door.attempt(keys, find))
+        return found.addCallback(self._found, request, user_id, typed)
+
+    def _found(self, found: device.DeviceRequest | Blocked | None, request: Request, user_id: int, typed: str
+               ) -> Reply:
+        if isinstance(found, Blocked):
+            return self._code_page(request, user_id, "", f"Too many wrong codes. Try again in {found.in_words}.",
+                                   status=429)
         if found is None:
-            self.limiter.failed(*keys)
             return self._code_page(request, user_id, typed, "That code is not valid, or it has expired.", status=400)
         csrf = self._sessions.csrf_token(request, f"device-consent|{user_id}|{found.user_code}")
         return self.pages.render(200, "consent.html", client_name=found.client_name, username=None,
-                                     scopes=found.scopes, csrf=csrf,
-                                     action="/device?" + urlencode({"user_code": found.user_code}))
+                                 scopes=found.scopes, csrf=csrf,
+                                 action="/device?" + urlencode({"user_code": found.user_code}))
 
     def _decided(self, recorded: bool, request: Request, user_id: int, approved: bool) -> Reply:
         self._metrics.authorizations.labels("device_" + ("approved" if approved else "denied")).inc()
