@@ -200,6 +200,18 @@ class Bridge:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
+def tokens_of(answer: Answer) -> dict:
+    """The JSON of a 200 answer (a token response)."""
+    assert answer.code == 200, (answer.code, answer.body)
+    return json.loads(answer.body)
+
+
+def error_of(answer: Answer, status: int = 400) -> str:
+    """The OAuth `error` of an answer with `status`."""
+    assert answer.code == status, (answer.code, answer.body)
+    return json.loads(answer.body)["error"]
+
+
 def form_of(answer: Answer) -> tuple[str, dict[str, str]]:
     """The action and the fields of the first form on a page."""
     return form_fields(answer.body.decode())

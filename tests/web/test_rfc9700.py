@@ -21,7 +21,17 @@ from bearerbridge.config import Config
 from bearerbridge.storage.models import Client
 from bearerbridge.storage.schema import tokens as tokens_table
 
-from ..fakes import Answer, Bridge, cheap_password_hash, form_of, login_and_consent, redirect_params, sqlite_store
+from ..fakes import (
+    Answer,
+    Bridge,
+    cheap_password_hash,
+    error_of,
+    form_of,
+    login_and_consent,
+    redirect_params,
+    sqlite_store,
+    tokens_of,
+)
 from ..support import authorize_url, pkce_pair
 
 CB = "https://app.example/cb"
@@ -74,16 +84,6 @@ def exchange_code(bridge: Bridge, client_id: str, code: str, verifier: str | Non
     if verifier is not None:
         data["code_verifier"] = verifier
     return token_request(bridge, client_id, data, **kwargs)
-
-
-def tokens_of(answer: Answer) -> dict:
-    assert answer.code == 200, (answer.code, answer.body)
-    return json.loads(answer.body)
-
-
-def error_of(answer: Answer, status: int = 400) -> str:
-    assert answer.code == status, (answer.code, answer.body)
-    return json.loads(answer.body)["error"]
 
 
 # -- §2.1.1, §4.8.2: PKCE downgrade ------------------------------------------------------------------

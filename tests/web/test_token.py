@@ -21,7 +21,16 @@ from bearerbridge.config import Config
 from bearerbridge.storage.models import Client
 from bearerbridge.storage.schema import auth_codes
 
-from ..fakes import Answer, Bridge, cheap_password_hash, login_and_consent, redirect_params, sqlite_store
+from ..fakes import (
+    Answer,
+    Bridge,
+    cheap_password_hash,
+    error_of,
+    login_and_consent,
+    redirect_params,
+    sqlite_store,
+    tokens_of,
+)
 from ..support import authorize_url, pkce_pair
 
 CB = "https://app.example/cb"
@@ -108,16 +117,6 @@ def exchange_code(bridge: Bridge, app: App, code: str, verifier: str | None, red
 
 def refresh(bridge: Bridge, refresh_token: str, app: App = WEB, **extra: str) -> Answer:
     return token_request(bridge, {"grant_type": "refresh_token", "refresh_token": refresh_token, **extra}, app)
-
-
-def tokens_of(answer: Answer) -> dict:
-    assert answer.code == 200, (answer.code, answer.body)
-    return json.loads(answer.body)
-
-
-def error_of(answer: Answer, status: int = 400) -> str:
-    assert answer.code == status, (answer.code, answer.body)
-    return json.loads(answer.body)["error"]
 
 
 def introspect(bridge: Bridge, token: str, app: App = RS, service: str | None = None, **extra: str) -> dict:
