@@ -67,3 +67,19 @@ def test_a_code_grant_and_the_cli_land_in_one_file_and_a_clean_stop_loses_no_eve
     assert len(refreshed) >= 20 and len(refreshed) <= len(recorded) <= len(refreshed) + 1
     assert all(e["family"] == ours[5]["family"] for e in recorded)
     assert "[audit]" not in service.log()
+
+
+def test_events_the_audit_log_cannot_write_are_counted_in_metrics_and_the_service_goes_on(tmp_path):
+    """A full disk (here /dev/full): each token is still issued, and /metrics says how many events were lost."""
+    service = Service.start(tmp_path, extra='[audit]\nfile = "/dev/full"\n')
+    try:
+        app = service.client("--grant", "client_credentials", "--scope", "metrics")
+        issued = [token_request(service, {"grant_type": "client_credentials", "scope": "metrics"}, app)
+                  for _ in range(3)]
+        assert [r.status_code for r in issued] == [200, 200, 200]
+        metrics = requests.get(f"{service.url}/metrics", timeout=10,
+                               headers={"Authorization": f"Bearer {issued[-1].json()['access_token']}"})
+        assert "bearerbridge_audit_lost 3.0" in metrics.text
+        assert service.log().count("security events are being lost") == 1
+    finally:
+        service.stop()

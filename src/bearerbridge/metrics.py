@@ -44,6 +44,9 @@ class Metrics:
         self.throttle_blocks = Counter(
             "bearerbridge_throttle_blocks", "Blocks started, by door and kind of key (account, address)",
             ["door", "key"], registry=self.registry)
+        self.audit_lost = Gauge(
+            "bearerbridge_audit_lost", "Security events the audit log could not write ([audit] file)",
+            registry=self.registry)
         self.password_checks_waiting = Gauge(
             "bearerbridge_password_checks_waiting", "Password checks waiting for their turn ([passwords] "
             "checks_at_once)", registry=self.registry)

@@ -118,6 +118,7 @@ def make_service(config: configuration.Config) -> MultiService:
     audit = open_audit_log(config.audit, lambda message: log.error("{message}", message=message))
     store = open_store(config)
     metrics = Metrics()
+    metrics.audit_lost.set_function(lambda: audit.lost)
     top = BridgeService()
     pool = StorePool(store, config.database.threads, config.database.deadline)
     pool.setServiceParent(top)
