@@ -251,3 +251,19 @@ def test_without_an_audit_log_no_change_is_made_but_reading_works(tmp_path, caps
     assert capsys.readouterr().err == f"bearerbridge: [audit] file: cannot write {tmp_path}: Is a directory\n"
     assert cli.main(["--config", str(config), "user", "list"]) == 0
     assert "carol" not in capsys.readouterr().out
+
+
+def test_keys_list_shows_the_signing_keys_and_keys_rotate_promotes_the_next_ones(run, tmp_path):
+    status, listed, _ = run("keys", "list")
+    assert status == 0
+    rows = [line.split() for line in listed.splitlines()]
+    assert sorted((row[1], row[2]) for row in rows) == [
+        ("ES256", "current"), ("ES256", "next"), ("RS256", "current"), ("RS256", "next")]
+    upcoming = {row[0] for row in rows if row[2] == "next"}
+    status, out, _ = run("keys", "rotate")
+    assert status == 0 and "now signing with" in out and all(kid in out for kid in upcoming)
+    _, listed, _ = run("keys", "list")
+    stages = {line.split()[0]: line.split()[2] for line in listed.splitlines()}
+    assert {kid for kid, stage in stages.items() if stage == "current"} == upcoming
+    assert sum(stage == "retired" for stage in stages.values()) == 2 and "published until" in listed
+    assert [(e["action"], sorted(e["kids"])) for e in audit_events(tmp_path)] == [("keys rotate", sorted(upcoming))]

@@ -26,7 +26,7 @@ def test_defaults():
 def test_the_documented_example_is_valid_and_complete():
     data = tomllib.loads(EXAMPLE.read_text())
     loaded = config.parse(data)
-    for section in ("server", "http", "audit", "database", "tokens", "sasl", "forward_auth", "passwords",
+    for section in ("server", "http", "audit", "database", "tokens", "sasl", "forward_auth", "passwords", "keys",
                     "throttle.sign_in", "throttle.clients", "throttle.sasl"):
         outer, _, inner = section.partition(".")
         documented = set(data[outer][inner] if inner else data[outer])

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from bearerbridge import config as configuration
 from bearerbridge.audit import AuditLog, AuditValue, open_audit_log
 from bearerbridge.bootstrap import OpenError, describe_url, one_line, open_store
 from bearerbridge.crypto import hash_password, new_secret, use_password_parameters
+from bearerbridge.keys import REREAD as KEYS_REREAD
+from bearerbridge.keys import Stage
 from bearerbridge.oauth.grants import GRANT_TYPES
 from bearerbridge.storage.models import Client
 from bearerbridge.storage.store import SqlStore, StoreError
@@ -245,6 +248,27 @@ def token_revoke(store: SqlStore, args: argparse.Namespace) -> Done:
                                                 "revoked": revoked})
 
 
+def keys_list(store: SqlStore, args: argparse.Namespace) -> str:
+    """The signing keys: kid, algorithm, stage, since when, and when a retired one leaves the JWKS."""
+    rows = [f"{k.kid}  {k.alg}  {k.stage:<7}  since {_when(k.since)}"
+            + (f"  published until {_when(k.expires_at)}" if k.expires_at else "")
+            for k in sorted(store.ensure_signing_keys(), key=lambda k: (k.alg, list(Stage).index(k.stage)))]
+    return "\n".join(rows)
+
+
+def keys_rotate(store: SqlStore, args: argparse.Namespace, config: configuration.Config) -> Done:
+    """Retire the current keys, sign with the next ones, and make new next ones."""
+    store.ensure_signing_keys()
+    store.rotate_signing_keys(config.tokens.access_ttl)
+    signing = sorted(k.kid for k in store.ensure_signing_keys() if k.stage is Stage.CURRENT)
+    return Done(f"rotated: now signing with {', '.join(signing)}; running services sign with them within "
+                f"{KEYS_REREAD} seconds", {"kids": signing})
+
+
+def _when(stamp: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="bearerbridge", description=(__doc__ or "").splitlines()[0])
     top.add_argument("--config", help=f"the TOML config (default: ${configuration.ENV_VAR}, else built-in defaults)")
@@ -254,7 +278,7 @@ def parser() -> argparse.ArgumentParser:
              help: str) -> argparse.ArgumentParser:
         """A command; one that changes something returns `Done`, and is audited."""
         p = noun.add_parser(name, help=help)
-        p.set_defaults(func=func, changes=func not in (user_list, client_list, client_show))
+        p.set_defaults(func=func, changes=func not in (user_list, client_list, client_show, keys_list))
         return p
 
     user = nouns.add_parser("user", help="manage users").add_subparsers(dest="verb", required=True)
@@ -306,6 +330,10 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--user")
     which.add_argument("--client")
 
+    keys = nouns.add_parser("keys", help="the signing keys").add_subparsers(dest="verb", required=True)
+    verb(keys, "list", keys_list, "list the signing keys")
+    verb(keys, "rotate", keys_rotate, "rotate the signing keys now")
+
     db = nouns.add_parser("db", help="the database").add_subparsers(dest="verb", required=True)
     verb(db, "upgrade", lambda store, args: Done("the schema is up to date"), "apply migrations")
     return top
@@ -345,7 +373,7 @@ def _run(args: argparse.Namespace, config: configuration.Config) -> str | Done:
     store = open_store(config)
     try:
         with store.transaction():
-            needs_config = args.func in (client_create, token_issue)
+            needs_config = args.func in (client_create, token_issue, keys_rotate)
             return args.func(store, args, config) if needs_config else args.func(store, args)
     except sa.exc.DBAPIError as e:  # locked, gone away: the driver's words, not the statement
         raise CommandError(f"database {describe_url(config.database.url)}: {one_line(e.orig or e)}") from None

@@ -162,6 +162,13 @@ class ThrottleSettings:
 
 
 @dataclass(frozen=True)
+class KeySettings:
+    # Seconds between automatic rotations of the signing keys (keys.py); `bearerbridge keys
+    # rotate` rotates at once. A retired key stays in the JWKS until its tokens have expired.
+    rotate_every: int = 90 * 24 * 3600
+
+
+@dataclass(frozen=True)
 class PasswordSettings:
     # Password checks (argon2id) running at once: memory stays under this many times
     # `memory_cost`; more wait their turn.
@@ -194,6 +201,7 @@ class Config:
     forward_auth: ForwardAuthSettings = field(default_factory=ForwardAuthSettings)
     throttle: ThrottleSettings = field(default_factory=ThrottleSettings)
     passwords: PasswordSettings = field(default_factory=PasswordSettings)
+    keys: KeySettings = field(default_factory=KeySettings)
     scopes: Mapping[str, str] = field(default_factory=lambda: DEFAULT_SCOPES)
 
     @property

@@ -78,6 +78,8 @@ class Keyring:
         # Separate subkeys so a digest can never be replayed as a signature.
         digest_key = hmac.digest(key, b"bearerbridge digest", "sha256")
         self._sign_key = hmac.digest(key, b"bearerbridge sign", "sha256")
+        # Seals the private signing keys kept in the database (keys.KeySealer).
+        self.sealing_key = hmac.digest(key, b"bearerbridge signing keys", "sha256")
         # Keyed once and copied for each digest: a third cheaper than keying every time,
         # and the SASL hot path takes one digest per check.
         self._digest_hmac = hmac.new(digest_key, digestmod=hashlib.sha256)

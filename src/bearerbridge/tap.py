@@ -34,6 +34,7 @@ from bearerbridge.web.authorize import Authorize, Logout
 from bearerbridge.web.device import DevicePage
 from bearerbridge.web.forward import ForwardAuth
 from bearerbridge.web.monitoring import Health, MetricsResource
+from bearerbridge.web.oidc import Jwks
 from bearerbridge.web.sasl import SaslEndpoint
 from bearerbridge.web.sessions import PasswordLogin, Sessions
 from bearerbridge.web.site import BridgeSite, JsonDocument, Pages, SecuredRoot, StaticFiles
@@ -41,6 +42,7 @@ from bearerbridge.web.token import ClientAuthThrottle, EndpointResource, Introsp
 
 log = Logger()
 PURGE_INTERVAL = 3600
+KEY_CHECK_INTERVAL = 3600
 
 
 class Options(usage.Options):
@@ -139,6 +141,7 @@ def make_service(config: configuration.Config) -> MultiService:
         for i, description in enumerate(config.sasl.listen):
             top.listen(f"[sasl] listen[{i}]", description, strports.service(description, sasl_listener))
     TimerService(PURGE_INTERVAL, _purge, pool).setServiceParent(top)
+    TimerService(KEY_CHECK_INTERVAL, _rotate_keys_if_due, pool, config).setServiceParent(top)
     reactor.callWhenRunning(_settle_garbage_collector)
     return top
 
@@ -170,6 +173,7 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     top.putChild(b"forward-auth", ForwardAuth(validator.check_scope, config.forward_auth, metrics))
     top.putChild(b"metrics", MetricsResource(pool, metrics))
     top.putChild(b"healthz", Health(pool))
+    top.putChild(b"jwks", Jwks(pool, clock))
     well_known = Resource()
     well_known.putChild(b"oauth-authorization-server", JsonDocument(metadata(config)))
     top.putChild(b".well-known", well_known)
@@ -190,6 +194,18 @@ def _purge(pool: StorePool) -> None:
     pool.run(pool.store.purge_expired).addCallbacks(
         lambda count: log.info("Purged {count} expired codes and tokens", count=count),
         lambda failure: log.failure("Purging expired codes and tokens failed", failure))
+
+
+def _rotate_keys_if_due(pool: StorePool, config: configuration.Config) -> None:
+    """Make the signing keys on first start, and rotate them once the current ones are `[keys]
+    rotate_every` seconds old (every instance checks; the store decides under a lock)."""
+    def check() -> bool:
+        pool.store.ensure_signing_keys()
+        return pool.store.rotate_signing_keys(config.tokens.access_ttl, config.keys.rotate_every)
+
+    pool.run(check).addCallbacks(
+        lambda rotated: log.info("Rotated the signing keys") if rotated else None,
+        lambda failure: log.failure("Checking the signing keys failed", failure))
 
 
 def makeService(options: Options) -> MultiService:

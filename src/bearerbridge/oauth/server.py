@@ -286,6 +286,7 @@ def metadata(config: Config) -> dict[str, Any]:
         "introspection_endpoint": f"{issuer}/introspect",
         "revocation_endpoint": f"{issuer}/revoke",
         "device_authorization_endpoint": f"{issuer}/device_authorization",
+        "jwks_uri": f"{issuer}/jwks",
         "scopes_supported": list(config.scopes),
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],

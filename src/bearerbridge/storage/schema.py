@@ -149,3 +149,15 @@ throttle_strikes = sa.Table(
     sa.Column("blocked_until", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False, index=True),  # when the row means nothing any more
 )
+
+
+# Signing keys (keys.py): the private JWK sealed with a key derived from the server's secret.
+signing_keys = sa.Table(
+    "signing_keys", metadata,
+    sa.Column("kid", sa.String(64), primary_key=True),
+    sa.Column("alg", sa.String(16), nullable=False),
+    sa.Column("stage", sa.String(16), nullable=False),
+    sa.Column("sealed", sa.Text, nullable=False),
+    sa.Column("since", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger),
+)

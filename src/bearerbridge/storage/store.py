@@ -25,7 +25,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row, make_url
 
 from bearerbridge.crypto import Keyring, new_secret
-from bearerbridge.storage import strikes
+from bearerbridge.keys import KeySealer, SigningKey
+from bearerbridge.storage import signing, strikes
 from bearerbridge.storage.models import AuthCode, Client, DeviceCode, Token, User
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.schema import (
@@ -129,6 +130,7 @@ class SqlStore:
         # Where the clients and access tokens read are noted, for the paths that answer from
         # memory; told after every commit that takes validity from tokens.
         self.recent = recent
+        self.sealer = KeySealer(keyring.sealing_key)
         self._local = threading.local()
 
     # -- transactions -------------------------------------------------------------------
@@ -395,7 +397,18 @@ class SqlStore:
                 + self._db.execute(auth_codes.delete().where(dead_code)).rowcount
                 + self._db.execute(device_codes.delete().where(dead_device)).rowcount
                 + self._db.execute(tokens.delete().where(dead_token)).rowcount
-                + strikes.purge(self._db, now))
+                + strikes.purge(self._db, now) + signing.purge(self._db, now))
+
+    # -- signing keys (keys.py) -----------------------------------------------------------------
+
+    def ensure_signing_keys(self) -> list[SigningKey]:
+        """Every signing key, a current and a next one for each algorithm made on first use."""
+        return signing.ensure(self._db, self.sealer, _now())
+
+    def rotate_signing_keys(self, lifetime: int, every: int | None = None) -> bool:
+        """Retire the current keys (published `lifetime` seconds more) and promote the next ones;
+        with `every`, only if the current keys are that many seconds old. Whether it rotated."""
+        return signing.rotate(self._db, self.sealer, _now(), lifetime, every)
 
     # -- failed sign-ins (throttle.py) ----------------------------------------------------------
 

@@ -1,0 +1,55 @@
+"""The faces of OpenID Connect: /jwks, the signing keys' public halves (RFC 7517 §5)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.server import Request
+
+from bearerbridge import keys
+from bearerbridge.storage.pool import StorePool
+from bearerbridge.web.site import AsyncResource, Reply
+
+
+class Jwks(AsyncResource):
+    """GET /jwks: the next, current and unexpired retired keys (`keys.published`). The document is
+    made in the pool (opening sealed RSA keys takes milliseconds) and kept `keys.REREAD` seconds,
+    so that a rotation elsewhere is seen within that; relying parties may cache it as long."""
+
+    isLeaf = True
+
+    def __init__(self, pool: StorePool, clock: IReactorTime | None = None) -> None:
+        super().__init__()
+        if clock is None:
+            from twisted.internet import reactor  # here: importing this module installs no reactor
+
+            clock = reactor
+        self._pool = pool
+        self._clock: IReactorTime = clock
+        self._body: bytes | None = None
+        self._read_at = -float("inf")
+
+    def render_GET(self, request: Request) -> int:
+        return self._answer(request, self._get)
+
+    def _get(self, request: Request) -> Reply | defer.Deferred[Reply]:
+        if self._body is not None and self._clock.seconds() - self._read_at < keys.REREAD:
+            return self._reply(self._body)
+        return self._pool.run(self._read).addCallback(self._remember)
+
+    def _read(self) -> dict[str, Any]:
+        store = self._pool.store
+        return keys.jwks(store.ensure_signing_keys(), store.sealer, int(time.time()))
+
+    def _remember(self, document: dict[str, Any]) -> Reply:
+        self._body, self._read_at = json.dumps(document, indent=2).encode(), self._clock.seconds()
+        return self._reply(self._body)
+
+    @staticmethod
+    def _reply(body: bytes) -> Reply:
+        return Reply(200, body, {b"Content-Type": b"application/jwk-set+json", b"Access-Control-Allow-Origin": b"*",
+                                 b"Cache-Control": f"public, max-age={keys.REREAD}".encode()})
