@@ -205,7 +205,8 @@ def _rotate_keys_if_due(pool: StorePool, config: configuration.Config) -> None:
 
     pool.run(check).addCallbacks(
         lambda rotated: log.info("Rotated the signing keys") if rotated else None,
-        lambda failure: log.failure("Checking the signing keys failed", failure))
+        lambda failure: log.error("Checking the signing keys failed (tried again in an hour): {error}",
+                                  error=failure.getErrorMessage()))
 
 
 def makeService(options: Options) -> MultiService:
