@@ -37,7 +37,7 @@ from bearerbridge.web.monitoring import Health, MetricsResource
 from bearerbridge.web.oidc import Jwks
 from bearerbridge.web.sasl import SaslEndpoint
 from bearerbridge.web.sessions import PasswordLogin, Sessions
-from bearerbridge.web.site import BridgeSite, JsonDocument, Pages, SecuredRoot, StaticFiles
+from bearerbridge.web.site import BridgeSite, JsonDocument, Landing, Pages, SecuredRoot, StaticFiles
 from bearerbridge.web.token import ClientAuthThrottle, EndpointResource, IntrospectionResource, TokenEndpoint
 
 log = Logger()
@@ -174,6 +174,7 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     top.putChild(b"metrics", MetricsResource(pool, metrics))
     top.putChild(b"healthz", Health(pool))
     top.putChild(b"jwks", Jwks(pool, clock))
+    top.putChild(b"", Landing(pages))
     well_known = Resource()
     well_known.putChild(b"oauth-authorization-server", JsonDocument(metadata(config)))
     top.putChild(b".well-known", well_known)

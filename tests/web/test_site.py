@@ -35,7 +35,7 @@ def secured(answer) -> bool:
 
 def test_every_error_page_ours_or_twisteds_carries_the_security_headers(bridge):
     browser = bridge.browser()
-    for answer, code in ((browser.get("/no-such-page"), 404), (browser.get("/"), 404),
+    for answer, code in ((browser.get("/no-such-page"), 404), (browser.get("/"), 200),
                          (browser.get("/token"), 405), (browser.request("PUT", "/authorize"), 501),
                          (browser.get("/static/"), 404), (browser.get("/healthz"), 200)):
         assert answer.code == code
@@ -43,7 +43,7 @@ def test_every_error_page_ours_or_twisteds_carries_the_security_headers(bridge):
 
 
 def test_an_address_that_names_nothing_gets_the_sites_own_page(bridge):
-    for path in ("/no-such-page", "/", "/favicon.ico", "/no/such/page"):
+    for path in ("/no-such-page", "/favicon.ico", "/no/such/page", "/index.html"):
         answer = bridge.browser().get(path)
         assert answer.code == 404 and answer.header("Content-Type") == "text/html; charset=utf-8", path
         assert b"There is no page at this address." in answer.body and b"not_found" in answer.body, path
@@ -215,3 +215,10 @@ def test_deadlines_end_with_the_connection():
     connection.send(b"GET /")
     connection.protocol.connectionLost(Failure(ConnectionDone()))
     assert connection.clock.getDelayedCalls() == []
+
+
+def test_the_root_says_what_the_site_is_for_a_person_who_comes_by(bridge):
+    answer = bridge.browser().get("/")
+    assert answer.code == 200 and answer.header("Content-Type") == "text/html; charset=utf-8"
+    assert b'id="landing"' in answer.body and b'href="/logout"' in answer.body
+    assert bridge.browser().request("POST", "/").code == 405

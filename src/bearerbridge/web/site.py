@@ -264,6 +264,15 @@ class NotFound(PageResource):
                                                                 "There is no page at this address."))
 
 
+class Landing(PageResource):
+    """/: what this site is, for a person who comes by without an app sending them."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> int:
+        return self._answer(request, lambda r: self.pages.render(200, "landing.html"))
+
+
 class SecuredRoot(Resource):
     """The root of the tree. Every request passes it first, so it gives every response the
     security headers (pages refuse framing, no sniffing, no referrer; HSTS under an https
