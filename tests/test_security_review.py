@@ -331,7 +331,7 @@ def test_item14_twisteds_own_pages_carry_the_security_headers_and_static_lists_n
                 and "frame-ancestors 'none'" in answer.headers.get("Content-Security-Policy", ""))
 
     browser = Browser()
-    for answer, code in ((browser.get(f"{service.url}/no-such-page"), 404), (browser.get(f"{service.url}/"), 404),
+    for answer, code in ((browser.get(f"{service.url}/no-such-page"), 404), (browser.get(f"{service.url}/"), 200),
                          (browser.get(f"{service.url}/token"), 405),
                          (browser.put(f"{service.url}/authorize"), 501),
                          (browser.get(f"{service.url}/static/style.css"), 200)):
