@@ -141,6 +141,10 @@ def test_the_dovecot_socket_answers_failures_late_and_refuses_a_failing_rip(serv
     assert other.auth("1", "OAUTHBEARER", "imap", base64.b64encode(
         f"n,a={user},\x01auth=Bearer {token}\x01\x01".encode()).decode(), "\trip=192.0.2.7") == f"OK\t1\tuser={user}"
     assert time.monotonic() - started < 0.5  # the good login did not wait for the failures
+    mail.sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        mail.sock.recv(1)  # and the failures, sent first, are still held
+    mail.sock.settimeout(5)
     answers = [mail.line() for _ in range(3)]
     assert all(a.startswith("CONT") for a in answers)  # the RFC 7628 error round, after the delay
     assert time.monotonic() - started >= 0.5

@@ -33,6 +33,7 @@ from bearerbridge.oauth.grants import SECRET_AUTH
 from bearerbridge.oauth.server import BridgeServer, discovery_url
 from bearerbridge.sasl.mechanisms import Challenge, Check, Failure, ServerExchange, Step
 from bearerbridge.sasl.verdict import Reason, Validate, Verdict
+from bearerbridge.storage.models import Client
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.throttle import Key
 from bearerbridge.web.site import AsyncResource, BadRequest, Reply, json_reply, snapshot, when_ready
@@ -87,9 +88,9 @@ class SaslEndpoint(AsyncResource):
         return client.addCallbacks(self._authenticated, self._refused_client, (keys, mechanism, service, message),
                                    errbackArgs=(keys,))
 
-    def _authenticated(self, caller: Any, keys: list[Key], mechanism: str, service: str, message: bytes
+    def _authenticated(self, caller: Client, keys: list[Key], mechanism: str, service: str, message: bytes
                        ) -> Reply | defer.Deferred[Reply]:
-        self._throttle.settle(keys, Reply(200, b"", {}), client_failed=False)
+        self._throttle.passed(keys)
         return self._exchange(caller.client_id, mechanism, service, message)
 
     def _refused_client(self, failure: TwistedFailure, keys: list[Key]) -> Reply | defer.Deferred[Reply]:
