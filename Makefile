@@ -24,7 +24,14 @@ run: install
 peers:
 	scripts/install-peers
 
-test: install
+# The Node packages of tests/js (openid-client for tests/test_rp_openid_client.py), when npm is
+# here; without it that test skips (and fails under CI=true). npm ci again only after the lock changes.
+JS_PACKAGES := tests/js/node_modules/.package-lock.json
+$(JS_PACKAGES): tests/js/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix tests/js --silent --no-audit --no-fund; \
+	 else echo "npm not found: tests/test_rp_openid_client.py skips"; fi
+
+test: install $(JS_PACKAGES)
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then scripts/install-peers; \
 	 else echo "not root: peer tests skip where their peer is missing"; fi
 	$(BIN)/pytest $(PYTEST_ARGS)
