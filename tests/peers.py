@@ -397,7 +397,7 @@ def start_dovecot(directory: Path, issuer: str, client_id: str, client_secret: s
         "introspection_url": f"{issuer}/introspect",
         "client_id": client_id,
         "client_secret": client_secret,
-        "openid_configuration_url": f"{issuer}/.well-known/oauth-authorization-server",
+        "openid_configuration_url": f"{issuer}/.well-known/openid-configuration",
         **(overrides or {}),
     }
     oauth2.write_text(format_settings(settings))

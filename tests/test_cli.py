@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import io
 import json
+import sqlite3
 import subprocess
 import time
 
@@ -183,6 +184,28 @@ def test_every_client_must_use_pkce_unless_a_confidential_one_is_let_off(run):
                     "--json")
     status, _, err = run("client", "update", json.loads(out)["client_id"], "--no-pkce")
     assert status == 1 and "must use PKCE" in err
+
+
+def test_openid_settings_of_a_client_and_a_user_are_registered_and_checked(run, tmp_path, monkeypatch):
+    status, out, _ = run("client", "create", "--name", "RP", "--redirect-uri", "https://rp.example/cb",
+                         "--id-token-alg", "RS256", "--post-logout-redirect-uri", "https://rp.example/bye", "--json")
+    created = json.loads(out)
+    assert status == 0 and created["id_token_alg"] == "RS256"
+    assert created["post_logout_redirect_uris"] == ["https://rp.example/bye"]
+    assert {"openid", "profile", "email"} <= set(created["scope"].split())
+    shown = json.loads(run("client", "show", created["client_id"])[1])
+    assert (shown["id_token_alg"], shown["post_logout_redirect_uris"]) == ("RS256", ["https://rp.example/bye"])
+    _, out, _ = run("client", "create", "--name", "Default", "--redirect-uri", "https://rp.example/cb", "--json")
+    assert json.loads(out)["id_token_alg"] == "ES256"
+    with pytest.raises(SystemExit):  # argparse's refusal: "invalid choice: 'none'"
+        run("client", "create", "--name", "X", "--redirect-uri", "https://rp.example/cb", "--id-token-alg", "none")
+    status, _, err = run("client", "create", "--name", "X", "--redirect-uri", "https://rp.example/cb",
+                         "--post-logout-redirect-uri", "https://rp.example/bye#x")
+    assert status == 1 and "https://rp.example/bye#x" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("a password\n"))
+    status, _, _ = run("user", "add", "alice", "--display-name", "Alice Liddell", "--password-stdin")
+    with sqlite3.connect(tmp_path / "bb.db") as db:
+        assert status == 0 and db.execute("SELECT display_name FROM users").fetchall() == [("Alice Liddell",)]
 
 
 # -- the audit log: every change, by whom, never a secret ---------------------------------------------

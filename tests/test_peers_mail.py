@@ -32,7 +32,7 @@ REVOCATION_BOUND = 1.2  # seconds: [sasl] cache_ttl = 1, plus slack
 REDIRECT_URI = "https://app.example/cb"
 # RFC 7628 error challenges point clients at the RFC 8414 metadata (same schema as OpenID
 # Connect discovery; bearerbridge is no OpenID provider).
-OPENID_CONFIGURATION = "/.well-known/oauth-authorization-server"
+OPENID_CONFIGURATION = "/.well-known/openid-configuration"
 
 SMTP_OK = (235, b"2.7.0 Authentication successful")
 IMAP_OK = ("OK", [b"Logged in"])

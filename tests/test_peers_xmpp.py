@@ -309,7 +309,7 @@ def test_a_token_without_the_xmpp_scope_is_refused_as_rfc_7628_says(client, acco
     challenge = client.auth("OAUTHBEARER", oauthbearer(name, token("smtp")))
     assert challenge_json(challenge) == {
         "status": "insufficient_scope", "scope": "xmpp",
-        "openid-configuration": f"{xmpp[0].url}/.well-known/oauth-authorization-server"}
+        "openid-configuration": f"{xmpp[0].url}/.well-known/openid-configuration"}
     assert is_not_authorized(client.respond(b"\x01"))  # <response>AQ==</response>
 
 

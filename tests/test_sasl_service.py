@@ -125,7 +125,7 @@ def test_a_token_is_good_only_for_its_services(dovecot, alice, sasl_service):
     assert (verb, request_id) == ("CONT", "7")
     assert json.loads(base64.b64decode(challenge)) == {
         "status": "insufficient_scope", "scope": "smtp",
-        "openid-configuration": f"{sasl_service.url}/.well-known/oauth-authorization-server"}
+        "openid-configuration": f"{sasl_service.url}/.well-known/openid-configuration"}
     dovecot.send(b"CONT\t7\tAQ==\n")  # the client's dummy answer, 0x01 (RFC 7628 §3.2.3)
     assert dovecot.line().startswith("FAIL\t7\treason=")
     assert dovecot.auth("8", "OAUTHBEARER", "pop3", oauthbearer(name, imap_only)).startswith("CONT\t8\t")

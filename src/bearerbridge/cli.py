@@ -26,8 +26,9 @@ from bearerbridge import config as configuration
 from bearerbridge.audit import AuditLog, AuditValue, open_audit_log
 from bearerbridge.bootstrap import OpenError, describe_url, one_line, open_store
 from bearerbridge.crypto import hash_password, new_secret, use_password_parameters
+from bearerbridge.keys import ALGORITHMS as SIGNING_ALGORITHMS
+from bearerbridge.keys import DEFAULT_ALGORITHM, Stage
 from bearerbridge.keys import REREAD as KEYS_REREAD
-from bearerbridge.keys import Stage
 from bearerbridge.oauth.grants import GRANT_TYPES
 from bearerbridge.storage.models import Client
 from bearerbridge.storage.store import SqlStore, StoreError
@@ -87,7 +88,7 @@ def _check_redirect_uri(uri: str) -> str:
 
 def user_add(store: SqlStore, args: argparse.Namespace) -> Done:
     password = hash_password(_read_password(args.password_stdin))
-    user = store.add_user(args.name, args.email, password)
+    user = store.add_user(args.name, args.email, password, args.display_name)
     return Done(f"added user {user.username}", {"user": user.username})
 
 
@@ -138,7 +139,10 @@ def client_create(store: SqlStore, args: argparse.Namespace, config: configurati
     client = Client(client_id=secrets.token_hex(16), name=args.name,
                     redirect_uris=tuple(_check_redirect_uri(u) for u in args.redirect_uri or ()),
                     scope=" ".join(scopes), grant_types=grants, public=args.public,
-                    resource_server=args.resource_server, pkce_required=not args.no_pkce)
+                    resource_server=args.resource_server, pkce_required=not args.no_pkce,
+                    id_token_alg=args.id_token_alg,
+                    post_logout_redirect_uris=tuple(
+                        _check_redirect_uri(u) for u in args.post_logout_redirect_uri or ()))
     secret = None if args.public else new_secret()
     store.add_client(client, secret)
     described = _describe(client)
@@ -156,7 +160,8 @@ def _describe(client: Client) -> dict[str, Any]:
     return {"client_id": client.client_id, "name": client.name, "public": client.public,
             "redirect_uris": list(client.redirect_uris), "scope": client.scope,
             "grant_types": list(client.grant_types), "resource_server": client.resource_server,
-            "pkce_required": client.pkce_required}
+            "pkce_required": client.pkce_required, "id_token_alg": client.id_token_alg,
+            "post_logout_redirect_uris": list(client.post_logout_redirect_uris)}
 
 
 def client_list(store: SqlStore, args: argparse.Namespace) -> str:
@@ -286,7 +291,8 @@ def parser() -> argparse.ArgumentParser:
         p = verb(user, name, func, help)
         p.add_argument("name")
         if name == "add":
-            p.add_argument("--email")
+            p.add_argument("--email", help="the address relying parties see (OpenID's email claim)")
+            p.add_argument("--display-name", help="the name relying parties see (OpenID's name claim)")
         p.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
     verb(user, "disable", user_disable, "disable a user (its tokens stop working)").add_argument("name")
     verb(user, "enable", user_enable, "enable a disabled user").add_argument("name")
@@ -303,6 +309,10 @@ def parser() -> argparse.ArgumentParser:
                         "may introspect its own")
     p.add_argument("--no-pkce", action="store_true",
                    help="a legacy confidential client that sends no PKCE challenge (OAuth 2.1 wants one from all)")
+    p.add_argument("--id-token-alg", choices=SIGNING_ALGORITHMS, default=DEFAULT_ALGORITHM,
+                   help="how its OpenID Connect ID tokens are signed (default: %(default)s)")
+    p.add_argument("--post-logout-redirect-uri", action="append",
+                   help="where OpenID logout may send the browser afterwards (exact; repeat for several)")
     p.add_argument("--grant", action="append", choices=GRANTS,
                    help="a grant it may use (default: authorization_code and refresh_token with a redirect URI, "
                         "else client_credentials)")

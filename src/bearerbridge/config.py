@@ -88,7 +88,7 @@ class AuditSettings:
 
 
 # Keys that may be empty although their default is not: empty turns something off.
-MAY_BE_EMPTY = frozenset({"[audit] file"})
+MAY_BE_EMPTY = frozenset({"[audit] file", "[openid] acr"})
 
 
 # How the identity a SASL client names (OAUTHBEARER authzid, XOAUTH2 user, PLAIN authcid)
@@ -180,7 +180,17 @@ class PasswordSettings:
     parallelism: int = 4
 
 
+@dataclass(frozen=True)
+class OpenIdSettings:
+    # The `acr` claim of every ID token (OpenID Connect Core §2), if the operator names the level
+    # of assurance its sign-in gives; none when empty.
+    acr: str = ""
+
+
 DEFAULT_SCOPES: Mapping[str, str] = types.MappingProxyType({
+    "openid": "Sign you in to it with your account here (OpenID Connect)",
+    "profile": "See your user name and your name",
+    "email": "See your e-mail address",
     "imap": "Read and manage your mail (IMAP)",
     "smtp": "Send mail as you (SMTP)",
     "xmpp": "Chat as you (XMPP)",
@@ -202,6 +212,7 @@ class Config:
     throttle: ThrottleSettings = field(default_factory=ThrottleSettings)
     passwords: PasswordSettings = field(default_factory=PasswordSettings)
     keys: KeySettings = field(default_factory=KeySettings)
+    openid: OpenIdSettings = field(default_factory=OpenIdSettings)
     scopes: Mapping[str, str] = field(default_factory=lambda: DEFAULT_SCOPES)
 
     @property

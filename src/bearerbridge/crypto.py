@@ -80,9 +80,16 @@ class Keyring:
         self._sign_key = hmac.digest(key, b"bearerbridge sign", "sha256")
         # Seals the private signing keys kept in the database (keys.KeySealer).
         self.sealing_key = hmac.digest(key, b"bearerbridge signing keys", "sha256")
+        self._subject_key = hmac.digest(key, b"bearerbridge subject", "sha256")
         # Keyed once and copied for each digest: a third cheaper than keying every time,
         # and the SASL hot path takes one digest per check.
         self._digest_hmac = hmac.new(digest_key, digestmod=hashlib.sha256)
+
+    def subject(self, user_id: int) -> str:
+        """A user's OpenID `sub`: the same at every client and instance, never reassigned (ids are
+        not reused), and telling nothing of the user (not their name, not their row number)."""
+        mac = hmac.digest(self._subject_key, str(user_id).encode(), "sha256")
+        return base64.urlsafe_b64encode(mac[:18]).decode()
 
     def digest(self, secret: str) -> str:
         """The stored form of a token, code or client secret."""

@@ -75,7 +75,7 @@ class KeySealer:
     def open(self, key: SigningKey) -> ECKey | RSAKey:
         plaintext = jwe.decrypt_compact(key.sealed, self._key).plaintext
         assert plaintext is not None  # a compact JWE always has one
-        data = json.loads(plaintext)
+        data = {**json.loads(plaintext), "kid": key.kid}  # so that a KeySet of opened keys finds it by kid
         return ECKey.import_key(data) if data["kty"] == "EC" else RSAKey.import_key(data)
 
     def new(self, alg: str, stage: Stage, now: int) -> SigningKey:

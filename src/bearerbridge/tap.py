@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gc
 import sys
+import time
 from importlib import resources
 from typing import NoReturn
 
@@ -34,7 +35,7 @@ from bearerbridge.web.authorize import Authorize, Logout
 from bearerbridge.web.device import DevicePage
 from bearerbridge.web.forward import ForwardAuth
 from bearerbridge.web.monitoring import Health, MetricsResource
-from bearerbridge.web.oidc import Jwks
+from bearerbridge.web.oidc import Jwks, UserInfo
 from bearerbridge.web.sasl import SaslEndpoint
 from bearerbridge.web.sessions import PasswordLogin, Sessions
 from bearerbridge.web.site import BridgeSite, JsonDocument, Landing, Pages, SecuredRoot, StaticFiles
@@ -151,7 +152,7 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     """The resource tree served on every [http] listener, each resource given what it uses; the
     process's one audit log goes to whoever records security events."""
     issuer = config.server.issuer
-    server = BridgeServer(pool.store, config, audit, metrics)
+    server = BridgeServer(pool.store, config, audit, metrics, clock.seconds if clock else time.monotonic)
     pages = Pages(config.server.site_name)
     sessions = Sessions(pool, config.server.session_ttl, secure=config.https)
     if sasl_door is None:  # no Dovecot socket shares its count with /sasl
@@ -161,7 +162,7 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     clients = ClientAuthThrottle(MemoryDoor("clients", config.throttle.clients, metrics, audit, clock))
     top = SecuredRoot(https=config.https, pages=pages)
     top.putChild(b"authorize", Authorize(pages, issuer, sessions, login, pool, server, metrics))
-    top.putChild(b"logout", Logout(pages, issuer, sessions))
+    top.putChild(b"logout", Logout(pages, issuer, sessions, pool, server))
     top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics, sign_in))
     top.putChild(b"token", TokenEndpoint(issuer, pool, server, metrics, clients))
     top.putChild(b"introspect", IntrospectionResource(issuer, pool, server, pool.store.recent, config.sasl,
@@ -174,9 +175,12 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     top.putChild(b"metrics", MetricsResource(pool, metrics))
     top.putChild(b"healthz", Health(pool))
     top.putChild(b"jwks", Jwks(pool, clock))
+    top.putChild(b"userinfo", UserInfo(issuer, pool, server))
     top.putChild(b"", Landing(pages))
     well_known = Resource()
-    well_known.putChild(b"oauth-authorization-server", JsonDocument(metadata(config)))
+    document = JsonDocument(metadata(config))
+    well_known.putChild(b"oauth-authorization-server", document)
+    well_known.putChild(b"openid-configuration", document)
     top.putChild(b".well-known", well_known)
     top.putChild(b"static", StaticFiles(str(resources.files("bearerbridge.web") / "static")))
     return top

@@ -9,7 +9,7 @@ import pytest
 
 from bearerbridge.oauth import device
 from bearerbridge.oauth.server import BridgeServer
-from bearerbridge.storage.models import Client
+from bearerbridge.storage.models import Client, SignIn
 
 from ..fakes import Answer, Bridge, cheap_password_hash, login_and_consent, redirect_params, sqlite_store
 from ..support import authorize_url, pkce_pair
@@ -90,7 +90,7 @@ def test_the_device_grant_records_the_users_consent_and_the_token_issued(bridge)
     with bridge.store.transaction():
         alice = bridge.store.get_user_by_name("alice")
         assert device.decide(BridgeServer(bridge.store, bridge.config, bridge.audit), started["user_code"],
-                             alice.id, True, "192.0.2.7")
+                             SignIn(alice, 0, ("pwd",)), True, "192.0.2.7")
     tokens_of(token(bridge, "tv", grant_type=device.GRANT_TYPE, device_code=started["device_code"]))
     assert bridge.audit.of("consent") == [{"user": "alice", "client_id": "tv", "scope": "imap", "approved": True,
                                            "grant_type": device.GRANT_TYPE, "address": "192.0.2.7"}]

@@ -17,7 +17,7 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from bearerbridge.config import Config
 from bearerbridge.oauth.requests import HttpRequest
 from bearerbridge.oauth.server import AskConsent, AskLogin, AuthorizeOutcome, BridgeServer, ErrorPage, Redirect
-from bearerbridge.storage.models import Client, User
+from bearerbridge.storage.models import Client, SignIn, User
 from bearerbridge.storage.store import SqlStore
 
 from ..fakes import MemoryAudit, sqlite_store
@@ -64,11 +64,13 @@ def audit() -> MemoryAudit:
 def authorize(store, audit):
     """authorize(user_id, decision, **query) -> the outcome, for a code grant request of "web"
     (with PKCE S256, scope imap, state st-1) changed by `query` (None drops a parameter, a list
-    repeats it). A decision comes as the consent form's POST does, with the same query."""
+    repeats it), from a browser whose session is of `user_id`, signed in at `auth_time` (now)
+    or `just_signed_in` by this request. A decision comes as the consent form's POST does, with
+    the same query."""
     server = BridgeServer(store, Config(), audit)
 
-    def authorize(user_id: int | None = None, decision: str | None = None,
-                  **query: str | list[str] | None) -> AuthorizeOutcome:
+    def authorize(user_id: int | None = None, decision: str | None = None, auth_time: int | None = None,
+                  just_signed_in: bool = False, **query: str | list[str] | None) -> AuthorizeOutcome:
         params = {"response_type": "code", "client_id": "web", "redirect_uri": CB, "scope": "imap",
                   "state": "st-1", "code_challenge": CHALLENGE, "code_challenge_method": "S256", **query}
         lists = {k: v if isinstance(v, list) else [v] for k, v in params.items() if v is not None}
@@ -76,7 +78,9 @@ def authorize(store, audit):
         request = HttpRequest(method, f"{ISSUER}/authorize?{urlencode(lists, doseq=True)}", {}, lists, form,
                               ADDRESS)
         with store.transaction():
-            return server.authorize(request, user_id, decision)
+            sign_in = None if user_id is None else SignIn(User(user_id, "?", None), auth_time or int(time.time()),
+                                                          ("pwd",))
+            return server.authorize(request, sign_in, decision, just_signed_in)
     return authorize
 
 

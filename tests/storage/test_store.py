@@ -208,18 +208,18 @@ def test_sessions_end_at_logout_password_change_disable_and_expiry(store):
     with store.transaction():
         alice = store.add_user("alice", None, "hash")
         first, second = store.start_session(alice.id, 3600), store.start_session(alice.id, 3600)
-        assert store.session_user(first) == alice and store.session_user("not-a-session") is None
+        assert store.session(first).user == alice and store.session("not-a-session") is None
         store.end_session(first)
-        assert store.session_user(first) is None and store.session_user(second) == alice
+        assert store.session(first) is None and store.session(second).user == alice
         assert store.set_password("alice", "new hash") == 1
-        assert store.session_user(second) is None
+        assert store.session(second) is None
         expired = store.start_session(alice.id, -1)
-        assert store.session_user(expired) is None and store.purge_expired() == 1
+        assert store.session(expired) is None and store.purge_expired() == 1
         live = store.start_session(alice.id, 3600)
         make_client(store)
         store.save_token("access", "refresh", "app", alice.id, "imap", 3600, 86400)
         assert store.set_disabled("alice", True) == (1, 1)
-        assert store.session_user(live) is None
+        assert store.session(live) is None
         store.set_disabled("alice", False)
         assert store.find_access_token("access").revoked  # enabling brings no token back
 

@@ -15,7 +15,7 @@ from authlib.oauth2.rfc6749 import InvalidGrantError, InvalidScopeError, OAuth2E
 from authlib.oauth2.rfc8628 import DeviceAuthorizationEndpoint, DeviceCodeGrant
 
 from bearerbridge.oauth.scopes import refuse_operator_scopes
-from bearerbridge.storage.models import Client, DeviceCode, User
+from bearerbridge.storage.models import Client, DeviceCode, SignIn, User
 
 if TYPE_CHECKING:  # the server registers this module's grant: no import at run time
     from bearerbridge.oauth.server import BridgeServer
@@ -116,15 +116,14 @@ def find_by_user_code(server: BridgeServer, user_code: str) -> DeviceRequest | N
     return DeviceRequest(user_code, client.name, scopes)
 
 
-def decide(server: BridgeServer, user_code: str, user_id: int, approved: bool, address: str | None = None) -> bool:
-    """Record the user's answer (and audit it as `consent`, from the user's `address`); remember
-    the consent when they approve."""
+def decide(server: BridgeServer, user_code: str, sign_in: SignIn, approved: bool, address: str | None = None) -> bool:
+    """Record the answer of the user signed in (and audit it as `consent`, from the user's
+    `address`); remember the consent when they approve."""
     found = server.store.find_user_code(user_code)
-    if found is None or found.is_expired() or not server.store.decide_device_code(user_code, user_id, approved):
+    if found is None or found.is_expired() or not server.store.decide_device_code(user_code, sign_in, approved):
         return False
-    user = server.store.get_user(user_id)
-    server.audit.record("consent", user=user.username if user else None, client_id=found.client_id,
+    server.audit.record("consent", user=sign_in.user.username, client_id=found.client_id,
                         scope=found.scope, approved=approved, grant_type=GRANT_TYPE, address=address)
     if approved:
-        server.store.save_consent(user_id, found.client_id, set(found.scope.split()))
+        server.store.save_consent(sign_in.user.id, found.client_id, set(found.scope.split()))
     return True

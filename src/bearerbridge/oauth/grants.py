@@ -10,6 +10,7 @@ import time
 
 from authlib.oauth2.rfc6749 import InvalidGrantError, InvalidRequestError, OAuth2Request, grants
 from authlib.oauth2.rfc7636 import CodeChallenge
+from authlib.oidc.core.grants.util import is_openid_scope
 
 from bearerbridge.oauth import device
 from bearerbridge.oauth.scopes import refuse_operator_scopes
@@ -51,7 +52,8 @@ class CodeGrant(grants.AuthorizationCodeGrant):
         self.server.store.save_code(
             code, request.client.client_id, request.user.id, request.payload.redirect_uri or "",
             request.scope, data.get("code_challenge"), data.get("code_challenge_method"),
-            int(time.time()) + self.server.config.tokens.code_ttl)
+            int(time.time()) + self.server.config.tokens.code_ttl,
+            data.get("nonce") if is_openid_scope(request.scope) else None, request.sign_in)
 
     def query_authorization_code(self, code: str, client: Client) -> AuthCode:
         """A code is good once: the first exchange marks it used, and presenting a used

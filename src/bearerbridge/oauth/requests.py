@@ -10,6 +10,8 @@ from typing import Any
 from authlib.oauth2.rfc6749 import OAuth2Payload, OAuth2Request
 from authlib.oauth2.rfc6749.util import extract_basic_authorization
 
+from bearerbridge.storage.models import SignIn
+
 # RFC 6749 §5.2: the characters an error_description may hold. authlib raises ValueError rather
 # than quote any other in its errors (a parameter it names, say), so a request holding one needs
 # an answer of our own.
@@ -66,6 +68,9 @@ class HttpRequest(OAuth2Request):
                  query: Mapping[str, list[str]], form: Mapping[str, list[str]], address: str | None = None) -> None:
         super().__init__(method, uri, headers=_Headers({k.lower(): v for k, v in headers.items()}))
         self.address = address  # the client's IP address (an IPv6 /64), for throttling and the audit log
+        # At /authorize: the browser's sign-in the code is granted under (its time and methods go
+        # into the ID token).
+        self.sign_in: SignIn | None = None
         self._args = {k: v[0] for k, v in query.items() if v}
         self._form = {k: v[0] for k, v in form.items() if v}
         merged: dict[str, list[str]] = {k: list(v) for k, v in query.items()}

@@ -9,6 +9,7 @@ back whatever these functions return.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -25,12 +26,13 @@ from authlib.oauth2.rfc6749 import (
 )
 from authlib.oauth2.rfc6750 import BearerTokenGenerator
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
+from authlib.oidc.core.errors import ConsentRequiredError, LoginRequiredError
 
 from bearerbridge.audit import AuditLog
 from bearerbridge.config import Config
 from bearerbridge.crypto import new_secret
 from bearerbridge.metrics import Metrics
-from bearerbridge.oauth import device
+from bearerbridge.oauth import device, oidc
 from bearerbridge.oauth.endpoints import Introspection, Revocation
 from bearerbridge.oauth.grants import (
     ANY_AUTH,
@@ -42,7 +44,7 @@ from bearerbridge.oauth.grants import (
     S256Challenge,
 )
 from bearerbridge.oauth.requests import HttpRequest, MalformedRequest
-from bearerbridge.storage.models import AuthCode, Client, Token, User
+from bearerbridge.storage.models import AuthCode, Client, SignIn, Token, User
 from bearerbridge.storage.store import SqlStore
 
 T = TypeVar("T")
@@ -69,6 +71,7 @@ class ErrorPage:
 class AskLogin:
     client_name: str
     failed: bool = False
+    login_hint: str = ""  # the user name to offer (OpenID's login_hint, ownCloud's user)
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ class BridgeServer(AuthorizationServer):
     """authlib's AuthorizationServer bound to our store and settings; the security events of
     the grants and endpoints go to `audit`."""
 
-    def __init__(self, store: SqlStore, config: Config, audit: AuditLog, metrics: Metrics | None = None) -> None:
+    def __init__(self, store: SqlStore, config: Config, audit: AuditLog, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(scopes_supported=list(config.scopes))
         self.store = store
         self.config = config
@@ -95,12 +99,15 @@ class BridgeServer(AuthorizationServer):
             access_token_generator=lambda **_: new_secret(),
             refresh_token_generator=lambda **_: new_secret(),
             expires_generator=lambda client, grant_type: config.tokens.access_ttl))
-        self.register_grant(CodeGrant, [S256Challenge(required=True)])
+        self.signing_keys = oidc.SigningKeys(store, clock)  # re-read on `clock`
+        id_tokens = oidc.IdTokens(self)
+        self.register_grant(CodeGrant, [S256Challenge(required=True), id_tokens])
         self.register_grant(RefreshGrant)
         self.register_grant(ClientCredentialsGrant)
-        self.register_grant(device.DeviceGrant)
+        self.register_grant(device.DeviceGrant, [id_tokens])
         self.register_endpoint(Introspection)
         self.register_endpoint(Revocation)
+        self.register_endpoint(oidc.EndSession(self))
         device_endpoint = device.DeviceEndpoint(self)
         device_endpoint.EXPIRES_IN = config.tokens.device_ttl
         self.register_endpoint(device_endpoint)
@@ -195,41 +202,77 @@ class BridgeServer(AuthorizationServer):
         location = dict(response[2])["Location"]
         return Redirect(add_params_to_uri(location, [("iss", self.config.server.issuer)]))
 
-    def authorize(self, request: HttpRequest, user_id: int | None, decision: str | None) -> AuthorizeOutcome:
-        """Decide what one request to /authorize gets.
+    def authorize(self, request: HttpRequest, sign_in: SignIn | None, decision: str | None,
+                  just_signed_in: bool = False) -> AuthorizeOutcome:
+        """Decide what one request to /authorize gets, for the browser's `sign_in`.
 
-        `decision` is None when the user has not answered the consent form yet,
-        else "approve" or "deny". Consent is remembered per user and client; a later
-        request for the same or fewer scopes skips the page.
+        `decision` is None when the user has not answered the consent form yet, else "approve" or
+        "deny". Consent is remembered per user and client; a later request for the same or fewer
+        scopes skips the page, unless it says `prompt=consent`. A sign-in made by this very
+        request (`just_signed_in`), or one the consent form was shown to, satisfies `prompt=login`,
+        `max_age` and `id_token_hint` (OpenID Connect Core §3.1.2.1).
         """
         try:
-            return self._describable(request, self._authorize, request, user_id, decision)
+            return self._describable(request, self._authorize, request, sign_in, decision,
+                                     just_signed_in or decision is not None)
         except MalformedRequest:
             return ErrorPage("invalid_request", _for_a_person(
                 "its request holds characters that are not allowed in its parameters"))
 
-    def _authorize(self, request: HttpRequest, user_id: int | None, decision: str | None) -> AuthorizeOutcome:
-        user = self.active_user(user_id)
+    def _authorize(self, request: HttpRequest, sign_in: SignIn | None, decision: str | None,
+                   fresh: bool) -> AuthorizeOutcome:
+        user = self.active_user(sign_in.user.id) if sign_in else None
+        prompts = set((request.payload.data.get("prompt") or "").split())
         try:
             grant = self.get_consent_grant(request, end_user=user)
+            if sign_in and user and not fresh and self._must_sign_in_again(request, sign_in, prompts, grant):
+                user = None
+            if user is None and "none" in prompts:
+                raise LoginRequiredError(redirect_uri=grant.redirect_uri, state=request.payload.state)
         except OAuth2Error as error:
             if error.redirect_uri:
                 return self._with_issuer(self.handle_error_response(request, error))
             return error_page(error, request)
         client: Client = grant.client
-        if user is None:
-            return AskLogin(client.name)
+        if user is None or sign_in is None:
+            data = request.payload.data
+            return AskLogin(client.name, login_hint=data.get("login_hint") or data.get("user") or "")
         scope = set(request.scope.split())
         if decision in ("approve", "deny"):
             self.audit.record("consent", user=user.username, client_id=client.client_id, scope=request.scope,
                               approved=decision == "approve", address=request.address)
         if decision == "approve":
             self.store.save_consent(user.id, client.client_id, scope)
-        elif decision != "deny" and not scope <= self.store.consented_scope(user.id, client.client_id):
+        elif decision != "deny" and ("consent" in prompts
+                                     or not scope <= self.store.consented_scope(user.id, client.client_id)):
+            if "none" in prompts:
+                return self._with_issuer(self.handle_error_response(request, ConsentRequiredError(
+                    redirect_uri=grant.redirect_uri, state=request.payload.state)))
             return AskConsent(client.name, user,
                               tuple((s, self.config.scopes.get(s, s)) for s in request.scope.split()))
+        request.sign_in = sign_in
         granted = user if decision != "deny" else None
         return self._with_issuer(self.create_authorization_response(request, grant_user=granted, grant=grant))
+
+    def _must_sign_in_again(self, request: HttpRequest, sign_in: SignIn, prompts: set[str], grant: Any) -> bool:
+        """Whether the browser's sign-in will not do: `prompt=login`, a sign-in older than
+        `max_age` seconds, or an `id_token_hint` naming another user. invalid_request for a
+        `max_age` that is no number of seconds or a hint that is not our ID token."""
+        data = request.payload.data
+        max_age = data.get("max_age")
+        if max_age is not None and not (max_age.isascii() and max_age.isdigit()):
+            raise InvalidRequestError("max_age must be a number of seconds", redirect_uri=grant.redirect_uri,
+                                      state=request.payload.state)
+        hint = data.get("id_token_hint")
+        if hint:
+            try:
+                hinted = oidc.hinted_subject(hint, self.signing_keys.public(), self.config.server.issuer)
+            except InvalidRequestError as error:
+                error.redirect_uri, error.state = grant.redirect_uri, request.payload.state
+                raise
+            if hinted != self.store.keyring.subject(sign_in.user.id):
+                return True
+        return "login" in prompts or (max_age is not None and time.time() - sign_in.auth_time > int(max_age))
 
 
 # The parameters authlib refuses to see twice at /authorize (RFC 6749 §3.1), in its order.
@@ -272,12 +315,14 @@ def error_page(error: OAuth2Error, request: HttpRequest) -> ErrorPage:
 
 
 def discovery_url(issuer: str) -> str:
-    """Where the metadata is served; SASL error challenges point clients at it (RFC 7628 §3.2.2)."""
-    return f"{issuer.rstrip('/')}/.well-known/oauth-authorization-server"
+    """Where the OpenID Provider Configuration is served; SASL error challenges point clients at it
+    (RFC 7628 §3.2.2 names this very document)."""
+    return f"{issuer.rstrip('/')}/.well-known/openid-configuration"
 
 
 def metadata(config: Config) -> dict[str, Any]:
-    """RFC 8414 authorization server metadata."""
+    """The server's metadata: RFC 8414's, with what OpenID Connect Discovery 1.0 adds. One
+    document, served at both well-known addresses, so the two always agree."""
     issuer = config.server.issuer.rstrip("/")
     data = AuthorizationServerMetadata({
         "issuer": config.server.issuer,
@@ -299,4 +344,4 @@ def metadata(config: Config) -> dict[str, Any]:
     })
     if config.https:  # authlib's validator insists on an https issuer
         data.validate()
-    return dict(data)
+    return oidc.provider_metadata(config, dict(data))

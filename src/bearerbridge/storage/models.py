@@ -7,9 +7,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, TokenMixin
+from authlib.oauth2.rfc6749 import ClientMixin, TokenMixin
 from authlib.oauth2.rfc6749.util import scope_to_list
 from authlib.oauth2.rfc8628 import DeviceCredentialMixin
+from authlib.oidc.core import AuthorizationCodeMixin as OpenIDCodeMixin
 
 from bearerbridge.uris import loopback_redirect_without_port, redirect_uri_problem
 
@@ -20,9 +21,20 @@ class User:
     username: str
     email: str | None
     disabled: bool = False
+    display_name: str | None = None  # the OpenID `name` claim, when the operator gave one
 
     def get_user_id(self) -> int:
         return self.id
+
+
+@dataclass(frozen=True)
+class SignIn:
+    """A live browser session: who signed in, when (OpenID's `auth_time`) and how (`amr`,
+    RFC 8176: `pwd` for a password)."""
+
+    user: User
+    auth_time: int
+    amr: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -39,11 +51,25 @@ class Client(ClientMixin):
     resource_server: bool = False
     # Must send a PKCE S256 challenge; False only for a legacy confidential client (`--no-pkce`).
     pkce_required: bool = True
+    # Signs its ID tokens with (OpenID Connect Registration's id_token_signed_response_alg).
+    id_token_alg: str = "ES256"
+    # Where RP-initiated logout may send the browser afterwards (exact match).
+    post_logout_redirect_uris: tuple[str, ...] = ()
     # Turns a presented secret into its stored digest; set by the store (it holds the key).
     digest: Callable[[str], str] | None = field(default=None, compare=False, repr=False)
 
     def get_client_id(self) -> str:
         return self.client_id
+
+    @property
+    def id_token_signed_response_alg(self) -> str:
+        """The name authlib's OpenID grants look for."""
+        return self.id_token_alg
+
+    @property
+    def client_metadata(self) -> dict[str, object]:
+        """What authlib's RP-initiated logout reads of a client."""
+        return {"post_logout_redirect_uris": list(self.post_logout_redirect_uris)}
 
     def get_default_redirect_uri(self) -> str | None:
         # Only an unambiguous default: with several URIs the request must name one.
@@ -90,7 +116,7 @@ class Client(ClientMixin):
 
 
 @dataclass(frozen=True)
-class AuthCode(AuthorizationCodeMixin):
+class AuthCode(OpenIDCodeMixin):
     code_digest: str
     client_id: str
     user_id: int
@@ -100,12 +126,25 @@ class AuthCode(AuthorizationCodeMixin):
     code_challenge_method: str | None
     expires_at: int
     used: bool = False
+    # OpenID Connect: the request's nonce, and when and how the user signed in (`SignIn`).
+    nonce: str | None = None
+    auth_time: int | None = None
+    amr: str | None = None  # space-separated
 
     def get_redirect_uri(self) -> str:
         return self.redirect_uri
 
     def get_scope(self) -> str:
         return self.scope
+
+    def get_nonce(self) -> str | None:
+        return self.nonce
+
+    def get_auth_time(self) -> int | None:
+        return self.auth_time
+
+    def get_amr(self) -> list[str] | None:
+        return self.amr.split() if self.amr else None
 
     def is_expired(self, now: float | None = None) -> bool:
         return (now if now is not None else time.time()) >= self.expires_at
@@ -125,6 +164,9 @@ class DeviceCode(DeviceCredentialMixin):
     user_id: int | None
     approved: bool | None
     used: bool
+    # When and how the user who answered had signed in (`SignIn`), for an ID token.
+    auth_time: int | None = None
+    amr: str | None = None
 
     def get_client_id(self) -> str:
         return self.client_id

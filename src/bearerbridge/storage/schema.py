@@ -20,6 +20,7 @@ users = sa.Table(
     # are matched without regard to case (SASL identities, Dovecot's user lookups).
     sa.Column("username_key", sa.String(255), nullable=False, unique=True),
     sa.Column("email_key", sa.String(255), unique=True),
+    sa.Column("display_name", sa.String(255)),  # OpenID's `name` claim
 )
 
 clients = sa.Table(
@@ -36,6 +37,9 @@ clients = sa.Table(
     sa.Column("resource_server", sa.Boolean, nullable=False, server_default=sa.false()),
     # Must send a PKCE S256 challenge (OAuth 2.1); only a legacy confidential client is let off.
     sa.Column("pkce_required", sa.Boolean, nullable=False, server_default=sa.true()),
+    # OpenID Connect: how its ID tokens are signed, and where RP-initiated logout may return (one per line).
+    sa.Column("id_token_alg", sa.String(16), nullable=False, server_default="ES256"),
+    sa.Column("post_logout_redirect_uris", sa.Text, nullable=False, server_default=""),
 )
 
 
@@ -58,6 +62,12 @@ auth_codes = sa.Table(
     sa.Column("code_challenge_method", sa.String(16)),
     sa.Column("expires_at", sa.BigInteger, nullable=False),
     sa.Column("used", sa.Boolean, nullable=False, default=False),
+    # OpenID Connect: the request's nonce (a client may not use one twice while its codes live),
+    # and when and how the user had signed in, for the ID token.
+    sa.Column("nonce", sa.String(255)),
+    sa.Column("auth_time", sa.BigInteger),
+    sa.Column("amr", sa.String(64)),
+    sa.Index("ix_auth_codes_nonce", "client_id", "nonce"),
 )
 
 tokens = sa.Table(
@@ -125,6 +135,8 @@ device_codes = sa.Table(
     sa.Column("user_id", sa.Integer, _user_fk()),
     sa.Column("approved", sa.Boolean),      # None until the user decides
     sa.Column("used", sa.Boolean, nullable=False),
+    sa.Column("auth_time", sa.BigInteger),  # when and how the approving user had signed in
+    sa.Column("amr", sa.String(64)),
 )
 
 
@@ -136,6 +148,8 @@ sessions = sa.Table(
     sa.Column("user_id", sa.Integer, _user_fk(), nullable=False, index=True),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("expires_at", sa.BigInteger, nullable=False),
+    # How the user signed in (RFC 8176 `amr` values, space-separated): `pwd` for a password.
+    sa.Column("amr", sa.String(64), nullable=False, server_default="pwd"),
 )
 
 

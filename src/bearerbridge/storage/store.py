@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection, Engine, Row, make_url
 from bearerbridge.crypto import Keyring, new_secret
 from bearerbridge.keys import KeySealer, SigningKey
 from bearerbridge.storage import signing, strikes
-from bearerbridge.storage.models import AuthCode, Client, DeviceCode, Token, User
+from bearerbridge.storage.models import AuthCode, Client, DeviceCode, SignIn, Token, User
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.schema import (
     CLIENT_BY_ID,
@@ -174,7 +174,8 @@ class SqlStore:
 
     # -- users --------------------------------------------------------------------------
 
-    def add_user(self, username: str, email: str | None, password_hash: str | None) -> User:
+    def add_user(self, username: str, email: str | None, password_hash: str | None,
+                 display_name: str | None = None) -> User:
         """A new user. Names and addresses are compared case-folded, across each other too: no
         one's user name may be another's e-mail address, as either can name a user at login."""
         for what, value in (("user name", username), ("e-mail address", email)):
@@ -189,15 +190,15 @@ class SqlStore:
         try:
             result = self._db.execute(users.insert().values(
                 username=username, email=email, password_hash=password_hash, disabled=False, created_at=_now(),
-                username_key=keys[0], email_key=email.casefold() if email else None))
+                username_key=keys[0], email_key=email.casefold() if email else None, display_name=display_name))
         except sa.exc.IntegrityError:  # another process added the name or address meanwhile
             raise StoreError(f"user {username!r}: the name or address is taken") from None
         user_id = result.inserted_primary_key[0]  # type: ignore[index]  # an insert always has one
-        return User(user_id, username, email)
+        return User(user_id, username, email, display_name=display_name)
 
     @staticmethod
     def _user(row: Row[Any]) -> User:
-        return User(row.id, row.username, row.email, row.disabled)
+        return User(row.id, row.username, row.email, row.disabled, row.display_name)
 
     def get_user(self, user_id: int) -> User | None:
         row = self._db.execute(USER_BY_ID, {"user_id": user_id}).first()
@@ -243,14 +244,17 @@ class SqlStore:
             secret_digest=self.keyring.digest(secret) if secret else None,
             redirect_uris="\n".join(client.redirect_uris), scope=client.scope,
             grant_types=" ".join(client.grant_types), public=client.public, created_at=_now(),
-            resource_server=client.resource_server, pkce_required=client.pkce_required))
+            resource_server=client.resource_server, pkce_required=client.pkce_required,
+            id_token_alg=client.id_token_alg, post_logout_redirect_uris="\n".join(client.post_logout_redirect_uris)))
 
     def _client(self, row: Row[Any]) -> Client:
         return Client(resource_server=row.resource_server, pkce_required=row.pkce_required,
             client_id=row.client_id, name=row.name,
             redirect_uris=tuple(u for u in row.redirect_uris.split("\n") if u),
             scope=row.scope, grant_types=tuple(row.grant_types.split()), public=row.public,
-            secret_digest=row.secret_digest, created_at=row.created_at, digest=self.keyring.digest)
+            secret_digest=row.secret_digest, created_at=row.created_at, digest=self.keyring.digest,
+            id_token_alg=row.id_token_alg,
+            post_logout_redirect_uris=tuple(u for u in row.post_logout_redirect_uris.split("\n") if u))
 
     def get_client(self, client_id: str) -> Client | None:
         generation = self.recent.generation
@@ -288,11 +292,20 @@ class SqlStore:
     # -- authorization codes ------------------------------------------------------------
 
     def save_code(self, code: str, client_id: str, user_id: int, redirect_uri: str, scope: str,
-                  code_challenge: str | None, code_challenge_method: str | None, expires_at: int) -> None:
+                  code_challenge: str | None, code_challenge_method: str | None, expires_at: int,
+                  nonce: str | None = None, sign_in: SignIn | None = None) -> None:
         self._db.execute(INSERT_CODE, {
             "code_digest": self.keyring.digest(code), "client_id": client_id, "user_id": user_id,
             "redirect_uri": redirect_uri, "scope": scope, "code_challenge": code_challenge,
-            "code_challenge_method": code_challenge_method, "expires_at": expires_at, "used": False})
+            "code_challenge_method": code_challenge_method, "expires_at": expires_at, "used": False,
+            "nonce": nonce, "auth_time": sign_in.auth_time if sign_in else None,
+            "amr": " ".join(sign_in.amr) if sign_in else None})
+
+    def nonce_in_use(self, client_id: str, nonce: str) -> bool:
+        """Whether a code of this client still kept (unexpired, or used and kept to catch a replay)
+        was asked for with this nonce: OpenID Connect's replay check."""
+        return self._db.execute(sa.select(auth_codes.c.code_digest).where(
+            auth_codes.c.client_id == client_id, auth_codes.c.nonce == nonce).limit(1)).first() is not None
 
     def find_code(self, code: str) -> AuthCode | None:
         row = self._db.execute(CODE_BY_DIGEST, {"digest": self.keyring.digest(code)}).first()
@@ -423,20 +436,21 @@ class SqlStore:
 
     # -- browser sessions -----------------------------------------------------------------------
 
-    def start_session(self, user_id: int, ttl: int) -> str:
-        """A new session of the user for `ttl` seconds: its id, for the cookie (256 random bits;
-        only the digest is kept)."""
+    def start_session(self, user_id: int, ttl: int, amr: tuple[str, ...] = ("pwd",)) -> str:
+        """A new session of the user for `ttl` seconds, signed in by `amr` (RFC 8176): its id,
+        for the cookie (256 random bits; only the digest is kept)."""
         session_id, now = new_secret(), _now()
         self._db.execute(sessions.insert().values(id_digest=self.keyring.digest(session_id), user_id=user_id,
-                                                  created_at=now, expires_at=now + ttl))
+                                                  created_at=now, expires_at=now + ttl, amr=" ".join(amr)))
         return session_id
 
-    def session_user(self, session_id: str) -> User | None:
-        """The enabled user of a session that has not ended or expired."""
-        row = self._db.execute(sa.select(users).select_from(sessions.join(users)).where(
+    def session(self, session_id: str) -> SignIn | None:
+        """The sign-in of a session that has not ended or expired, by an enabled user."""
+        row = self._db.execute(sa.select(users, sessions.c.created_at.label("auth_time"), sessions.c.amr)
+                               .select_from(sessions.join(users)).where(
             sessions.c.id_digest == self.keyring.digest(session_id), sessions.c.expires_at > _now(),
             users.c.disabled.is_(False))).first()
-        return None if row is None else self._user(row)
+        return None if row is None else SignIn(self._user(row), row.auth_time, tuple(row.amr.split()))
 
     def end_session(self, session_id: str) -> None:
         self._db.execute(sessions.delete().where(sessions.c.id_digest == self.keyring.digest(session_id)))
@@ -469,11 +483,12 @@ class SqlStore:
     def find_user_code(self, user_code: str) -> DeviceCode | None:
         return self._device(device_codes.c.user_code == user_code)
 
-    def decide_device_code(self, user_code: str, user_id: int, approved: bool) -> bool:
-        """Record the user's answer once; False if it was already given."""
+    def decide_device_code(self, user_code: str, sign_in: SignIn, approved: bool) -> bool:
+        """Record the answer of the user signed in once; False if it was already given."""
         return self._db.execute(device_codes.update().where(
             device_codes.c.user_code == user_code, device_codes.c.approved.is_(None))
-            .values(user_id=user_id, approved=approved)).rowcount == 1
+            .values(user_id=sign_in.user.id, approved=approved, auth_time=sign_in.auth_time,
+                    amr=" ".join(sign_in.amr))).rowcount == 1
 
     def note_device_poll(self, device_digest: str, now: float) -> float | None:
         """Record a poll; returns the time of the one before."""

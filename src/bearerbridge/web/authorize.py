@@ -9,6 +9,7 @@ bound to the request it was shown for.
 
 from __future__ import annotations
 
+import dataclasses
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
@@ -17,6 +18,8 @@ from twisted.web.server import Request
 
 from bearerbridge.guard import Blocked
 from bearerbridge.metrics import Metrics
+from bearerbridge.oauth import oidc
+from bearerbridge.oauth.oidc import LogoutRequest
 from bearerbridge.oauth.requests import HttpRequest
 from bearerbridge.oauth.server import AskConsent, AskLogin, AuthorizeOutcome, BridgeServer, ErrorPage, Redirect
 from bearerbridge.storage.pool import StorePool
@@ -76,17 +79,17 @@ class Authorize(SignInAndConsent):
         return after.addCallback(lambda outcome: self._render(outcome[0], outcome[1], outcome[2], request))
 
     def _decide(self, req: HttpRequest, session_id: str | None, decision: str | None) -> AuthorizeOutcome:
-        """In the pool: the session's user, if it is live, and what the request gets."""
-        user = self._pool.store.session_user(session_id) if session_id else None
-        return self._server.authorize(req, user.id if user else None, decision)
+        """In the pool: the session's sign-in, if it is live, and what the request gets."""
+        sign_in = self._pool.store.session(session_id) if session_id else None
+        return self._server.authorize(req, sign_in, decision)
 
     def _after_login(self, req: HttpRequest, signed_in: SignedIn | Blocked | None
                      ) -> tuple[AuthorizeOutcome, str | None, Blocked | None]:
         """In the pool: go on as a fresh request from the user who signed in, if one did."""
         user = signed_in if isinstance(signed_in, SignedIn) else None
-        outcome = self._server.authorize(req, user.user.id if user else None, None)
+        outcome = self._server.authorize(req, user.sign_in if user else None, None, just_signed_in=True)
         if user is None and isinstance(outcome, AskLogin):
-            outcome = AskLogin(outcome.client_name, failed=True)
+            outcome = dataclasses.replace(outcome, failed=True)
         return outcome, user.session_id if user else None, signed_in if isinstance(signed_in, Blocked) else None
 
     def _get_outcome(self, outcome: AuthorizeOutcome, request: Request, session_id: str | None) -> Reply:
@@ -105,10 +108,11 @@ class Authorize(SignInAndConsent):
                 log.info("Authorization refused with a page: {error}: {description}", error=error,
                          description=description)
                 return self.pages.error(400, error, description)
-            case AskLogin(client_name, failed):
+            case AskLogin(client_name, failed, login_hint):
                 csrf = self._sessions.csrf_token(request, self._binding(request, None))
                 return self.pages.render(429 if blocked else 401 if failed else 200, "login.html",
                                           client_name=client_name, failed=failed, action=action, csrf=csrf,
+                                          login_hint=login_hint,
                                           blocked_wait=blocked.in_words if blocked else None,
                                           headers=retry_after(blocked.retry_after if blocked else None))
             case AskConsent(client_name, user, scopes):
@@ -119,22 +123,51 @@ class Authorize(SignInAndConsent):
 
 
 class Logout(PageResource):
-    """/logout: a form (with its CSRF token) that ends the login session."""
+    """/logout, also OpenID's end-session endpoint (RP-Initiated Logout 1.0): ends the browser's
+    session, after asking the user (a form with its CSRF token) unless an app sent an ID token of
+    the user signed in; then back to the app's registered post-logout address, if it gave one."""
 
-    def __init__(self, pages: Pages, issuer: str, sessions: Sessions) -> None:
+    def __init__(self, pages: Pages, issuer: str, sessions: Sessions, pool: StorePool, server: BridgeServer) -> None:
         super().__init__(pages)
         self._issuer = issuer
         self._sessions = sessions
+        self._pool = pool
+        self._server = server
 
     def render_GET(self, request: Request) -> int:
-        return self._answer(request, lambda r: self.pages.render(
-            200, "logout.html", done=False, csrf=self._sessions.csrf_token(r, "logout")))
+        return self._answer(request, lambda r: self._check(r).addCallback(self._get, r))
 
     def render_POST(self, request: Request) -> int:
         return self._answer(request, self._post)
 
+    def _binding(self, request: Request) -> str:
+        return f"logout|{urlsplit(request.uri).query.decode('latin-1')}"
+
+    def _check(self, request: Request) -> defer.Deferred[LogoutRequest]:
+        req = snapshot(request, self._issuer)
+        return self._sessions.sign_in(request).addCallback(
+            lambda sign_in: self._pool.run(oidc.logout_request, self._server, req, sign_in))
+
+    def _get(self, logout: LogoutRequest, request: Request) -> Reply | defer.Deferred[Reply]:
+        if logout.error is not None:
+            return self.pages.error(400, "invalid_request", f"The app that sent you here made a mistake: "
+                                    f"{logout.error}. You have not been signed out.")
+        if logout.confirm:
+            return self.pages.render(200, "logout.html", done=False, client_name=logout.client_name,
+                                     action=request.uri.decode("latin-1"),
+                                     csrf=self._sessions.csrf_token(request, self._binding(request)))
+        return self._end(logout, request)
+
     def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
         form = snapshot(request, self._issuer).form
-        if not self._sessions.csrf_ok(request, form, "logout"):
+        if not self._sessions.csrf_ok(request, form, self._binding(request)):
             return self.pages.form_expired()
-        return self._sessions.end(request).addCallback(lambda _: self.pages.render(200, "logout.html", done=True))
+        return self._check(request).addCallback(self._end, request)
+
+    def _end(self, logout: LogoutRequest, request: Request) -> defer.Deferred[Reply]:
+        def ended(_: None) -> Reply:
+            if logout.redirect_uri:
+                return Reply(303 if request.method == b"POST" else 302, b"",
+                             {b"Location": logout.redirect_uri.encode()})
+            return self.pages.render(200, "logout.html", done=True)
+        return self._sessions.end(request).addCallback(ended)

@@ -11,7 +11,7 @@ from bearerbridge.guard import Blocked, DatabaseDoor
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth import device
 from bearerbridge.oauth.server import BridgeServer
-from bearerbridge.storage.models import User
+from bearerbridge.storage.models import SignIn
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.authorize import SignInAndConsent
 from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn
@@ -38,8 +38,8 @@ class DevicePage(SignInAndConsent):
         return parse_query(urlsplit(request.uri).query).get("user_code", [""])[0]
 
     def _get(self, request: Request) -> defer.Deferred[Reply]:
-        return self._sessions.user(request).addCallback(
-            lambda user: self._code_page(request, user.id, self._typed_code(request)) if user
+        return self._sessions.sign_in(request).addCallback(
+            lambda sign_in: self._code_page(request, sign_in.user.id, self._typed_code(request)) if sign_in
             else self._login_page(request, failed=False))
 
     def _login_page(self, request: Request, failed: bool, blocked: Blocked | None = None) -> Reply:
@@ -62,21 +62,21 @@ class DevicePage(SignInAndConsent):
             return self._login(request, form).addCallback(
                 lambda signed_in: self._code_page(request, signed_in.user.id, self._typed_code(request))
                 if isinstance(signed_in, SignedIn) else self._login_page(request, failed=True, blocked=signed_in))
-        return self._sessions.user(request).addCallback(self._post_signed_in, request, form)
+        return self._sessions.sign_in(request).addCallback(self._post_signed_in, request, form)
 
-    def _post_signed_in(self, user: User | None, request: Request, form: dict[str, str]
+    def _post_signed_in(self, sign_in: SignIn | None, request: Request, form: dict[str, str]
                         ) -> Reply | defer.Deferred[Reply]:
         """The code form and the consent form, for the user whose session is live."""
-        if user is None:
+        if sign_in is None:
             return self._login_page(request, failed=False)
-        step, user_id = form.get("step"), user.id
+        step, user_id = form.get("step"), sign_in.user.id
         if step == "code" and self._sessions.csrf_ok(request, form, f"device|{user_id}"):
             return self._check_code(request, user_id, form.get("user_code", ""))
         user_code = device.normalize_user_code(self._typed_code(request))
         consent_binding = f"device-consent|{user_id}|{user_code}"
         if step == "consent" and user_code and self._sessions.csrf_ok(request, form, consent_binding):
             approved = form.get("decision") == "approve"
-            d = self._pool.run(device.decide, self._server, user_code, user_id, approved, client_address(request))
+            d = self._pool.run(device.decide, self._server, user_code, sign_in, approved, client_address(request))
             return d.addCallback(self._decided, request, user_id, approved)
         return self.pages.form_expired()
 

@@ -1,4 +1,5 @@
-"""The faces of OpenID Connect: /jwks, the signing keys' public halves (RFC 7517 §5)."""
+"""The faces of OpenID Connect: /jwks, the signing keys' public halves (RFC 7517 §5), and
+/userinfo (Core §5.3)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
 from bearerbridge import keys
+from bearerbridge.oauth import oidc
+from bearerbridge.oauth.server import BridgeServer
 from bearerbridge.storage.pool import StorePool
-from bearerbridge.web.site import AsyncResource, Reply
+from bearerbridge.web.site import AsyncResource, Reply, json_reply, snapshot
 
 
 class Jwks(AsyncResource):
@@ -53,3 +56,25 @@ class Jwks(AsyncResource):
     def _reply(body: bytes) -> Reply:
         return Reply(200, body, {b"Content-Type": b"application/jwk-set+json", b"Access-Control-Allow-Origin": b"*",
                                  b"Cache-Control": f"public, max-age={keys.REREAD}".encode()})
+
+
+class UserInfo(AsyncResource):
+    """GET or POST /userinfo with a bearer token granted `openid`: the claims its scope gives of
+    its user (`oauth.oidc.userinfo`), or an RFC 6750 error with its WWW-Authenticate challenge."""
+
+    isLeaf = True
+
+    def __init__(self, issuer: str, pool: StorePool, server: BridgeServer) -> None:
+        super().__init__()
+        self._issuer = issuer
+        self._pool = pool
+        self._server = server
+
+    def render_GET(self, request: Request) -> int:
+        return self._answer(request, self._ask)
+
+    render_POST = render_GET
+
+    def _ask(self, request: Request) -> defer.Deferred[Reply]:
+        d = self._pool.run(oidc.userinfo, self._server, snapshot(request, self._issuer))
+        return d.addCallback(lambda answer: json_reply(*answer))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from twisted.web.server import Request
 from bearerbridge.crypto import verify_login
 from bearerbridge.guard import Blocked, DatabaseDoor, Recorder
 from bearerbridge.metrics import Metrics
-from bearerbridge.storage.models import User
+from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.site import client_address
 
@@ -41,8 +42,12 @@ _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")  # crypto.new_secret()
 class SignedIn:
     """A user who has just signed in, and the session started for them."""
 
-    user: User
+    sign_in: SignIn
     session_id: str
+
+    @property
+    def user(self) -> User:
+        return self.sign_in.user
 
 
 class Sessions:
@@ -64,19 +69,21 @@ class Sessions:
         value = (request.getCookie(SESSION_COOKIE) or b"").decode("latin-1")
         return value if _SESSION_ID.fullmatch(value) else None
 
-    def user(self, request: Request) -> defer.Deferred[User | None]:
-        """The signed-in user, if the browser's session is live."""
+    def sign_in(self, request: Request) -> defer.Deferred[SignIn | None]:
+        """Who signed in, when and how, if the browser's session is live."""
         session_id = self.session_id(request)
         if session_id is None:
             return defer.succeed(None)
-        return self._pool.run(self._pool.store.session_user, session_id)
+        return self._pool.run(self._pool.store.session, session_id)
 
-    def start(self, request: Request, user: User) -> defer.Deferred[SignedIn]:
-        """Start a session of `user` and give this browser its cookie."""
+    def start(self, request: Request, user: User, amr: tuple[str, ...] = ("pwd",)) -> defer.Deferred[SignedIn]:
+        """Start a session of `user`, signed in by `amr`, and give this browser its cookie."""
+        auth_time = int(time.time())
+
         def started(session_id: str) -> SignedIn:
             self._set_cookie(request, SESSION_COOKIE, session_id, self._session_ttl)
-            return SignedIn(user, session_id)
-        return self._pool.run(self._pool.store.start_session, user.id, self._session_ttl).addCallback(started)
+            return SignedIn(SignIn(user, auth_time, amr), session_id)
+        return self._pool.run(self._pool.store.start_session, user.id, self._session_ttl, amr).addCallback(started)
 
     def end(self, request: Request) -> defer.Deferred[None]:
         """End this browser's session at the server, and forget the cookie."""
