@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
@@ -74,6 +75,17 @@ def _ask(prompt: str) -> str:
             raise CommandError("no terminal to ask for the password on; give it with --password-stdin") from None
         except EOFError:
             raise CommandError("no password given (the input ended)") from None
+
+
+def _check_web_address(option: str, url: str | None) -> str | None:
+    """A page or image a browser shows the user (the consent page's link and logo): https, or
+    http on loopback; refused otherwise, saying why."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if redirect_uri_problem(url) is not None or parts.scheme not in ("http", "https") or parts.fragment:
+        raise CommandError(f"{option} {url!r}: expected an https URL (http only on loopback), without a fragment")
+    return url
 
 
 def _check_redirect_uri(uri: str) -> str:
@@ -140,7 +152,8 @@ def client_create(store: SqlStore, args: argparse.Namespace, config: configurati
                     redirect_uris=tuple(_check_redirect_uri(u) for u in args.redirect_uri or ()),
                     scope=" ".join(scopes), grant_types=grants, public=args.public,
                     resource_server=args.resource_server, pkce_required=not args.no_pkce,
-                    id_token_alg=args.id_token_alg,
+                    id_token_alg=args.id_token_alg, website=_check_web_address("--website", args.website),
+                    logo_uri=_check_web_address("--logo-uri", args.logo_uri),
                     post_logout_redirect_uris=tuple(
                         _check_redirect_uri(u) for u in args.post_logout_redirect_uri or ()))
     secret = None if args.public else new_secret()
@@ -161,7 +174,8 @@ def _describe(client: Client) -> dict[str, Any]:
             "redirect_uris": list(client.redirect_uris), "scope": client.scope,
             "grant_types": list(client.grant_types), "resource_server": client.resource_server,
             "pkce_required": client.pkce_required, "id_token_alg": client.id_token_alg,
-            "post_logout_redirect_uris": list(client.post_logout_redirect_uris)}
+            "post_logout_redirect_uris": list(client.post_logout_redirect_uris), "website": client.website,
+            "logo_uri": client.logo_uri}
 
 
 def client_list(store: SqlStore, args: argparse.Namespace) -> str:
@@ -311,6 +325,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a legacy confidential client that sends no PKCE challenge (OAuth 2.1 wants one from all)")
     p.add_argument("--id-token-alg", choices=SIGNING_ALGORITHMS, default=DEFAULT_ALGORITHM,
                    help="how its OpenID Connect ID tokens are signed (default: %(default)s)")
+    p.add_argument("--website", help="its home page, linked on the consent page (https)")
+    p.add_argument("--logo-uri", help="its logo, shown on the consent page (https)")
     p.add_argument("--post-logout-redirect-uri", action="append",
                    help="where OpenID logout may send the browser afterwards (exact; repeat for several)")
     p.add_argument("--grant", action="append", choices=GRANTS,

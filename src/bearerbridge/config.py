@@ -33,6 +33,13 @@ class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the key."""
 
 
+# Every grant the token endpoint knows (oauth.grants.GRANT_TYPES, which a test holds equal).
+GRANT_TYPE_NAMES = ("authorization_code", "refresh_token", "client_credentials",
+                    "urn:ietf:params:oauth:grant-type:device_code")
+# Fields a token response may carry besides RFC 6749's: Doorkeeper's created_at, ownCloud's user_id.
+RESPONSE_FIELDS = ("created_at", "user_id")
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     issuer: str = "http://127.0.0.1:8080"
@@ -44,6 +51,9 @@ class ServerSettings:
     # Scopes only the operator grants (client credentials, `token issue`): no user can consent
     # to them, and `client create` includes them only when named.
     operator_scopes: tuple[str, ...] = ("metrics",)
+    # The grants this server gives at all (Prosody's allowed_oauth2_grant_types): a client
+    # registered for one left out is refused it (unauthorized_client).
+    grant_types: tuple[str, ...] = GRANT_TYPE_NAMES
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,12 @@ class TokenSettings:
     device_ttl: int = 900
     # Device codes a client may have waiting for their users at once (RFC 8628 §5.2: each is a row).
     device_codes_per_client: int = 100
+    # What a code or device grant asking for no scope gets: these, of the scopes its client may
+    # have (Doorkeeper's default scopes); empty: every scope the client may have.
+    default_scopes: tuple[str, ...] = ()
+    # Extra fields of the token response (RESPONSE_FIELDS): `created_at` (Unix time), `user_id`
+    # (the user name), for clients made for Doorkeeper or ownCloud.
+    response_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -333,6 +349,9 @@ def _cross_check(config: Config) -> None:
         if scope not in config.scopes:
             raise ConfigError(f"[sasl.services] {service}: scope {scope!r} is not in [scopes]")
     _one_of("[sasl] plain", sasl.plain, tuple(sasl.services))
+    _one_of("[server] grant_types", config.server.grant_types, GRANT_TYPE_NAMES)
+    _one_of("[tokens] response_fields", config.tokens.response_fields, RESPONSE_FIELDS)
+    _one_of("[tokens] default_scopes", config.tokens.default_scopes, tuple(config.scopes))
     for i, rule in enumerate(config.forward_auth.rules):
         for key in ("read_scope", "write_scope"):
             if getattr(rule, key) not in config.scopes:

@@ -37,6 +37,11 @@ def is_loopback_host(host: str | None) -> bool:
     return host == "localhost" or is_loopback_address(host)
 
 
+# The out-of-band "redirect" (RFC 8252 §7 deprecates it; Prosody, Doorkeeper and their apps use
+# it): the code is shown on a page for the user to copy into an app that cannot receive a redirect.
+OUT_OF_BAND = "urn:ietf:wg:oauth:2.0:oob"
+
+
 def redirect_uri_problem(uri: str) -> str | None:
     """Why `uri` may not be a redirect URI, or None when it may (RFC 6749 §3.1.2, RFC 8252 §7.3)."""
     if not _URI_CHARACTERS.fullmatch(uri):

@@ -54,10 +54,10 @@ class DeviceEndpoint(DeviceAuthorizationEndpoint):
 
     def save_device_credential(self, client_id: str, scope: str | None, data: dict[str, Any]) -> None:
         client: Client = self.server.query_client(client_id)  # authlib has just read it: memory answers
-        if not client.check_grant_type(GRANT_TYPE):
+        if not client.check_grant_type(GRANT_TYPE) or GRANT_TYPE not in self.server.config.server.grant_types:
             raise UnauthorizedClientError(f"The client may not use {GRANT_TYPE}")
-        allowed = client.get_allowed_scope(scope)
-        if allowed is None:
+        allowed = client.get_allowed_scope(scope or self.server.default_scope(client))
+        if not allowed:
             raise InvalidScopeError()
         refuse_operator_scopes(allowed, self.server.config.server.operator_scopes)
         if self.server.store.waiting_device_codes(client_id) >= self.server.config.tokens.device_codes_per_client:

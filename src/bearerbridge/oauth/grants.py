@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from authlib.oauth2.rfc6749 import InvalidGrantError, InvalidRequestError, OAuth2Request, grants
+from authlib.oauth2.rfc6749 import InvalidGrantError, InvalidRequestError, InvalidScopeError, OAuth2Request, grants
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oidc.core.grants.util import is_openid_scope
 
@@ -43,6 +43,12 @@ class CodeGrant(grants.AuthorizationCodeGrant):
     TOKEN_ENDPOINT_AUTH_METHODS = ANY_AUTH  # "none" is for public clients, which must use PKCE
 
     def validate_requested_scope(self) -> None:
+        if not self.request.payload.scope:  # the server's default scopes, of the client's
+            default = self.server.default_scope(self.request.client)
+            if not default:
+                raise InvalidScopeError("The request names no scope, and the client may have none of the default "
+                                        "scopes")
+            self.request.payload.data["scope"] = default
         super().validate_requested_scope()
         scope = self.request.client.get_allowed_scope(self.request.payload.scope)
         refuse_operator_scopes(scope, self.server.config.server.operator_scopes)

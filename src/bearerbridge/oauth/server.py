@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 from uuid import uuid4
 
 from authlib.common.urls import add_params_to_uri
@@ -22,6 +23,7 @@ from authlib.oauth2.rfc6749 import (
     InvalidRequestError,
     OAuth2Error,
     OAuth2Request,
+    UnsupportedGrantTypeError,
     UnsupportedResponseTypeError,
 )
 from authlib.oauth2.rfc6750 import BearerTokenGenerator
@@ -46,6 +48,7 @@ from bearerbridge.oauth.grants import (
 from bearerbridge.oauth.requests import HttpRequest, MalformedRequest
 from bearerbridge.storage.models import AuthCode, Client, SignIn, Token, User
 from bearerbridge.storage.store import SqlStore
+from bearerbridge.uris import OUT_OF_BAND
 
 T = TypeVar("T")
 
@@ -79,9 +82,19 @@ class AskConsent:
     client_name: str
     user: User
     scopes: tuple[tuple[str, str], ...]  # (name, description)
+    website: str | None = None
+    logo_uri: str | None = None
 
 
-AuthorizeOutcome = Redirect | ErrorPage | AskLogin | AskConsent
+@dataclass(frozen=True)
+class ShowCode:
+    """A code for an app registered with the out-of-band redirect (`uris.OUT_OF_BAND`), shown for
+    the user to copy into it."""
+    client_name: str
+    code: str
+
+
+AuthorizeOutcome = Redirect | ErrorPage | AskLogin | AskConsent | ShowCode
 
 
 class BridgeServer(AuthorizationServer):
@@ -117,12 +130,38 @@ class BridgeServer(AuthorizationServer):
     def query_client(self, client_id: str) -> Client | None:
         return self.store.find_client(client_id)
 
+    def get_token_grant(self, request: OAuth2Request) -> Any:
+        """authlib's grant for the request, if this server gives it at all (`[server] grant_types`)."""
+        grant = super().get_token_grant(request)
+        if grant.GRANT_TYPE not in self.config.server.grant_types:
+            raise UnsupportedGrantTypeError(grant.GRANT_TYPE)
+        return grant
+
+    def get_authorization_grant(self, request: OAuth2Request) -> Any:
+        if "authorization_code" not in self.config.server.grant_types:
+            raise UnsupportedResponseTypeError(request.payload.response_type)
+        return super().get_authorization_grant(request)
+
+    def default_scope(self, client: Client) -> str:
+        """What a request naming no scope gets (`[tokens] default_scopes`): the defaults this
+        client may have, else every scope it may have; empty when it may have no default."""
+        defaults = self.config.tokens.default_scopes
+        if not defaults:
+            return client.scope
+        return " ".join(s for s in defaults if s in client.scope.split())
+
     def save_token(self, token: dict[str, Any], request: HttpRequest) -> None:
         """Store a token pair issued by any grant, and record it: `token_issued`, or
         `token_refreshed` for a rotation (which keeps the family of the token it replaces)."""
         previous: Token | None = request.refresh_token
         code: AuthCode | None = request.authorization_code
         family = previous.family if previous else uuid4().hex
+        if "refresh_token" not in self.config.server.grant_types:  # authlib asks only the client
+            token.pop("refresh_token", None)
+        if "created_at" in self.config.tokens.response_fields:  # Doorkeeper's
+            token["created_at"] = int(time.time())
+        if "user_id" in self.config.tokens.response_fields and request.user:  # ownCloud's
+            token["user_id"] = request.user.username
         token_id = self.store.save_token(
             token["access_token"], token.get("refresh_token"), request.client.client_id,
             request.user.id if request.user else None, token.get("scope", ""), token["expires_in"],
@@ -197,9 +236,19 @@ class BridgeServer(AuthorizationServer):
 
     # the authorization endpoint
 
-    def _with_issuer(self, response: tuple[int, Any, Any]) -> Redirect:
-        """RFC 9207: every authorization response names its issuer."""
+    def _with_issuer(self, response: tuple[int, Any, Any], client_name: str) -> Redirect | ShowCode | ErrorPage:
+        """The authorization response: to the client's redirect URI with its issuer (RFC 9207), or
+        for the out-of-band one, on a page."""
         location = dict(response[2])["Location"]
+        if location.startswith(OUT_OF_BAND + "?"):
+            answer = dict(parse_qsl(urlsplit(location).query))
+            if "code" in answer:
+                return ShowCode(client_name, answer["code"])
+            if answer.get("error") == "access_denied":
+                return ErrorPage("access_denied", "You did not give the app access: nothing was shared with it. "
+                                                  "You can close this page.")
+            return ErrorPage(answer.get("error", "invalid_request"), _for_a_person(
+                f"its request was refused ({answer.get('error_description') or answer.get('error')})"))
         return Redirect(add_params_to_uri(location, [("iss", self.config.server.issuer)]))
 
     def authorize(self, request: HttpRequest, sign_in: SignIn | None, decision: str | None,
@@ -231,7 +280,8 @@ class BridgeServer(AuthorizationServer):
                 raise LoginRequiredError(redirect_uri=grant.redirect_uri, state=request.payload.state)
         except OAuth2Error as error:
             if error.redirect_uri:
-                return self._with_issuer(self.handle_error_response(request, error))
+                known = self.query_client(request.payload.client_id)
+                return self._with_issuer(self.handle_error_response(request, error), known.name if known else "")
             return error_page(error, request)
         client: Client = grant.client
         if user is None or sign_in is None:
@@ -247,12 +297,14 @@ class BridgeServer(AuthorizationServer):
                                      or not scope <= self.store.consented_scope(user.id, client.client_id)):
             if "none" in prompts:
                 return self._with_issuer(self.handle_error_response(request, ConsentRequiredError(
-                    redirect_uri=grant.redirect_uri, state=request.payload.state)))
+                    redirect_uri=grant.redirect_uri, state=request.payload.state)), client.name)
             return AskConsent(client.name, user,
-                              tuple((s, self.config.scopes.get(s, s)) for s in request.scope.split()))
+                              tuple((s, self.config.scopes.get(s, s)) for s in request.scope.split()),
+                              client.website, client.logo_uri)
         request.sign_in = sign_in
         granted = user if decision != "deny" else None
-        return self._with_issuer(self.create_authorization_response(request, grant_user=granted, grant=grant))
+        return self._with_issuer(self.create_authorization_response(request, grant_user=granted, grant=grant),
+                                 client.name)
 
     def _must_sign_in_again(self, request: HttpRequest, sign_in: SignIn, prompts: set[str], grant: Any) -> bool:
         """Whether the browser's sign-in will not do: `prompt=login`, a sign-in older than
@@ -335,7 +387,7 @@ def metadata(config: Config) -> dict[str, Any]:
         "scopes_supported": list(config.scopes),
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
-        "grant_types_supported": list(GRANT_TYPES),
+        "grant_types_supported": [g for g in GRANT_TYPES if g in config.server.grant_types],
         "token_endpoint_auth_methods_supported": ANY_AUTH,
         "introspection_endpoint_auth_methods_supported": SECRET_AUTH,
         "revocation_endpoint_auth_methods_supported": ANY_AUTH,

@@ -55,6 +55,9 @@ class Client(ClientMixin):
     id_token_alg: str = "ES256"
     # Where RP-initiated logout may send the browser afterwards (exact match).
     post_logout_redirect_uris: tuple[str, ...] = ()
+    # Shown on the consent page beside the name (https URLs).
+    website: str | None = None
+    logo_uri: str | None = None
     # Turns a presented secret into its stored digest; set by the store (it holds the key).
     digest: Callable[[str], str] | None = field(default=None, compare=False, repr=False)
 

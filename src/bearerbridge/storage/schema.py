@@ -40,6 +40,9 @@ clients = sa.Table(
     # OpenID Connect: how its ID tokens are signed, and where RP-initiated logout may return (one per line).
     sa.Column("id_token_alg", sa.String(16), nullable=False, server_default="ES256"),
     sa.Column("post_logout_redirect_uris", sa.Text, nullable=False, server_default=""),
+    # Shown on the consent page beside its name, when registered.
+    sa.Column("website", sa.Text),
+    sa.Column("logo_uri", sa.Text),
 )
 
 

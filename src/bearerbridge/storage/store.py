@@ -245,7 +245,8 @@ class SqlStore:
             redirect_uris="\n".join(client.redirect_uris), scope=client.scope,
             grant_types=" ".join(client.grant_types), public=client.public, created_at=_now(),
             resource_server=client.resource_server, pkce_required=client.pkce_required,
-            id_token_alg=client.id_token_alg, post_logout_redirect_uris="\n".join(client.post_logout_redirect_uris)))
+            id_token_alg=client.id_token_alg, post_logout_redirect_uris="\n".join(client.post_logout_redirect_uris),
+            website=client.website, logo_uri=client.logo_uri))
 
     def _client(self, row: Row[Any]) -> Client:
         return Client(resource_server=row.resource_server, pkce_required=row.pkce_required,
@@ -253,7 +254,7 @@ class SqlStore:
             redirect_uris=tuple(u for u in row.redirect_uris.split("\n") if u),
             scope=row.scope, grant_types=tuple(row.grant_types.split()), public=row.public,
             secret_digest=row.secret_digest, created_at=row.created_at, digest=self.keyring.digest,
-            id_token_alg=row.id_token_alg,
+            id_token_alg=row.id_token_alg, website=row.website, logo_uri=row.logo_uri,
             post_logout_redirect_uris=tuple(u for u in row.post_logout_redirect_uris.split("\n") if u))
 
     def get_client(self, client_id: str) -> Client | None:

@@ -21,7 +21,15 @@ from bearerbridge.metrics import Metrics
 from bearerbridge.oauth import oidc
 from bearerbridge.oauth.oidc import LogoutRequest
 from bearerbridge.oauth.requests import HttpRequest
-from bearerbridge.oauth.server import AskConsent, AskLogin, AuthorizeOutcome, BridgeServer, ErrorPage, Redirect
+from bearerbridge.oauth.server import (
+    AskConsent,
+    AskLogin,
+    AuthorizeOutcome,
+    BridgeServer,
+    ErrorPage,
+    Redirect,
+    ShowCode,
+)
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn
 from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, retry_after, snapshot
@@ -115,10 +123,13 @@ class Authorize(SignInAndConsent):
                                           login_hint=login_hint,
                                           blocked_wait=blocked.in_words if blocked else None,
                                           headers=retry_after(blocked.retry_after if blocked else None))
-            case AskConsent(client_name, user, scopes):
+            case ShowCode(client_name, code):
+                return self.pages.render(200, "oob.html", client_name=client_name, code=code)
+            case AskConsent(client_name, user, scopes, website, logo_uri):
                 csrf = self._sessions.csrf_token(request, self._binding(request, session_id))
                 return self.pages.render(200, "consent.html", client_name=client_name, username=user.username,
-                                          scopes=scopes, action=action, csrf=csrf)
+                                          scopes=scopes, action=action, csrf=csrf, website=website,
+                                          logo_uri=logo_uri, remembered=True)
         raise TypeError(outcome)
 
 
