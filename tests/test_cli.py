@@ -290,3 +290,21 @@ def test_keys_list_shows_the_signing_keys_and_keys_rotate_promotes_the_next_ones
     assert {kid for kid, stage in stages.items() if stage == "current"} == upcoming
     assert sum(stage == "retired" for stage in stages.values()) == 2 and "published until" in listed
     assert [(e["action"], sorted(e["kids"])) for e in audit_events(tmp_path)] == [("keys rotate", sorted(upcoming))]
+
+
+def test_keys_dovecot_writes_every_published_public_key_where_dovecot_looks_and_removes_old_ones(run, tmp_path):
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    directory = tmp_path / "dovecot-keys"
+    stale = directory / "default" / "ES256" / "gone-kid"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("an old key")
+    status, out, _ = run("keys", "dovecot", str(directory))
+    assert status == 0 and "wrote 4 key(s)" in out and "removed 1" in out and not stale.exists()
+    _, listed, _ = run("keys", "list")
+    for line in listed.splitlines():
+        kid, alg = line.split()[:2]
+        key_file = directory / "default" / alg / kid
+        assert load_pem_public_key(key_file.read_bytes()) and "PRIVATE" not in key_file.read_text()
+        assert oct(key_file.stat().st_mode & 0o777) == "0o644"
+    assert not list(directory.rglob("*.partial"))

@@ -18,18 +18,18 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
 from bearerbridge import config as configuration
+from bearerbridge import keys as keys_module
 from bearerbridge.audit import AuditLog, AuditValue, open_audit_log
 from bearerbridge.bootstrap import OpenError, describe_url, one_line, open_store
 from bearerbridge.crypto import hash_password, new_secret, use_password_parameters
-from bearerbridge.keys import ALGORITHMS as SIGNING_ALGORITHMS
-from bearerbridge.keys import DEFAULT_ALGORITHM, Stage
-from bearerbridge.keys import REREAD as KEYS_REREAD
+from bearerbridge.keys import Stage
 from bearerbridge.oauth.grants import GRANT_TYPES
 from bearerbridge.storage.models import Client
 from bearerbridge.storage.store import SqlStore, StoreError
@@ -153,7 +153,7 @@ def client_create(store: SqlStore, args: argparse.Namespace, config: configurati
                     scope=" ".join(scopes), grant_types=grants, public=args.public,
                     resource_server=args.resource_server, pkce_required=not args.no_pkce,
                     id_token_alg=args.id_token_alg, website=_check_web_address("--website", args.website),
-                    logo_uri=_check_web_address("--logo-uri", args.logo_uri),
+                    logo_uri=_check_web_address("--logo-uri", args.logo_uri), access_token_format=args.token_format,
                     post_logout_redirect_uris=tuple(
                         _check_redirect_uri(u) for u in args.post_logout_redirect_uri or ()))
     secret = None if args.public else new_secret()
@@ -175,7 +175,7 @@ def _describe(client: Client) -> dict[str, Any]:
             "grant_types": list(client.grant_types), "resource_server": client.resource_server,
             "pkce_required": client.pkce_required, "id_token_alg": client.id_token_alg,
             "post_logout_redirect_uris": list(client.post_logout_redirect_uris), "website": client.website,
-            "logo_uri": client.logo_uri}
+            "logo_uri": client.logo_uri, "token_format": client.access_token_format}
 
 
 def client_list(store: SqlStore, args: argparse.Namespace) -> str:
@@ -275,13 +275,37 @@ def keys_list(store: SqlStore, args: argparse.Namespace) -> str:
     return "\n".join(rows)
 
 
+def keys_dovecot(store: SqlStore, args: argparse.Namespace) -> str:
+    """Write the published public keys where Dovecot's `local_validation_key_dict =
+    fs:posix:prefix=DIR/` reads them, and remove the ones no longer published. Each file is written
+    whole, then renamed into place, so Dovecot never reads half a key."""
+    directory = Path(args.directory)
+    entries = keys_module.dovecot_entries(store.ensure_signing_keys(), store.sealer, int(time.time()))
+    for name, pem in entries.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(pem)
+        partial.chmod(0o644)
+        partial.replace(path)
+    removed = 0
+    for alg in keys_module.ALGORITHMS:
+        for path in (directory / "default" / alg).glob("*"):
+            if f"default/{alg}/{path.name}" not in entries:
+                path.unlink()
+                removed += 1
+    return (f"wrote {len(entries)} key(s) to {directory}/default/; removed {removed}. Dovecot keeps a key it "
+            "has read until `doveadm reload`; run this after each rotation (`bearerbridge keys rotate`, or "
+            "[keys] rotate_every)")
+
+
 def keys_rotate(store: SqlStore, args: argparse.Namespace, config: configuration.Config) -> Done:
     """Retire the current keys, sign with the next ones, and make new next ones."""
     store.ensure_signing_keys()
     store.rotate_signing_keys(config.tokens.access_ttl)
     signing = sorted(k.kid for k in store.ensure_signing_keys() if k.stage is Stage.CURRENT)
     return Done(f"rotated: now signing with {', '.join(signing)}; running services sign with them within "
-                f"{KEYS_REREAD} seconds", {"kids": signing})
+                f"{keys_module.REREAD} seconds", {"kids": signing})
 
 
 def _when(stamp: int) -> str:
@@ -297,7 +321,7 @@ def parser() -> argparse.ArgumentParser:
              help: str) -> argparse.ArgumentParser:
         """A command; one that changes something returns `Done`, and is audited."""
         p = noun.add_parser(name, help=help)
-        p.set_defaults(func=func, changes=func not in (user_list, client_list, client_show, keys_list))
+        p.set_defaults(func=func, changes=func not in (user_list, client_list, client_show, keys_list, keys_dovecot))
         return p
 
     user = nouns.add_parser("user", help="manage users").add_subparsers(dest="verb", required=True)
@@ -323,8 +347,10 @@ def parser() -> argparse.ArgumentParser:
                         "may introspect its own")
     p.add_argument("--no-pkce", action="store_true",
                    help="a legacy confidential client that sends no PKCE challenge (OAuth 2.1 wants one from all)")
-    p.add_argument("--id-token-alg", choices=SIGNING_ALGORITHMS, default=DEFAULT_ALGORITHM,
+    p.add_argument("--id-token-alg", choices=keys_module.ALGORITHMS, default=keys_module.DEFAULT_ALGORITHM,
                    help="how its OpenID Connect ID tokens are signed (default: %(default)s)")
+    p.add_argument("--token-format", choices=configuration.TOKEN_FORMATS,
+                   help="its access tokens: opaque, or RFC 9068 JWTs (default: [tokens] format)")
     p.add_argument("--website", help="its home page, linked on the consent page (https)")
     p.add_argument("--logo-uri", help="its logo, shown on the consent page (https)")
     p.add_argument("--post-logout-redirect-uri", action="append",
@@ -359,6 +385,8 @@ def parser() -> argparse.ArgumentParser:
     keys = nouns.add_parser("keys", help="the signing keys").add_subparsers(dest="verb", required=True)
     verb(keys, "list", keys_list, "list the signing keys")
     verb(keys, "rotate", keys_rotate, "rotate the signing keys now")
+    verb(keys, "dovecot", keys_dovecot, "write the public keys for Dovecot's local JWT validation").add_argument(
+        "directory", help="the prefix of Dovecot's local_validation_key_dict = fs:posix:prefix=DIRECTORY/")
 
     db = nouns.add_parser("db", help="the database").add_subparsers(dest="verb", required=True)
     verb(db, "upgrade", lambda store, args: Done("the schema is up to date"), "apply migrations")

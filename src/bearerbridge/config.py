@@ -36,6 +36,8 @@ class ConfigError(ValueError):
 # Every grant the token endpoint knows (oauth.grants.GRANT_TYPES, which a test holds equal).
 GRANT_TYPE_NAMES = ("authorization_code", "refresh_token", "client_credentials",
                     "urn:ietf:params:oauth:grant-type:device_code")
+# What an access token is: random bits, or an RFC 9068 JWT.
+TOKEN_FORMATS = ("opaque", "jwt")
 # Fields a token response may carry besides RFC 6749's: Doorkeeper's created_at, ownCloud's user_id.
 RESPONSE_FIELDS = ("created_at", "user_id")
 
@@ -94,6 +96,17 @@ class TokenSettings:
     # Extra fields of the token response (RESPONSE_FIELDS): `created_at` (Unix time), `user_id`
     # (the user name), for clients made for Doorkeeper or ownCloud.
     response_fields: tuple[str, ...] = ()
+    # Access tokens: "opaque" (256 random bits, checked by asking bearerbridge) or "jwt" (RFC 9068,
+    # signed with the [keys], which a resource server may check by itself); a client may be
+    # registered for either (`client create --token-format`).
+    format: str = "opaque"
+    # The JWT header's typ: RFC 9068's "at+jwt", or "JWT" for resource servers that insist on it
+    # (Dovecot before 2.3.21 validates a JWT locally only when typ is "JWT").
+    jwt_type: str = "at+jwt"
+    # The `aud` of JWT access tokens: the resource servers' name for themselves; empty: the issuer.
+    jwt_audience: str = ""
+    # How JWT access tokens are signed: ES256 or RS256.
+    jwt_algorithm: str = "ES256"
 
 
 @dataclass(frozen=True)
@@ -104,7 +117,7 @@ class AuditSettings:
 
 
 # Keys that may be empty although their default is not: empty turns something off.
-MAY_BE_EMPTY = frozenset({"[audit] file", "[openid] acr"})
+MAY_BE_EMPTY = frozenset({"[audit] file", "[openid] acr", "[tokens] jwt_audience"})
 
 
 # How the identity a SASL client names (OAUTHBEARER authzid, XOAUTH2 user, PLAIN authcid)
@@ -352,6 +365,9 @@ def _cross_check(config: Config) -> None:
     _one_of("[server] grant_types", config.server.grant_types, GRANT_TYPE_NAMES)
     _one_of("[tokens] response_fields", config.tokens.response_fields, RESPONSE_FIELDS)
     _one_of("[tokens] default_scopes", config.tokens.default_scopes, tuple(config.scopes))
+    _one_of("[tokens] format", [config.tokens.format], TOKEN_FORMATS)
+    _one_of("[tokens] jwt_type", [config.tokens.jwt_type], ("at+jwt", "JWT"))
+    _one_of("[tokens] jwt_algorithm", [config.tokens.jwt_algorithm], ("ES256", "RS256"))
     for i, rule in enumerate(config.forward_auth.rules):
         for key in ("read_scope", "write_scope"):
             if getattr(rule, key) not in config.scopes:

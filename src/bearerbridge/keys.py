@@ -95,6 +95,14 @@ def jwks(keys: Iterable[SigningKey], sealer: KeySealer, now: int) -> dict[str, A
                      for k in sorted(published(keys, now), key=lambda k: (k.alg, list(Stage).index(k.stage)))]}
 
 
+def dovecot_entries(keys: Iterable[SigningKey], sealer: KeySealer, now: int) -> dict[str, str]:
+    """The published keys as Dovecot's oauth2 `local_validation_key_dict` wants them: under
+    `default/<ALG>/<kid>` (a JWT access token has no azp, so Dovecot looks in `default`), the
+    public key as PEM. Kids are thumbprints (base64url): nothing in them needs escaping."""
+    return {f"default/{k.alg}/{k.kid}": sealer.open(k).as_pem(private=False).decode()
+            for k in published(keys, now)}
+
+
 def current(keys: Sequence[SigningKey], alg: str) -> SigningKey | None:
     """The key that signs for `alg`."""
     return next((k for k in keys if k.alg == alg and k.stage is Stage.CURRENT), None)

@@ -35,6 +35,7 @@ from bearerbridge.config import Config
 from bearerbridge.crypto import new_secret
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth import device, oidc
+from bearerbridge.oauth.access_tokens import new_access_token
 from bearerbridge.oauth.endpoints import Introspection, Revocation
 from bearerbridge.oauth.grants import (
     ANY_AUTH,
@@ -109,7 +110,7 @@ class BridgeServer(AuthorizationServer):
         self.audit = audit
         self.metrics = metrics
         self.register_token_generator("default", BearerTokenGenerator(
-            access_token_generator=lambda **_: new_secret(),
+            access_token_generator=lambda client, grant_type, user, scope: new_access_token(self, client, user, scope),
             refresh_token_generator=lambda **_: new_secret(),
             expires_generator=lambda client, grant_type: config.tokens.access_ttl))
         self.signing_keys = oidc.SigningKeys(store, clock)  # re-read on `clock`

@@ -58,6 +58,8 @@ class Client(ClientMixin):
     # Shown on the consent page beside the name (https URLs).
     website: str | None = None
     logo_uri: str | None = None
+    # "opaque" or "jwt" (RFC 9068); None: the server's [tokens] format.
+    access_token_format: str | None = None
     # Turns a presented secret into its stored digest; set by the store (it holds the key).
     digest: Callable[[str], str] | None = field(default=None, compare=False, repr=False)
 

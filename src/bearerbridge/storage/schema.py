@@ -43,6 +43,7 @@ clients = sa.Table(
     # Shown on the consent page beside its name, when registered.
     sa.Column("website", sa.Text),
     sa.Column("logo_uri", sa.Text),
+    sa.Column("access_token_format", sa.String(16)),  # "opaque" or "jwt"; NULL: [tokens] format
 )
 
 

@@ -246,7 +246,7 @@ class SqlStore:
             grant_types=" ".join(client.grant_types), public=client.public, created_at=_now(),
             resource_server=client.resource_server, pkce_required=client.pkce_required,
             id_token_alg=client.id_token_alg, post_logout_redirect_uris="\n".join(client.post_logout_redirect_uris),
-            website=client.website, logo_uri=client.logo_uri))
+            website=client.website, logo_uri=client.logo_uri, access_token_format=client.access_token_format))
 
     def _client(self, row: Row[Any]) -> Client:
         return Client(resource_server=row.resource_server, pkce_required=row.pkce_required,
@@ -255,6 +255,7 @@ class SqlStore:
             scope=row.scope, grant_types=tuple(row.grant_types.split()), public=row.public,
             secret_digest=row.secret_digest, created_at=row.created_at, digest=self.keyring.digest,
             id_token_alg=row.id_token_alg, website=row.website, logo_uri=row.logo_uri,
+            access_token_format=row.access_token_format,
             post_logout_redirect_uris=tuple(u for u in row.post_logout_redirect_uris.split("\n") if u))
 
     def get_client(self, client_id: str) -> Client | None:
