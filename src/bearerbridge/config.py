@@ -13,6 +13,7 @@ import collections.abc
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -216,6 +217,73 @@ class OpenIdSettings:
     acr: str = ""
 
 
+@dataclass(frozen=True)
+class PagesSettings:
+    # A directory of Jinja2 templates: one named like a built-in template (login.html, base.html,
+    # ...) replaces it; `builtin/NAME` is the built-in one still. Empty: the built-in pages.
+    templates: str = ""
+    # The image in the page header, in place of the site name (its alt text): a path on this host,
+    # or an https URL (http only on loopback). Empty: the site name.
+    logo: str = ""
+    # CSS colours (#rgb, #rrggbb or a name) of links and buttons, the page around the box, and
+    # the text; empty: the built-in look.
+    accent_colour: str = ""
+    background_colour: str = ""
+    text_colour: str = ""
+
+
+# The CSS named colours (CSS Color 4 §6.1): with #rgb and #rrggbb, all a [pages] colour may be, so
+# that nothing else can reach the pages' <style> element.
+CSS_COLOUR_NAMES = frozenset("""
+aliceblue antiquewhite aqua aquamarine azure beige bisque black blanchedalmond blue blueviolet brown burlywood
+cadetblue chartreuse chocolate coral cornflowerblue cornsilk crimson cyan darkblue darkcyan darkgoldenrod
+darkgray darkgreen darkgrey darkkhaki darkmagenta darkolivegreen darkorange darkorchid darkred darksalmon
+darkseagreen darkslateblue darkslategray darkslategrey darkturquoise darkviolet deeppink deepskyblue dimgray
+dimgrey dodgerblue firebrick floralwhite forestgreen fuchsia gainsboro ghostwhite gold goldenrod gray green
+greenyellow grey honeydew hotpink indianred indigo ivory khaki lavender lavenderblush lawngreen lemonchiffon
+lightblue lightcoral lightcyan lightgoldenrodyellow lightgray lightgreen lightgrey lightpink lightsalmon
+lightseagreen lightskyblue lightslategray lightslategrey lightsteelblue lightyellow lime limegreen linen magenta
+maroon mediumaquamarine mediumblue mediumorchid mediumpurple mediumseagreen mediumslateblue mediumspringgreen
+mediumturquoise mediumvioletred midnightblue mintcream mistyrose moccasin navajowhite navy oldlace olive
+olivedrab orange orangered orchid palegoldenrod palegreen paleturquoise palevioletred papayawhip peachpuff peru
+pink plum powderblue purple rebeccapurple red rosybrown royalblue saddlebrown salmon sandybrown seagreen
+seashell sienna silver skyblue slateblue slategray slategrey snow springgreen steelblue tan teal thistle tomato
+turquoise violet wheat white whitesmoke yellow yellowgreen""".split())
+PAGES_COLOURS = ("accent_colour", "background_colour", "text_colour")
+
+
+def is_css_colour(value: str) -> bool:
+    """#rgb, #rrggbb or a CSS colour name (any case)."""
+    return re.fullmatch(r"#[0-9a-fA-F]{3}|#[0-9a-fA-F]{6}", value) is not None or value.lower() in CSS_COLOUR_NAMES
+
+
+def logo_origin(logo: str) -> str | None:
+    """The origin the pages' Content-Security-Policy must allow images from for `[pages] logo`:
+    None for a path on this host (or no logo)."""
+    if not logo or logo.startswith("/"):
+        return None
+    parts = urlsplit(logo)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _check_pages(pages: PagesSettings) -> None:
+    for key in PAGES_COLOURS:
+        value = getattr(pages, key)
+        if value and not is_css_colour(value):
+            raise ConfigError(f"[pages] {key}: {value!r} is not a CSS colour: use #rgb, #rrggbb or a name such as teal")
+    logo = pages.logo
+    if any(c.isspace() or not c.isprintable() or c in "\"'<>\\" for c in logo):
+        raise ConfigError(f"[pages] logo: {logo!r} has spaces, quotes or angle brackets; percent-encode them")
+    if not logo or logo.startswith("/") and not logo.startswith("//"):
+        return
+    parts = urlsplit(logo)  # the origin goes into a Content-Security-Policy: a host and a port, no more
+    if parts.scheme not in ("http", "https") or not re.fullmatch(
+            r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?", parts.netloc):
+        raise ConfigError(f"[pages] logo: expected a path on this host (/...) or an https URL, got {logo!r}")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ConfigError("[pages] logo: plain http is allowed only on loopback; use https")
+
+
 DEFAULT_SCOPES: Mapping[str, str] = types.MappingProxyType({
     "openid": "Sign you in to it with your account here (OpenID Connect)",
     "profile": "See your user name and your name",
@@ -242,6 +310,7 @@ class Config:
     passwords: PasswordSettings = field(default_factory=PasswordSettings)
     keys: KeySettings = field(default_factory=KeySettings)
     openid: OpenIdSettings = field(default_factory=OpenIdSettings)
+    pages: PagesSettings = field(default_factory=PagesSettings)
     scopes: Mapping[str, str] = field(default_factory=lambda: DEFAULT_SCOPES)
 
     @property
@@ -326,6 +395,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         values[name] = _scopes(table) if name == "scopes" else _section(hints[name], name, table)
     config = Config(**values)
     _cross_check(config)
+    _check_pages(config.pages)
     issuer = urlsplit(config.server.issuer)
     if issuer.scheme not in ("http", "https") or not issuer.netloc or issuer.query or issuer.fragment:
         raise ConfigError(f"[server] issuer: expected an http(s) URL without query, got {config.server.issuer!r}")
@@ -412,7 +482,8 @@ def _sqlite_path(url: str) -> tuple[str, str] | None:
 
 def resolve_paths(config: Config, base: Path) -> Config:
     """`config` with its relative paths made absolute against `base`, the config file's directory:
-    `[server] secret_key_file`, `[http] access_log`, `[audit] file` and an SQLite `[database] url`. Paths inside
+    `[server] secret_key_file`, `[http] access_log`, `[audit] file`, `[pages] templates` and an SQLite
+    `[database] url`. Paths inside
     endpoint strings (`unix:` sockets, TLS keys and certificates) are Twisted's: they stay
     relative to the working directory."""
     def resolved(path: str) -> str:
@@ -427,6 +498,7 @@ def resolve_paths(config: Config, base: Path) -> Config:
         server=dataclasses.replace(config.server, secret_key_file=resolved(config.server.secret_key_file)),
         http=dataclasses.replace(config.http, access_log=resolved(config.http.access_log)),
         audit=dataclasses.replace(config.audit, file=resolved(config.audit.file)),
+        pages=dataclasses.replace(config.pages, templates=resolved(config.pages.templates)),
         database=dataclasses.replace(config.database, url=url))
 
 
@@ -444,7 +516,11 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:
-        return resolve_paths(parse(data), Path(path).absolute().parent)
+        config = resolve_paths(parse(data), Path(path).absolute().parent)
+        templates = config.pages.templates
+        if templates and not os.path.isdir(templates):
+            raise ConfigError(f"[pages] templates: {templates} is not a directory")
+        return config
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -153,7 +153,7 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     process's one audit log goes to whoever records security events."""
     issuer = config.server.issuer
     server = BridgeServer(pool.store, config, audit, metrics, clock.seconds if clock else time.monotonic)
-    pages = Pages(config.server.site_name)
+    pages = Pages(config.server.site_name, config.pages)
     sessions = Sessions(pool, config.server.session_ttl, secure=config.https)
     if sasl_door is None:  # no Dovecot socket shares its count with /sasl
         sasl_door = MemoryDoor("sasl", config.throttle.sasl, metrics, audit, clock)

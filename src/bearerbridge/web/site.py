@@ -16,7 +16,7 @@ from io import BytesIO
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import Environment, TemplateError, TemplateSyntaxError, select_autoescape
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -29,9 +29,12 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
+from bearerbridge.config import ConfigError, PagesSettings
 from bearerbridge.connections import counted_address, peer_address
 from bearerbridge.oauth.requests import HttpRequest, MalformedRequest
 from bearerbridge.storage.pool import DatabaseUnavailable
+from bearerbridge.web.theme import Theme, builtin_loader
+from bearerbridge.web.theme import loader as theme_loader
 
 log = Logger()
 T = TypeVar("T")
@@ -139,18 +142,43 @@ UNAVAILABLE = "The service is temporarily unavailable; try again shortly"
 
 
 class Pages:
-    """The Jinja2 templates, with the site name filled in."""
+    """The Jinja2 templates, the operator's (`[pages] templates`) before the built-in ones, with the
+    site name and the theme (web/theme.py) filled in. With an operator's directory, every template
+    is compiled at start, so that a mistake in one stops it (ConfigError, naming the file and line);
+    one that fails while rendering is logged and the built-in template answers instead."""
 
-    def __init__(self, site_name: str) -> None:
+    def __init__(self, site_name: str, settings: PagesSettings | None = None) -> None:
+        settings = settings or PagesSettings()
+        theme = Theme.of(settings, SECURITY_HEADERS[b"Content-Security-Policy"])
         # auto_reload off: otherwise every page stats its template files, on the reactor thread.
-        self._env = Environment(loader=PackageLoader("bearerbridge.web", "templates"), auto_reload=False,
-                                autoescape=select_autoescape(default=True))
-        self._site_name = site_name
+        self._env = self._builtin = Environment(loader=builtin_loader(), auto_reload=False,
+                                                autoescape=select_autoescape(default=True))
+        if settings.templates:
+            self._env = self._builtin.overlay(loader=theme_loader(settings))
+            self._compile_all()
+        self._values = {"site_name": site_name, "theme": theme}
+        self._headers = {b"Content-Type": b"text/html; charset=utf-8", b"Cache-Control": b"no-store"}
+        if theme.policy != SECURITY_HEADERS[b"Content-Security-Policy"]:
+            self._headers[b"Content-Security-Policy"] = theme.policy
+
+    def _compile_all(self) -> None:
+        for name in self._env.list_templates(extensions=["html"]):
+            try:
+                self._env.get_template(name)
+            except TemplateSyntaxError as e:
+                raise ConfigError(f"[pages] templates: {e.filename or name}, line {e.lineno}: {e.message}") from None
+            except (TemplateError, UnicodeDecodeError, OSError) as e:
+                raise ConfigError(f"[pages] templates: {name}: {e}") from None
 
     def render(self, status: int, name: str, headers: Mapping[bytes, bytes] | None = None, **values: Any) -> Reply:
-        html = self._env.get_template(name).render(site_name=self._site_name, **values)
-        return Reply(status, html.encode(), {b"Content-Type": b"text/html; charset=utf-8",
-                                             b"Cache-Control": b"no-store", **(headers or {})})
+        try:
+            html = self._env.get_template(name).render(self._values, **values)
+        except Exception:
+            if self._env is self._builtin:
+                raise
+            log.failure("The page {name} of [pages] templates failed; the built-in one answered", name=name)
+            html = self._builtin.get_template(name).render(self._values, **values)
+        return Reply(status, html.encode(), {**self._headers, **(headers or {})})
 
     def error(self, status: int, error: str, description: str) -> Reply:
         """An OAuth-style error, as a page for a person."""
