@@ -220,3 +220,27 @@ def test_a_loopback_redirect_chromium_reads_as_another_host_never_gets_a_code(se
     finally:
         driver.quit()
         attacker.close()
+
+
+def test_an_app_without_a_redirect_gets_its_code_on_a_page_to_copy(service, browser):
+    """The out-of-band redirect (Prosody's and Doorkeeper's apps): the user signs in with the
+    user name filled in from login_hint, approves, and reads the code off the page; the app
+    exchanges what was copied."""
+    username, password = service.user()
+    client = service.client("--redirect-uri", "urn:ietf:wg:oauth:2.0:oob", "--scope", "imap")
+    verifier, challenge = pkce_pair()
+    browser.get(authorize_url(service.url, client["client_id"], "urn:ietf:wg:oauth:2.0:oob", challenge, "imap",
+                              login_hint=username))
+    wait = WebDriverWait(browser, WAIT)
+    wait.until(EC.element_to_be_clickable((By.ID, "sign-in")))
+    assert browser.find_element(By.ID, "username").get_attribute("value") == username
+    assert browser.switch_to.active_element == browser.find_element(By.ID, "password")  # what is left to type
+    browser.find_element(By.ID, "password").send_keys(password)
+    browser.find_element(By.ID, "sign-in").click()
+    wait.until(EC.element_to_be_clickable((By.ID, "approve"))).click()
+    code = wait.until(EC.presence_of_element_located((By.ID, "code"))).get_attribute("value")
+    assert browser.current_url.startswith(service.url) and "copy this code" in browser.find_element(
+        By.TAG_NAME, "main").text
+    response = token_request(service, {"grant_type": "authorization_code", "code": code,
+                                       "redirect_uri": "urn:ietf:wg:oauth:2.0:oob", "code_verifier": verifier}, client)
+    assert response.status_code == 200 and response.json()["scope"] == "imap", response.text
