@@ -285,7 +285,7 @@ def _check_pages(pages: PagesSettings) -> None:
 
 
 DEFAULT_SCOPES: Mapping[str, str] = types.MappingProxyType({
-    "openid": "Sign you in to it with your account here (OpenID Connect)",
+    "openid": "Know who you are: sign you in to it (OpenID Connect)",
     "profile": "See your user name and your name",
     "email": "See your e-mail address",
     "imap": "Read and manage your mail (IMAP)",

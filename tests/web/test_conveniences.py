@@ -179,3 +179,13 @@ def test_the_consent_page_names_the_client_with_its_website_and_logo_and_says_th
     assert '<strong id="client-name">Mail App</strong>' in body
     assert 'id="client-website" href="https://app.example/"' in body
     assert 'src="https://app.example/logo.png"' in body and 'id="remembered"' in body
+
+
+def test_the_consent_pages_policy_lets_in_the_clients_logo_and_nothing_else(bridge):
+    _, challenge = pkce_pair()
+    browser = bridge.browser()
+    action, fields = form_of(browser.get(authorize_url("", "app", CB, challenge, "imap")))
+    assert "img-src" not in browser.get(authorize_url("", "app", CB, challenge, "imap")).header(
+        "Content-Security-Policy")
+    page = browser.post(action, data={**fields, "username": "alice", "password": PASSWORD})
+    assert "img-src 'self' https://app.example;" in page.header("Content-Security-Policy") + ";"

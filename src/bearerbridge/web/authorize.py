@@ -129,7 +129,8 @@ class Authorize(SignInAndConsent):
                 csrf = self._sessions.csrf_token(request, self._binding(request, session_id))
                 return self.pages.render(200, "consent.html", client_name=client_name, username=user.username,
                                           scopes=scopes, action=action, csrf=csrf, website=website,
-                                          logo_uri=logo_uri, remembered=True)
+                                          logo_uri=logo_uri, remembered=True,
+                                          headers=self.pages.allowing_image(logo_uri))
         raise TypeError(outcome)
 
 

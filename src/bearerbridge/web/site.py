@@ -29,11 +29,11 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
-from bearerbridge.config import ConfigError, PagesSettings
+from bearerbridge.config import ConfigError, PagesSettings, logo_origin
 from bearerbridge.connections import counted_address, peer_address
 from bearerbridge.oauth.requests import HttpRequest, MalformedRequest
 from bearerbridge.storage.pool import DatabaseUnavailable
-from bearerbridge.web.theme import Theme, builtin_loader
+from bearerbridge.web.theme import Theme, allow, builtin_loader
 from bearerbridge.web.theme import loader as theme_loader
 
 log = Logger()
@@ -179,6 +179,15 @@ class Pages:
             log.failure("The page {name} of [pages] templates failed; the built-in one answered", name=name)
             html = self._builtin.get_template(name).render(self._values, **values)
         return Reply(status, html.encode(), {**self._headers, **(headers or {})})
+
+    def allowing_image(self, url: str | None) -> dict[bytes, bytes]:
+        """The headers of a page that shows an image from `url` (a client's logo on the consent page):
+        its Content-Security-Policy lets in that image's origin, and no other."""
+        origin = logo_origin(url or "")
+        if origin is None:
+            return {}
+        policy = self._headers.get(b"Content-Security-Policy", SECURITY_HEADERS[b"Content-Security-Policy"])
+        return {b"Content-Security-Policy": allow(policy.decode(), "img-src", origin).encode()}
 
     def error(self, status: int, error: str, description: str) -> Reply:
         """An OAuth-style error, as a page for a person."""
