@@ -5,12 +5,16 @@ nothing of Debian's /etc/apache2 (see /work/shared/notes/idp-peers.md §2). It l
 loopback port and protects `/private/`: a browser that asks for the page there is sent to the
 provider's discovery URL's authorization endpoint, and once signed in sees the page, which shows
 what Apache made of the user (REMOTE_USER from `preferred_username`, the claims, and the ID token
-it accepted). Apache leads a session of its own and is stopped by the PID it started with; if it
-does not answer within its bound, `PeerError` carries its error log, which logs every call
-mod_auth_openidc makes to the provider (`LogLevel auth_openidc:debug`), and its access log names
-the user of each request. Started as root, Apache serves as `nobody` (it refuses to serve as
-root), who cannot enter pytest's directories: so the documents live in one of their own under
-/tmp, which stop() removes; the config and the logs stay in the test's directory.
+it accepted). The mod_auth_openidc settings are conf/apache/auth_openidc.conf itself, included as
+an operator includes it, with only its placeholders replaced (the provider's and Apache's URLs,
+the client's id and secret, the passphrase); the config around it holds what a throwaway instance
+needs (its root, port, modules, logs) and what the test's page shows. Apache leads a session of
+its own and is stopped by the PID it started with; if it does not answer within its bound,
+`PeerError` carries its error log, which logs every call mod_auth_openidc makes to the provider
+(`LogLevel auth_openidc:debug`), and its access log names the user of each request. Started as
+root, Apache serves as `nobody` (it refuses to serve as root), who cannot enter pytest's
+directories: so the documents live in one of their own under /tmp, which stop() removes; the
+config and the logs stay in the test's directory.
 """
 
 from __future__ import annotations
@@ -27,14 +31,22 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from .peers import START_TIMEOUT, ForegroundPeer, PeerError, log_since, log_size, tail
+from .peers import CONF, START_TIMEOUT, ForegroundPeer, PeerError, log_since, log_size, tail
 from .support import free_port
 
 APACHE = "/usr/sbin/apache2"
 MODULES = Path("/usr/lib/apache2/modules")
 OPENIDC_MODULE = MODULES / "mod_auth_openidc.so"
-PAGE = "/private/whoami.shtml"  # the protected page
+OPENIDC_SNIPPET = CONF / "apache" / "auth_openidc.conf"
+PROTECTED = '<Location "/private/">'  # the snippet's protected location ...
+PAGE = "/private/whoami.shtml"  # ... where the test's page is
 REDIRECT_PATH = "/private/redirect_uri"  # mod_auth_openidc's own: inside the protected path, not content
+# The snippet's placeholders, each replaced by the test's value (see openidc_config).
+ISSUER_PLACEHOLDER = "https://auth.example.org"
+SITE_PLACEHOLDER = "https://app.example.org"
+CLIENT_ID_PLACEHOLDER = "OIDCClientID CLIENT_ID\n"
+CLIENT_SECRET_PLACEHOLDER = "OIDCClientSecret CLIENT_SECRET\n"
+PASSPHRASE_PLACEHOLDER = "OIDCCryptoPassphrase CRYPTO_PASSPHRASE\n"
 READY = "/ready.txt"  # a public file: Apache answers, and its child (`nobody`) reads the documents
 # Not the tests' bound on a browser step: mod_auth_openidc's on each call to the provider.
 PROVIDER_TIMEOUT = 10  # seconds
@@ -121,6 +133,30 @@ def query(url: str) -> dict[str, str]:
     return {name: values[0] for name, values in parse_qs(urlsplit(url).query).items()}
 
 
+def _replace(text: str, placeholder: str, value: str) -> str:
+    if placeholder not in text:
+        raise PeerError(f"{OPENIDC_SNIPPET} no longer has {placeholder!r}; tests/peers_apache.py replaces it")
+    return text.replace(placeholder, value)
+
+
+def openidc_config(issuer: str, site: str, client_id: str, client_secret: str, passphrase: str) -> str:
+    """conf/apache/auth_openidc.conf with the test's provider `issuer`, Apache's own URL `site`,
+    the client's credentials and a passphrase. Raises `PeerError` when a placeholder, the
+    redirect URI or the protected location the test relies on is no longer there."""
+    text = OPENIDC_SNIPPET.read_text()
+    for needed in (f"OIDCRedirectURI {SITE_PLACEHOLDER}{REDIRECT_PATH}\n", PROTECTED):
+        if needed not in text:
+            raise PeerError(f"{OPENIDC_SNIPPET} no longer has {needed!r}; tests/peers_apache.py relies on it")
+    for value in (client_id, client_secret, passphrase):
+        if not value or any(c.isspace() or c in "\"'\\#" for c in value):
+            raise ValueError(f"{value!r} is not one bare word of Apache's config")
+    text = _replace(text, ISSUER_PLACEHOLDER, issuer.rstrip("/"))
+    text = _replace(text, SITE_PLACEHOLDER, site)
+    text = _replace(text, CLIENT_ID_PLACEHOLDER, f"OIDCClientID {client_id}\n")
+    text = _replace(text, CLIENT_SECRET_PLACEHOLDER, f"OIDCClientSecret {client_secret}\n")
+    return _replace(text, PASSPHRASE_PLACEHOLDER, f"OIDCCryptoPassphrase {passphrase}\n")
+
+
 HTTPD_CONF = """\
 # A throwaway Apache for bearerbridge's tests (tests/peers_apache.py). Apache allows whole-line
 # comments only.
@@ -148,17 +184,10 @@ CustomLog {dir}/access.log "%h %u %t \\"%r\\" %>s %b"
 TypesConfig /etc/mime.types
 DocumentRoot "{documents}"
 
-OIDCProviderMetadataURL {issuer}/.well-known/openid-configuration
-OIDCClientID {client_id}
-OIDCClientSecret {client_secret}
-OIDCRedirectURI {redirect_uri}
-OIDCCryptoPassphrase {passphrase}
-OIDCScope "openid email profile"
-# bearerbridge requires PKCE of every client; mod_auth_openidc's default is none.
-OIDCPKCEMethod S256
-# REMOTE_USER; the default is "sub@" (sub@issuer host), and bearerbridge's sub is opaque.
-OIDCRemoteUserClaim preferred_username
-# The page shows the ID token Apache accepted (its header names the key) and what userinfo said.
+# conf/apache/auth_openidc.conf, as an operator includes it (its placeholders replaced).
+Include {snippet}
+
+# Test only: the page shows the ID token Apache accepted (its header names the key) and what userinfo said.
 OIDCPassIDTokenAs claims serialized
 OIDCPassUserInfoAs claims json
 OIDCHTTPTimeoutShort {timeout}
@@ -169,10 +198,6 @@ OIDCHTTPTimeoutLong {timeout}
   AddType text/html .shtml
   AddOutputFilter INCLUDES .shtml
 </Directory>
-<Location "/private/">
-  AuthType openid-connect
-  Require valid-user
-</Location>
 """
 
 # What the relying party's application sees of the user, one element by id per variable.
@@ -209,10 +234,12 @@ def start_apache(directory: Path, issuer: str, client_id: str, client_secret: st
             path.chmod(0o755)
         # As root, Apache serves as `nobody` (it refuses to serve as root); otherwise as the current user.
         user = "User nobody\nGroup nogroup\n" if os.geteuid() == 0 else ""
+        snippet = directory / OPENIDC_SNIPPET.name
+        snippet.write_text(openidc_config(issuer, apache.url, client_id, client_secret, os.urandom(16).hex()))
+        snippet.chmod(0o600)  # it holds the client's secret
         apache.config_path.write_text(HTTPD_CONF.format(
             dir=directory, port=apache.port, user=user, modules=MODULES, openidc=OPENIDC_MODULE,
-            documents=documents, issuer=issuer.rstrip("/"), client_id=client_id, client_secret=client_secret,
-            redirect_uri=apache.redirect_uri, passphrase=os.urandom(16).hex(), timeout=PROVIDER_TIMEOUT))
+            documents=documents, snippet=snippet, timeout=PROVIDER_TIMEOUT))
         checked = subprocess.run([APACHE, "-t", "-f", str(apache.config_path)], capture_output=True, text=True,
                                  timeout=timeout, stdin=subprocess.DEVNULL)
         if checked.returncode != 0:
