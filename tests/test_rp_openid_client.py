@@ -14,14 +14,18 @@ accepts proves the server's side:
   kid) without fetching the JWKS again: the new key had been published as the "next" one.
 
 The relying party is tests/js/rp.mjs, one node process a client, asked over JSON lines; the
-browser's part (login, consent) is driven with requests. Needs node and `npm ci --prefix tests/js`
-(which `make test` runs); skips without them, fails under CI=true.
+browser's part (login, consent) is driven with requests. The operator's example,
+conf/clients/openid-client.mjs, runs too, as a script serving its login and callback: a user
+signs in through it end to end. Needs node and `npm ci --prefix tests/js` (which `make test`
+runs); skips without them, fails under CI=true.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import queue
+import select
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -31,11 +35,12 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from .support import Service, login_and_consent, missing, redirect_params, require_peer
+from .support import Service, free_port, login_and_consent, missing, redirect_params, require_peer
 
 pytestmark = pytest.mark.peer
 
 JS = Path(__file__).parent / "js"
+EXAMPLE = Path(__file__).resolve().parent.parent / "conf" / "clients" / "openid-client.mjs"
 WAIT = 20  # seconds: the bound on each answer of the relying party (its own requests time out at 10)
 REDIRECT_URI = "https://rp.example/cb"  # never served: the test reads the final redirect's Location
 SCOPE = "openid profile email"
@@ -205,3 +210,64 @@ def test_a_relying_party_expecting_rs256_refuses_the_es256_token_of_its_client(i
     rp = start_rp(oidc_client(issuer, "ES256"), "basic", alg="RS256")
     result = sign_in(rp, issuer)
     assert not result["ok"] and "alg" in result["cause"], result
+
+
+@pytest.fixture
+def example(node, issuer, tmp_path) -> str:
+    """conf/clients/openid-client.mjs run as an operator would, for a new client; its URL."""
+    port = free_port()
+    redirect_uri = f"http://127.0.0.1:{port}/callback"
+    client = issuer.service.client("--redirect-uri", redirect_uri, "--scope", SCOPE)
+    # node resolves the example's `import 'openid-client'` from the file's own directory: run a
+    # copy beside a link to tests/js's packages.
+    script = tmp_path / EXAMPLE.name
+    script.write_bytes(EXAMPLE.read_bytes())
+    (tmp_path / "node_modules").symlink_to(JS / "node_modules")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ISSUER": issuer.service.url,
+           "CLIENT_ID": client["client_id"], "CLIENT_SECRET": client["client_secret"],
+           "REDIRECT_URI": redirect_uri, "PORT": str(port)}
+    log = tmp_path / "example.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([node, script.name], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], WAIT)
+        line = process.stdout.readline() if ready else ""
+        url = f"http://127.0.0.1:{port}/"
+        assert line.strip() == f"listening on {url}", f"{line!r}; its errors:\n{log.read_text()}"
+        yield url
+    finally:
+        process.terminate()
+        process.wait(WAIT)
+        process.stdout.close()
+
+
+def test_the_example_in_conf_clients_signs_a_user_in_end_to_end(issuer, example):
+    """conf/clients/openid-client.mjs sends the browser to bearerbridge with PKCE S256, state and a
+    nonce, and on the callback shows the ID token's claims it checked and userinfo's answer; its
+    state is good for one callback only."""
+    url = example
+    with requests.Session() as browser:
+        browser.trust_env = False
+        start = browser.get(url, allow_redirects=False, timeout=WAIT)
+        assert start.status_code == 302, start.text
+        location = start.headers["Location"]
+        assert location.startswith(f"{issuer.service.url}/authorize?"), location
+        request = redirect_params(start)
+        assert request["code_challenge_method"] == "S256" and request["code_challenge"]
+        assert request["nonce"] and request["state"]
+        final = login_and_consent(browser, issuer.service.url, location, issuer.username, issuer.password)
+        callback = final.headers["Location"]
+        assert callback.startswith(f"{url}callback?") and "code" in redirect_params(final), callback
+
+        answer = browser.get(callback, timeout=WAIT)
+        again = browser.get(callback, timeout=WAIT)
+
+    assert answer.status_code == 200, answer.text
+    claims, userinfo = answer.json()["claims"], answer.json()["userinfo"]
+    assert claims["iss"] == issuer.service.url and claims["aud"] in (request["client_id"], [request["client_id"]])
+    assert claims["nonce"] == request["nonce"]
+    assert claims["sub"] and claims["sub"] != issuer.username and userinfo["sub"] == claims["sub"]
+    for found in (claims, userinfo):
+        assert found["preferred_username"] == issuer.username and found["email"] == EMAIL
+    assert again.status_code == 400 and "state" in again.text
