@@ -379,11 +379,14 @@ mail_location = maildir:~/Maildir
 
 
 def start_dovecot(directory: Path, issuer: str, client_id: str, client_secret: str, *,
-                  overrides: Mapping[str, str] | None = None, timeout: float = START_TIMEOUT) -> Dovecot:
+                  overrides: Mapping[str, str] | None = None, oauth2_text: str | None = None,
+                  timeout: float = START_TIMEOUT) -> Dovecot:
     """Start Dovecot's IMAP with the conf/dovecot snippets, introspecting at `issuer`/introspect.
 
     `client_id` and `client_secret` are a confidential client's; `overrides` replace settings of
-    dovecot-oauth2.conf.ext.
+    dovecot-oauth2.conf.ext. `oauth2_text`, if given, is the whole of dovecot-oauth2.conf.ext
+    instead (e.g. built from dovecot-oauth2-local.conf.ext); the other arguments then do not go
+    into it.
     """
     dovecot = Dovecot(directory, free_port())
     base, state, mail = directory / "run", directory / "state", directory / "mail"
@@ -400,7 +403,7 @@ def start_dovecot(directory: Path, issuer: str, client_id: str, client_secret: s
         "openid_configuration_url": f"{issuer}/.well-known/openid-configuration",
         **(overrides or {}),
     }
-    oauth2.write_text(format_settings(settings))
+    oauth2.write_text(format_settings(settings) if oauth2_text is None else oauth2_text)
     oauth2.chmod(0o600)
     snippet = DOVECOT_SNIPPET.read_text()
     if DOVECOT_OAUTH2_PATH not in snippet:
