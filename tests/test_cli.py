@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import getpass
 import io
 import json
@@ -308,3 +309,21 @@ def test_keys_dovecot_writes_every_published_public_key_where_dovecot_looks_and_
         assert load_pem_public_key(key_file.read_bytes()) and "PRIVATE" not in key_file.read_text()
         assert oct(key_file.stat().st_mode & 0o777) == "0o644"
     assert not list(directory.rglob("*.partial"))
+
+
+def test_token_issue_gives_a_jwt_client_a_jwt_living_no_longer_than_access_ttl(run, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("a password\n"))
+    run("user", "add", "alice", "--email", "alice@example.org", "--password-stdin")
+    _, out, _ = run("client", "create", "--name", "Mail", "--redirect-uri", "https://mail.example/cb",
+                    "--scope", "imap", "--token-format", "jwt", "--json")
+    client_id = json.loads(out)["client_id"]
+    status, out, _ = run("token", "issue", "--user", "alice", "--client", client_id, "--scope", "imap",
+                         "--ttl", "600", "--json")
+    issued = json.loads(out)
+    header, claims = (json.loads(base64.urlsafe_b64decode(part + "==")) for part in
+                      issued["access_token"].split(".")[:2])
+    assert status == 0 and header["typ"] == "at+jwt" and claims["exp"] - claims["iat"] == 600
+    assert (claims["client_id"], claims["scope"], claims["email"]) == (client_id, "imap", "alice@example.org")
+    status, _, err = run("token", "issue", "--user", "alice", "--client", client_id, "--scope", "imap",
+                         "--ttl", "3601")
+    assert status == 1 and "at most [tokens] access_ttl" in err

@@ -30,7 +30,9 @@ from bearerbridge.audit import AuditLog, AuditValue, open_audit_log
 from bearerbridge.bootstrap import OpenError, describe_url, one_line, open_store
 from bearerbridge.crypto import hash_password, new_secret, use_password_parameters
 from bearerbridge.keys import Stage
+from bearerbridge.oauth.access_tokens import new_access_token, token_format
 from bearerbridge.oauth.grants import GRANT_TYPES
+from bearerbridge.oauth.oidc import SigningKeys
 from bearerbridge.storage.models import Client
 from bearerbridge.storage.store import SqlStore, StoreError
 from bearerbridge.uris import redirect_uri_problem
@@ -227,7 +229,12 @@ def issue_token(store: SqlStore, config: configuration.Config, username: str, cl
         raise ValueError(f"the client is not registered for {' '.join(outside)} (it has: {client.scope})")
     if ttl is not None and ttl <= 0:
         raise ValueError("--ttl must be a positive number of seconds")
-    access_token, expires_in = new_secret(), ttl or config.tokens.access_ttl
+    jwt = token_format(config, client) == "jwt"
+    if jwt and ttl is not None and ttl > config.tokens.access_ttl:  # its key is published no longer than that
+        raise ValueError(f"a JWT access token lives at most [tokens] access_ttl ({config.tokens.access_ttl} s)")
+    expires_in = ttl or config.tokens.access_ttl
+    access_token = new_access_token(config, store.keyring, SigningKeys(store), client, user, " ".join(scopes),
+                                    expires_in)
     store.save_token(access_token, None, client_id, user.id, " ".join(scopes), expires_in, None)
     return {"access_token": access_token, "token_type": "Bearer", "expires_in": expires_in,
             "scope": " ".join(scopes)}

@@ -109,11 +109,12 @@ class BridgeServer(AuthorizationServer):
         self.config = config
         self.audit = audit
         self.metrics = metrics
+        self.signing_keys = oidc.SigningKeys(store, clock)  # re-read on `clock`
         self.register_token_generator("default", BearerTokenGenerator(
-            access_token_generator=lambda client, grant_type, user, scope: new_access_token(self, client, user, scope),
+            access_token_generator=lambda client, grant_type, user, scope: new_access_token(
+                config, store.keyring, self.signing_keys, client, user, scope, config.tokens.access_ttl),
             refresh_token_generator=lambda **_: new_secret(),
             expires_generator=lambda client, grant_type: config.tokens.access_ttl))
-        self.signing_keys = oidc.SigningKeys(store, clock)  # re-read on `clock`
         id_tokens = oidc.IdTokens(self)
         self.register_grant(CodeGrant, [S256Challenge(required=True), id_tokens])
         self.register_grant(RefreshGrant)
