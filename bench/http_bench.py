@@ -45,12 +45,17 @@ class Scenario:
     min_rps: float      # the project's targets: one process, 2 cores, 16 connections
     max_p99_ms: float
     description: str
+    code_scope: str | None = None  # a code exchange: the scope its codes are granted
 
 
 SCENARIOS = (
     Scenario("client_credentials", "/token", 1500, 25, "POST /token grant_type=client_credentials, Basic auth"),
+    Scenario("client_credentials_jwt", "/token", 800, 40,
+             "the same for a client registered --token-format jwt: an ES256 RFC 9068 access token each"),
     Scenario("authorization_code", "/token", 800, 40,
-             "POST /token grant_type=authorization_code + PKCE, one code each"),
+             "POST /token grant_type=authorization_code + PKCE, one code each", code_scope="imap"),
+    Scenario("openid_code", "/token", 500, 60,
+             "the same with scope openid email imap: an ES256 ID token each", code_scope="openid email imap"),
     Scenario("introspection", "/introspect", 2600, 15, "POST /introspect token=<valid access token>, Basic auth"),
 )
 
@@ -76,6 +81,7 @@ def pkce_pair() -> tuple[str, str]:
 class Seed:
     username: str
     service: dict       # client_credentials, scope "metrics imap"
+    jwt_service: dict   # the same, with JWT access tokens
     app: dict           # confidential code-grant client
     resource: dict      # resource server, for introspection
     access_token: str   # a valid user-bound access token to introspect
@@ -89,15 +95,18 @@ def seed(server: BenchServer) -> Seed:
     server.cli("user", "add", username, "--email", f"{username}@example.org", "--password-stdin",
                stdin="bench password\n")
     service = client("--scope", "metrics imap")
-    app = client("--redirect-uri", REDIRECT_URI, "--scope", "imap smtp")
+    jwt_service = client("--scope", "metrics imap", "--token-format", "jwt")
+    app = client("--redirect-uri", REDIRECT_URI, "--scope", "openid email imap smtp")
     resource = client("--scope", "metrics", "--resource-server")
     token = server.cli("token", "issue", "--user", username, "--client", app["client_id"], "--scope", "imap")
-    return Seed(username, service, app, resource, token)
+    return Seed(username, service, jwt_service, app, resource, token)
 
 
-def seed_codes(server: BenchServer, seeded: Seed, count: int) -> list[str]:
-    """`count` fresh single-use codes with S256 challenges; each returned as a ready form body."""
+def seed_codes(server: BenchServer, seeded: Seed, count: int, scope: str) -> list[str]:
+    """`count` fresh single-use codes for `scope` with S256 challenges, granted by a password
+    sign-in a minute ago; each returned as a ready form body."""
     from bearerbridge import bootstrap, config
+    from bearerbridge.storage.models import SignIn
     store = bootstrap.open_store(config.load(server.config_path))
     try:
         with store.transaction():
@@ -107,8 +116,8 @@ def seed_codes(server: BenchServer, seeded: Seed, count: int) -> list[str]:
             for _ in range(count):
                 code = secrets.token_urlsafe(32)
                 verifier, challenge = pkce_pair()
-                store.save_code(code, seeded.app["client_id"], user.id, REDIRECT_URI, "imap",
-                                challenge, "S256", expires_at)
+                store.save_code(code, seeded.app["client_id"], user.id, REDIRECT_URI, scope,
+                                challenge, "S256", expires_at, sign_in=SignIn(user, int(time.time()) - 60, ("pwd",)))
                 bodies.append(urlencode({"grant_type": "authorization_code", "code": code,
                                          "code_verifier": verifier, "redirect_uri": REDIRECT_URI}))
     finally:
@@ -296,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         plans = {
             "client_credentials": (basic(seeded.service["client_id"], seeded.service["client_secret"]),
                                    "grant_type=client_credentials", "access_token"),
+            "client_credentials_jwt": (basic(seeded.jwt_service["client_id"], seeded.jwt_service["client_secret"]),
+                                       "grant_type=client_credentials", "access_token"),
             "introspection": (basic(seeded.resource["client_id"], seeded.resource["client_secret"]),
                               urlencode({"token": seeded.access_token}), "active"),
         }
@@ -303,11 +314,11 @@ def main(argv: list[str] | None = None) -> int:
             args.profile.mkdir(parents=True, exist_ok=True)
         for scenario in args.scenarios:
             url = server.url + scenario.path
-            if scenario.name == "authorization_code":
+            if scenario.code_scope is not None:
                 authorization = basic(seeded.app["client_id"], seeded.app["client_secret"])
                 needed = int(args.codes_per_second * (args.duration + args.warmup)) + 1
                 started = time.monotonic()
-                bodies = seed_codes(server, seeded, needed)
+                bodies = seed_codes(server, seeded, needed, scope=scenario.code_scope)
                 log(f"seeded {needed} authorization codes in {time.monotonic() - started:.1f}s")
                 preflight(url, authorization, bodies.pop(), "access_token")
                 warm = int(args.codes_per_second * args.warmup)
