@@ -29,3 +29,15 @@ def web_client(service: Service) -> dict:
 def native_client(service: Service) -> dict:
     """A public native application with a loopback redirect."""
     return service.client("--public", "--redirect-uri", "http://127.0.0.1/callback", "--scope", "imap smtp")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """A headless Chromium (Debian's, through chromedriver), quit after the test."""
+    from .test_browser import start_chromium  # here: only tests that drive a browser import Selenium
+
+    driver = start_chromium(tmp_path)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -85,15 +85,6 @@ def start_chromium(profile: Path, *extra_args: str) -> webdriver.Chrome:
     return driver
 
 
-@pytest.fixture
-def browser(tmp_path):
-    driver = start_chromium(tmp_path)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
 def sign_in(browser, service, client: dict, redirect_uri: str, challenge: str, state: str) -> None:
     """Open the authorization URL, sign in through the login form, and wait for the consent page."""
     username, password = service.user()

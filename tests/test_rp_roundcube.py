@@ -53,8 +53,8 @@ from .support import (
     redirect_params,
     require_peer,
     token_request,
+    wait_for,
 )
-from .test_browser import start_chromium
 
 pytestmark = pytest.mark.peer
 
@@ -204,22 +204,20 @@ def peer_logs(request):
         print(f"----- {name} ({path}) during the test -----\n{log_since(path, offsets.get(name, 0))}")
 
 
-@pytest.fixture
-def browser(tmp_path):
-    driver = start_chromium(tmp_path)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
 # -- helpers ----------------------------------------------------------------------------------
 
-def deliver(webmail: Webmail, username: str, email: str, subject: str) -> None:
+def deliver(webmail: Webmail | LocalWebmail, username: str, email: str, subject: str) -> None:
     """Put a message in the user's INBOX with IMAP APPEND, through another app's token (not
-    Roundcube's: what Roundcube shows comes from the mailbox, not from its own doing)."""
+    Roundcube's: what Roundcube shows comes from the mailbox, not from its own doing); a JWT
+    where the deliverer is registered for them."""
     token = webmail.service.issue(username, webmail.deliverer["client_id"], "imap")
+    before = log_size(webmail.dovecot.log_path)
     append_message(webmail.dovecot.port, email, f"Bearer {token}", subject)
+    # Dovecot's log process writes the session's lines a moment later: wait for them, so that a
+    # test reading the log from here on sees none of the delivery's.
+    logged_out = re.compile(rf"imap\({re.escape(email)}\).*Logged out")
+    wait_for(lambda: logged_out.search(log_since(webmail.dovecot.log_path, before)), timeout=10,
+             what="Dovecot to log the delivery's logout")
 
 
 def append_message(port: int, email: str, authorization: str, subject: str) -> None:
@@ -357,12 +355,6 @@ def jwt_access_token(webmail: LocalWebmail, client: dict, username: str, passwor
     return response.json()["access_token"]
 
 
-def deliver_locally(webmail: LocalWebmail, username: str, password: str, email: str, subject: str) -> None:
-    """deliver, through a JWT of the deliverer (`token issue` makes opaque tokens only)."""
-    token = jwt_access_token(webmail, webmail.deliverer, username, password, "imap")
-    append_message(webmail.dovecot.port, email, f"Bearer {token}", subject)
-
-
 def verified_jwt(service: Service, token: str) -> tuple[dict, dict]:
     """The header and claims of a JWT access token, its signature checked against /jwks."""
     published = KeySet.import_key_set(requests.get(f"{service.url}/jwks", timeout=10).json())
@@ -412,12 +404,26 @@ def doveadm_reload(dovecot: Dovecot) -> None:
     assert done.returncode == 0, (done.stdout, done.stderr)
 
 
-# -- the tests --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Opened:
+    """A user whose INBOX Roundcube listed after they signed in through bearerbridge."""
+    username: str
+    email: str
+    subject: str           # of the one message in their INBOX
+    authorization: str     # what Roundcube logs in with: "Bearer <access token>"
+    dovecot_log: int       # where Dovecot's log stood before the sign-in
 
-def test_roundcube_signs_in_with_bearerbridge_and_opens_the_inbox_over_xoauth2(webmail, browser):
-    email = f"{webmail.service.unique('reader')}@example.org"
+    @property
+    def access_token(self) -> str:
+        return self.authorization.partition(" ")[2]
+
+
+def open_inbox(webmail: Webmail | LocalWebmail, browser, name: str) -> Opened:
+    """A new user with one message signs in through Roundcube and approves; Roundcube lists that
+    message, and holds one new credential, a bearer token."""
+    email = f"{webmail.service.unique(name)}@example.org"
     username, password = webmail.service.user(email=email)
-    subject = f"Quarterly figures {webmail.service.unique('subject')}"
+    subject = f"Figures {webmail.service.unique('subject')}"
     deliver(webmail, username, email, subject)
     dovecot_log = log_size(webmail.dovecot.log_path)
     sessions_before = set(session_authorizations(webmail.roundcube))
@@ -425,23 +431,30 @@ def test_roundcube_signs_in_with_bearerbridge_and_opens_the_inbox_over_xoauth2(w
     sign_in_at_bearerbridge(browser, webmail, username, password)
     browser.find_element(By.ID, "approve").click()
 
-    # Roundcube redeems the code, logs in to Dovecot as the ID token's email, and lists the INBOX.
     row = inbox_row(browser, webmail, subject)
     sender = row.find_element(By.CLASS_NAME, "rcmContactAddress")
     assert (sender.text, sender.get_attribute("title")) == ("Alice Example", "alice@example.net")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#messagelist tr.message")) == 1
-
-    # Dovecot logged XOAUTH2 logins as the email, each token introspected at bearerbridge.
-    wait_for_logins(webmail.dovecot, dovecot_log, email)
-
-    # The credential Roundcube logs in with: "Bearer " and bearerbridge's access token for
-    # Roundcube, the user and the scopes it asked for.
     new = set(session_authorizations(webmail.roundcube)) - sessions_before
     assert len(new) == 1, new
     authorization = new.pop()
-    token_type, _, access_token = authorization.partition(" ")
-    assert token_type == "Bearer", authorization
-    answer = introspect(webmail.service, webmail.resource_server, access_token)
+    assert authorization.partition(" ")[0] == "Bearer", authorization
+    return Opened(username, email, subject, authorization, dovecot_log)
+
+
+# -- the tests --------------------------------------------------------------------------------
+
+def test_roundcube_signs_in_with_bearerbridge_and_opens_the_inbox_over_xoauth2(webmail, browser):
+    # Roundcube redeems the code, logs in to Dovecot as the ID token's email, and lists the INBOX.
+    opened = open_inbox(webmail, browser, "reader")
+    username, email, subject, authorization = opened.username, opened.email, opened.subject, opened.authorization
+
+    # Dovecot logged XOAUTH2 logins as the email, each token introspected at bearerbridge.
+    wait_for_logins(webmail.dovecot, opened.dovecot_log, email)
+
+    # The credential Roundcube logs in with is bearerbridge's access token for Roundcube, the
+    # user and the scopes it asked for.
+    answer = introspect(webmail.service, webmail.resource_server, opened.access_token)
     assert answer["active"] is True, answer
     assert answer["client_id"] == webmail.client["client_id"], answer
     assert (answer["username"], answer["email"]) == (username, email), answer
@@ -514,21 +527,10 @@ def test_a_user_who_denies_consent_stays_on_roundcubes_login_page(webmail, brows
 
 def test_roundcube_opens_the_inbox_with_a_jwt_that_dovecot_validates_by_itself(local_webmail, browser):
     webmail = local_webmail
-    email = f"{webmail.service.unique('jwt-reader')}@example.org"
-    username, password = webmail.service.user(email=email)
-    subject = f"Local figures {webmail.service.unique('subject')}"
-    deliver_locally(webmail, username, password, email, subject)
-    dovecot_log = log_size(webmail.dovecot.log_path)
-    sessions_before = set(session_authorizations(webmail.roundcube))
-
-    sign_in_at_bearerbridge(browser, webmail, username, password)
-    browser.find_element(By.ID, "approve").click()
-
     # Roundcube logs in to Dovecot with the JWT it got and lists the INBOX.
-    row = inbox_row(browser, webmail, subject)
-    sender = row.find_element(By.CLASS_NAME, "rcmContactAddress")
-    assert (sender.text, sender.get_attribute("title")) == ("Alice Example", "alice@example.net")
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#messagelist tr.message")) == 1
+    opened = open_inbox(webmail, browser, "jwt-reader")
+    username, email, subject, authorization = opened.username, opened.email, opened.subject, opened.authorization
+    access_token, dovecot_log = opened.access_token, opened.dovecot_log
 
     # Dovecot validated each of its logins by itself, the token coming in Roundcube's one
     # SASL-IR line ...
@@ -541,13 +543,8 @@ def test_roundcube_opens_the_inbox_with_a_jwt_that_dovecot_validates_by_itself(l
     # user's and Roundcube's logins included).
     assert introspections(webmail) == 0
 
-    # The credential Roundcube logs in with: "Bearer " and a JWT typed "JWT", whose key
-    # `keys dovecot` wrote, signed by bearerbridge for Roundcube's client and this user.
-    new = set(session_authorizations(webmail.roundcube)) - sessions_before
-    assert len(new) == 1, new
-    authorization = new.pop()
-    token_type, _, access_token = authorization.partition(" ")
-    assert token_type == "Bearer", authorization
+    # The credential Roundcube logs in with is a JWT typed "JWT", whose key `keys dovecot` wrote,
+    # signed by bearerbridge for Roundcube's client and this user.
     header, claims = verified_jwt(webmail.service, access_token)
     assert (header["typ"], header["alg"]) == ("JWT", "ES256"), header
     assert f"ES256/{header['kid']}" in exported_keys(webmail.keys), (header, exported_keys(webmail.keys))
@@ -641,7 +638,7 @@ def test_a_jwt_signed_with_a_key_dovecot_lacks_is_refused_until_keys_dovecot_wri
     assert f"ES256/{kid}" in exported_keys(webmail.keys)
     assert exported <= exported_keys(webmail.keys)  # the retired keys stay while they are published
     subject = f"After the rotation {webmail.service.unique('subject')}"
-    deliver_locally(webmail, username, password, email, subject)
+    deliver(webmail, username, email, subject)
     dovecot_log = log_size(webmail.dovecot.log_path)
 
     # The same user again: bearerbridge remembers the sign-in and the consent, so Roundcube's
