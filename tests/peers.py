@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import requests
+
 from .support import free_port
 
 START_TIMEOUT = 30.0  # seconds for a peer to accept connections
@@ -159,6 +161,26 @@ class ForegroundPeer:
         if self.process is not None:
             stop_group(self.process.pid, self.process)
             self.process = None
+
+
+def wait_until_serving(peer, url: str, ready: Callable[[requests.Response], bool], what: str,
+                       timeout: float, request_timeout: float = 2) -> None:
+    """Poll `url` until `ready` likes its answer. PeerError, with what `peer.describe()` tells (its
+    logs), if the peer exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if not peer.alive():
+            raise PeerError(f"{peer.describe()}\n(it exited while starting)")
+        try:
+            response = requests.get(url, timeout=request_timeout)
+            if ready(response):
+                return
+            last = (response.status_code, response.text[:500])
+        except requests.RequestException as error:
+            last = error
+        time.sleep(0.1)
+    raise PeerError(f"{what} at {url} within {timeout:.0f}s (last: {last!r}) from {peer.describe()}")
 
 
 # -- Postfix ---------------------------------------------------------------------------------

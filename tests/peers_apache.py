@@ -24,14 +24,13 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from .peers import CONF, START_TIMEOUT, ForegroundPeer, PeerError, log_since, log_size, tail
+from .peers import CONF, START_TIMEOUT, ForegroundPeer, PeerError, log_since, log_size, tail, wait_until_serving
 from .support import free_port
 
 APACHE = "/usr/sbin/apache2"
@@ -259,18 +258,5 @@ def start_apache(directory: Path, issuer: str, client_id: str, client_secret: st
 
 
 def _wait_until_serving(apache: Apache, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        if not apache.alive():
-            raise PeerError(f"{apache.describe()}\n(it exited while starting)")
-        try:
-            response = requests.get(apache.url + READY, timeout=2)
-            if response.status_code == 200 and response.text == "ok\n":
-                return
-            last = f"{response.status_code} {response.text[:200]!r}"
-        except requests.RequestException as error:
-            last = error
-        time.sleep(0.1)
-    raise PeerError(f"Apache did not serve {READY} on 127.0.0.1:{apache.port} within {timeout:.0f}s "
-                    f"(last: {last!r}) from {apache.describe()}")
+    wait_until_serving(apache, apache.url + READY, lambda r: r.status_code == 200 and r.text == "ok\n",
+                       "Apache did not serve its ready page", timeout)

@@ -20,13 +20,10 @@ import os
 import re
 import sqlite3
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
-
-from .peers import CONF, START_TIMEOUT, ForegroundPeer, PeerError, tail
+from .peers import CONF, START_TIMEOUT, ForegroundPeer, PeerError, tail, wait_until_serving
 from .support import free_port
 
 PHP = "/usr/bin/php"
@@ -170,21 +167,8 @@ def start_roundcube(roundcube: Roundcube, issuer: str, client_id: str, client_se
 
 def _wait_until_serving(roundcube: Roundcube, timeout: float) -> None:
     """Until its login page answers 200; that first request also creates the SQLite database."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        if not roundcube.alive():
-            raise PeerError(f"{roundcube.describe()}\n(it exited while starting)")
-        try:
-            response = requests.get(roundcube.url + "/", timeout=5)
-            if response.status_code == 200 and 'id="rcmloginuser"' in response.text:
-                return
-            last = (response.status_code, response.text[:500])
-        except requests.RequestException as error:
-            last = error
-        time.sleep(0.1)
-    raise PeerError(f"Roundcube did not show its login page on {roundcube.url} within {timeout:.0f}s "
-                    f"(last: {last!r}) from {roundcube.describe()}")
+    wait_until_serving(roundcube, roundcube.url + "/", lambda r: r.status_code == 200 and 'id="rcmloginuser"' in r.text,
+                       "Roundcube did not show its login page", timeout, request_timeout=5)
 
 
 # Roundcube keeps the IMAP password of a session, for an OAuth login the "<token_type>

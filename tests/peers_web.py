@@ -14,13 +14,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
-from .peers import CONF, START_TIMEOUT, ForegroundPeer, PeerError, tail
+from .peers import CONF, START_TIMEOUT, ForegroundPeer, PeerError, tail, wait_until_serving
 from .support import free_port
 
 NGINX = "/usr/sbin/nginx"
@@ -151,19 +148,6 @@ def start_nginx(directory: Path, bearerbridge_url: str, *, timeout: float = STAR
 
 
 def _wait_until_serving(nginx: Nginx, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        if not nginx.alive():
-            raise PeerError(f"{nginx.describe()}\n(it exited while starting)")
-        try:
-            # Any answer from nginx will do (401 without a token, 500 if bearerbridge is down).
-            response = requests.get(nginx.url + "/", timeout=2)
-            if response.headers.get("Server", "").startswith("nginx"):
-                return
-            last = response.status_code
-        except requests.RequestException as error:
-            last = error
-        time.sleep(0.1)
-    raise PeerError(f"nginx did not answer on 127.0.0.1:{nginx.port} within {timeout:.0f}s (last: {last!r}) "
-                    f"from {nginx.describe()}")
+    # Any answer from nginx will do (401 without a token, 500 if bearerbridge is down).
+    wait_until_serving(nginx, nginx.url + "/", lambda r: r.headers.get("Server", "").startswith("nginx"),
+                       "nginx did not answer", timeout)
