@@ -154,6 +154,39 @@ sessions = sa.Table(
     sa.Column("expires_at", sa.BigInteger, nullable=False),
     # How the user signed in (RFC 8176 `amr` values, space-separated): `pwd` for a password.
     sa.Column("amr", sa.String(64), nullable=False, server_default="pwd"),
+    # Where the sign-in came from, for the user's list of their sessions.
+    sa.Column("address", sa.String(64)),
+    sa.Column("user_agent", sa.String(255)),
+)
+
+
+# When each grant (a token family) was last used at each service (imap, smtp, xmpp, webdav,
+# userinfo, ...) and from where (Dovecot's rip, the HTTP peer): the user's "connected apps".
+# Written behind, in batches, off the SASL hot path.
+token_uses = sa.Table(
+    "token_uses", metadata,
+    sa.Column("family", sa.String(32), primary_key=True),
+    sa.Column("service", sa.String(32), primary_key=True),
+    sa.Column("last_used_at", sa.BigInteger, nullable=False),
+    sa.Column("address", sa.String(64)),
+)
+
+
+# Two-factor sign-in: a user's TOTP secret (sealed with a key derived from the server's secret;
+# `last_step` refuses a code used before) and their single-use recovery codes, kept as digests.
+totp_secrets = sa.Table(
+    "totp_secrets", metadata,
+    sa.Column("user_id", sa.Integer, _user_fk(), primary_key=True),
+    sa.Column("sealed", sa.Text, nullable=False),
+    sa.Column("confirmed_at", sa.BigInteger),  # None while enrolment waits for a first code
+    sa.Column("last_step", sa.BigInteger),
+)
+
+recovery_codes = sa.Table(
+    "recovery_codes", metadata,
+    sa.Column("code_digest", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.Integer, _user_fk(), nullable=False, index=True),
+    sa.Column("used_at", sa.BigInteger),
 )
 
 

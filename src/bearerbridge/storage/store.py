@@ -438,12 +438,15 @@ class SqlStore:
 
     # -- browser sessions -----------------------------------------------------------------------
 
-    def start_session(self, user_id: int, ttl: int, amr: tuple[str, ...] = ("pwd",)) -> str:
-        """A new session of the user for `ttl` seconds, signed in by `amr` (RFC 8176): its id,
-        for the cookie (256 random bits; only the digest is kept)."""
+    def start_session(self, user_id: int, ttl: int, amr: tuple[str, ...] = ("pwd",), address: str | None = None,
+                      user_agent: str | None = None) -> str:
+        """A new session of the user for `ttl` seconds, signed in by `amr` (RFC 8176) from
+        `address` with `user_agent` (for the user's list of sessions): its id, for the cookie
+        (256 random bits; only the digest is kept)."""
         session_id, now = new_secret(), _now()
-        self._db.execute(sessions.insert().values(id_digest=self.keyring.digest(session_id), user_id=user_id,
-                                                  created_at=now, expires_at=now + ttl, amr=" ".join(amr)))
+        self._db.execute(sessions.insert().values(
+            id_digest=self.keyring.digest(session_id), user_id=user_id, created_at=now, expires_at=now + ttl,
+            amr=" ".join(amr), address=address, user_agent=user_agent[:255] if user_agent else None))
         return session_id
 
     def session(self, session_id: str) -> SignIn | None:

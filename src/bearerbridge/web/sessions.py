@@ -83,7 +83,9 @@ class Sessions:
         def started(session_id: str) -> SignedIn:
             self._set_cookie(request, SESSION_COOKIE, session_id, self._session_ttl)
             return SignedIn(SignIn(user, auth_time, amr), session_id)
-        return self._pool.run(self._pool.store.start_session, user.id, self._session_ttl, amr).addCallback(started)
+        agent = (request.getHeader(b"user-agent") or b"").decode("latin-1") or None
+        return self._pool.run(self._pool.store.start_session, user.id, self._session_ttl, amr, client_address(request),
+                              agent).addCallback(started)
 
     def end(self, request: Request) -> defer.Deferred[None]:
         """End this browser's session at the server, and forget the cookie."""
