@@ -31,6 +31,7 @@ from bearerbridge.oauth.server import BridgeServer, discovery_url, metadata
 from bearerbridge.sasl.dovecot import DovecotAuthFactory
 from bearerbridge.sasl.validator import Validator
 from bearerbridge.storage.pool import StorePool
+from bearerbridge.web.account import Account
 from bearerbridge.web.authorize import Authorize, Logout
 from bearerbridge.web.device import DevicePage
 from bearerbridge.web.forward import ForwardAuth
@@ -163,6 +164,7 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     top = SecuredRoot(https=config.https, pages=pages)
     top.putChild(b"authorize", Authorize(pages, issuer, sessions, login, pool, server, metrics))
     top.putChild(b"logout", Logout(pages, issuer, sessions, pool, server))
+    top.putChild(b"account", Account(pages, issuer, sessions, login, pool, audit, config.scopes))
     top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics, sign_in))
     top.putChild(b"token", TokenEndpoint(issuer, pool, server, metrics, clients))
     top.putChild(b"introspect", IntrospectionResource(issuer, pool, server, pool.store.recent, config.sasl,

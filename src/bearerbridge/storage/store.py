@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine, Row, make_url
 
 from bearerbridge.crypto import Keyring, new_secret
 from bearerbridge.keys import KeySealer, SigningKey
-from bearerbridge.storage import signing, strikes
+from bearerbridge.storage import account, signing, strikes
 from bearerbridge.storage.models import AuthCode, Client, DeviceCode, SignIn, Token, User
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.schema import (
@@ -463,6 +463,24 @@ class SqlStore:
     def end_sessions(self, user_id: int) -> int:
         """End every session of a user; how many there were."""
         return self._db.execute(sessions.delete().where(sessions.c.user_id == user_id)).rowcount
+
+    # -- the user's own page (storage/account.py) --------------------------------------------
+
+    def connected_apps(self, user_id: int) -> list[account.ConnectedApp]:
+        return account.connected_apps(self._db, user_id, _now())
+
+    def revoke_grant(self, user_id: int, client_id: str) -> tuple[int, int]:
+        """End a user's grant to a client: revoke every token of it and forget the consent, so the
+        next authorization asks again; (tokens revoked, consents forgotten)."""
+        revoked = self._revoke(sa.and_(tokens.c.user_id == user_id, tokens.c.client_id == client_id))
+        return revoked, account.revoke_grant(self._db, user_id, client_id)
+
+    def browser_sessions(self, user_id: int) -> list[account.BrowserSession]:
+        return account.browser_sessions(self._db, user_id, _now())
+
+    def end_other_sessions(self, user_id: int, session_id: str | None) -> int:
+        """End every session of the user but `session_id`'s (all, without one); how many ended."""
+        return account.end_other_sessions(self._db, user_id, self.keyring.digest(session_id) if session_id else None)
 
     # -- device codes (RFC 8628) --------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.web.server import Request
 
-from bearerbridge.crypto import verify_login
+from bearerbridge.crypto import hash_password, verify_login
 from bearerbridge.guard import Blocked, DatabaseDoor, Recorder
 from bearerbridge.metrics import Metrics
 from bearerbridge.storage.models import SignIn, User
@@ -82,14 +82,19 @@ class Sessions:
 
         def started(session_id: str) -> SignedIn:
             self._set_cookie(request, SESSION_COOKIE, session_id, self._session_ttl)
+            request.received_cookies[SESSION_COOKIE] = session_id.encode()  # the rest of this request sees it
             return SignedIn(SignIn(user, auth_time, amr), session_id)
         agent = (request.getHeader(b"user-agent") or b"").decode("latin-1") or None
         return self._pool.run(self._pool.store.start_session, user.id, self._session_ttl, amr, client_address(request),
                               agent).addCallback(started)
 
+    def forget(self, request: Request) -> None:
+        """Tell the browser to drop its session cookie (the session has ended at the server)."""
+        self._set_cookie(request, SESSION_COOKIE, "", 0)
+
     def end(self, request: Request) -> defer.Deferred[None]:
         """End this browser's session at the server, and forget the cookie."""
-        self._set_cookie(request, SESSION_COOKIE, "", 0)
+        self.forget(request)
         session_id = self.session_id(request)
         return defer.succeed(None) if session_id is None else self._pool.run(self._pool.store.end_session, session_id)
 
@@ -163,15 +168,33 @@ class PasswordLogin:
         return defer.Deferred.fromCoroutine(self._door.attempt(
             keys, lambda: self._check(request, username, form.get("password", ""), address)))
 
-    async def _check(self, request: Request, username: str, password: str, address: str | None) -> SignedIn | None:
-        """Read the password hash (pool), verify it (argon2id, slow on purpose: away from the
-        store's threads, a few at a time), and start a session (pool)."""
+    def verify(self, request: Request, username: str, password: str) -> defer.Deferred[User | Blocked | None]:
+        """Check a signed-in user's password again (to change it), under the same throttle as a
+        sign-in, starting no session."""
+        address = client_address(request)
+        keys = self._door.keys(username, address)
+        return defer.Deferred.fromCoroutine(self._door.attempt(
+            keys, lambda: self._verified(username, password, address)))
+
+    def hash(self, password: str) -> defer.Deferred[str]:
+        """An argon2id hash of a new password, counted among the checks running at once."""
+        return self._checks.run(self._pool.run_apart, hash_password, password)
+
+    async def _verified(self, username: str, password: str, address: str | None) -> User | None:
+        """Read the password hash (pool) and verify it (argon2id, slow on purpose: away from the
+        store's threads, a few at a time); a failure goes to the audit log."""
         found = await self._pool.run(self._pool.store.password_hash, username)
         user = await self._checks.run(self._pool.run_apart, verify_login, found, password)
-        self._metrics.logins.labels("ok" if user else "failed").inc()
         if user is None:
             reason = "unknown_user" if found[0] is None else "disabled" if found[0].disabled else "wrong_password"
             self._audit.record("sign_in_failed", user=username, address=address, reason=reason)
+        return user
+
+    async def _check(self, request: Request, username: str, password: str, address: str | None) -> SignedIn | None:
+        """Verify the password, and start a session."""
+        user = await self._verified(username, password, address)
+        self._metrics.logins.labels("ok" if user else "failed").inc()
+        if user is None:
             return None
         self._audit.record("sign_in", user=user.username, address=address)
         self._sessions.remember_browser(request, username)

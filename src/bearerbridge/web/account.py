@@ -1,0 +1,175 @@
+"""/account: the user's own page, after they sign in.
+
+It shows the apps they connected (each grant, the scopes in words, when it was granted, and when
+and from where it was last used at each service) with a Revoke button that ends the grant's
+tokens and forgets the consent; their browser sessions, with signing out the others or all; and
+a form to change the password (which ends every other session, and says so). Every form is a
+POST with a CSRF token bound to this browser and session; the page works without JavaScript.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.internet import defer
+from twisted.web.server import Request
+
+from bearerbridge.guard import Blocked, Recorder
+from bearerbridge.storage.models import SignIn, User
+from bearerbridge.storage.pool import StorePool
+from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn
+from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, client_address, retry_after, snapshot
+
+PASSWORD_MIN_LENGTH = 8
+PATH = "/account"
+
+
+def when(seconds: int | None) -> str:
+    """A moment as the page shows it (UTC; the page has no script to learn the browser's zone)."""
+    return "never" if not seconds else datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+class Account(PageResource):
+    """/account (GET shows it, POST takes its forms and the sign-in form)."""
+
+    def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
+                 audit: Recorder, scopes: Mapping[str, str]) -> None:
+        super().__init__(pages)
+        self._issuer = issuer
+        self._sessions = sessions
+        self._login = login
+        self._pool = pool
+        self._audit = audit
+        self._scopes = scopes
+
+    def render_GET(self, request: Request) -> int:
+        return self._answer(request, lambda r: self._sessions.sign_in(r).addCallback(self._show, r))
+
+    def render_POST(self, request: Request) -> int:
+        return self._answer(request, self._post)
+
+    # -- showing -------------------------------------------------------------------------------
+
+    def _binding(self, request: Request) -> str:
+        return f"account|{self._sessions.session_id(request) or ''}"
+
+    def _show(self, sign_in: SignIn | None, request: Request, status: int = 200, notice: str = "",
+              error: str = "") -> Reply | defer.Deferred[Reply]:
+        if sign_in is None:
+            return self._login_page(request, failed=False)
+        return self._pool.run(self._read, sign_in.user).addCallback(
+            lambda found: self.pages.render(status, "account.html", user=sign_in.user, notice=notice, error=error,
+                                            csrf=self._sessions.csrf_token(request, self._binding(request)),
+                                            password_min_length=PASSWORD_MIN_LENGTH,
+                                            current=self._current_digest(request), **found))
+
+    def _current_digest(self, request: Request) -> str | None:
+        session_id = self._sessions.session_id(request)
+        return self._pool.store.keyring.digest(session_id) if session_id else None
+
+    def _read(self, user: User) -> dict[str, Any]:
+        """In the pool: the user's apps and sessions, as the page shows them."""
+        store = self._pool.store
+        apps = [{"client_id": app.client_id, "name": app.name, "website": app.website,
+                 "scopes": [(s, self._scopes.get(s, s)) for s in sorted(app.scope)],
+                 "granted": when(app.granted_at),
+                 "uses": [(use.service, when(use.at), use.address) for use in sorted(app.uses.values(),
+                                                                                     key=lambda u: u.service)]}
+                for app in store.connected_apps(user.id)]
+        sessions = [{"digest": s.id_digest, "started": when(s.created_at), "address": s.address,
+                     "agent": s.user_agent, "amr": s.amr} for s in store.browser_sessions(user.id)]
+        return {"apps": apps, "sessions": sessions}
+
+    def _login_page(self, request: Request, failed: bool, blocked: Blocked | None = None) -> Reply:
+        csrf = self._sessions.csrf_token(request, "account-login")
+        return self.pages.render(429 if blocked else 401 if failed else 200, "login.html", client_name=None,
+                                 failed=failed, action=PATH, csrf=csrf,
+                                 blocked_wait=blocked.in_words if blocked else None,
+                                 headers=retry_after(blocked.retry_after if blocked else None))
+
+    # -- the forms --------------------------------------------------------------------------------
+
+    def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
+        form = snapshot(request, self._issuer).form
+        if form.get("step") == "login":
+            if not self._sessions.csrf_ok(request, form, "account-login"):
+                return self.pages.form_expired()
+            return self._login(request, form).addCallback(self._signed_in, request)
+        if not self._sessions.csrf_ok(request, form, self._binding(request)):
+            return self.pages.form_expired()
+        return self._sessions.sign_in(request).addCallback(self._act, request, form)
+
+    def _signed_in(self, outcome: SignedIn | Blocked | None, request: Request) -> Reply:
+        if isinstance(outcome, SignedIn):
+            return Reply(303, b"", {b"Location": PATH.encode()})
+        return self._login_page(request, failed=True, blocked=outcome)
+
+    def _act(self, sign_in: SignIn | None, request: Request, form: Mapping[str, str]
+             ) -> Reply | defer.Deferred[Reply]:
+        if sign_in is None:  # the session ended since the page was shown
+            return self._login_page(request, failed=False)
+        user, address = sign_in.user, client_address(request)
+        match form.get("step"):
+            case "revoke":
+                client_id = form.get("client_id", "")
+                return self._pool.run(self._pool.store.revoke_grant, user.id, client_id).addCallback(
+                    self._revoked, request, sign_in, client_id, address)
+            case "sign_out_others":
+                return self._pool.run(self._pool.store.end_other_sessions, user.id,
+                                      self._sessions.session_id(request)).addCallback(
+                    self._signed_out_others, request, sign_in, address)
+            case "sign_out_everywhere":
+                return self._pool.run(self._pool.store.end_other_sessions, user.id, None).addCallback(
+                    self._signed_out_everywhere, request, user, address)
+            case "password":
+                return defer.Deferred.fromCoroutine(self._change_password(request, sign_in, form, address))
+        raise BadRequest("step must be revoke, sign_out_others, sign_out_everywhere or password")
+
+    def _revoked(self, outcome: tuple[int, int], request: Request, sign_in: SignIn, client_id: str,
+                 address: str | None) -> Reply | defer.Deferred[Reply]:
+        tokens, consents = outcome
+        if not tokens and not consents:
+            return self._show(sign_in, request, 400, error="That app has no access to revoke.")
+        self._audit.record("grant_revoked", user=sign_in.user.username, client_id=client_id, revoked=tokens,
+                           address=address, by="user")
+        return self._show(sign_in, request, notice="Access revoked: the app's tokens no longer work, and it must "
+                                                   "ask you again before it gets any.")
+
+    def _signed_out_others(self, ended: int, request: Request, sign_in: SignIn, address: str | None
+                           ) -> Reply | defer.Deferred[Reply]:
+        self._audit.record("sessions_ended", user=sign_in.user.username, ended=ended, address=address, kept="this")
+        return self._show(sign_in, request, notice=f"Signed out {ended} other browser session(s).")
+
+    def _signed_out_everywhere(self, ended: int, request: Request, user: User, address: str | None) -> Reply:
+        self._audit.record("sessions_ended", user=user.username, ended=ended, address=address, kept="none")
+        self._sessions.forget(request)
+        return self.pages.render(200, "logout.html", done=True)
+
+    async def _change_password(self, request: Request, sign_in: SignIn, form: Mapping[str, str],
+                               address: str | None) -> Reply:
+        new, repeated = form.get("new_password", ""), form.get("repeat_password", "")
+        if len(new) < PASSWORD_MIN_LENGTH or new != repeated:
+            return await self._shown(sign_in, request, 400, error=(
+                "The new password and its repetition differ." if new != repeated
+                else f"The new password must have at least {PASSWORD_MIN_LENGTH} characters."))
+        checked = await self._login.verify(request, sign_in.user.username, form.get("current_password", ""))
+        if isinstance(checked, Blocked):
+            return await self._shown(sign_in, request, 429, error=f"Too many wrong passwords: try again in "
+                                                                   f"{checked.in_words}.")
+        if checked is None:
+            return await self._shown(sign_in, request, 400, error="The current password is wrong.")
+        password_hash = await self._login.hash(new)
+        ended = await self._pool.run(self._pool.store.set_password, sign_in.user.username, password_hash)
+        self._audit.record("password_changed", user=sign_in.user.username, sessions_ended=ended, address=address)
+        # Every session ended with the old password, this one too: this browser gets a new one.
+        signed_in = await self._sessions.start(request, sign_in.user, sign_in.amr)
+        return await self._shown(signed_in.sign_in, request, notice=(
+            f"Password changed. Every other browser signed in as you ({ended - 1} session(s)) was signed out; "
+            "apps you connected keep their access."))
+
+    async def _shown(self, sign_in: SignIn, request: Request, status: int = 200, notice: str = "",
+                     error: str = "") -> Reply:
+        shown = self._show(sign_in, request, status, notice, error)
+        return await shown if isinstance(shown, defer.Deferred) else shown
