@@ -327,3 +327,26 @@ def test_token_issue_gives_a_jwt_client_a_jwt_living_no_longer_than_access_ttl(r
     status, _, err = run("token", "issue", "--user", "alice", "--client", client_id, "--scope", "imap",
                          "--ttl", "3601")
     assert status == 1 and "at most [tokens] access_ttl" in err
+
+
+# -- the admin role: who may use /admin ------------------------------------------------------------
+
+def test_the_first_user_on_an_empty_database_is_an_admin_and_others_only_when_named(run, tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("one passphrase\ntwo passphrase\nthree passphrase\n"))
+    assert run("user", "add", "root", "--password-stdin")[1] == "added user root (the first user: an admin)\n"
+    assert run("user", "add", "carol", "--password-stdin")[1] == "added user carol\n"
+    assert run("user", "add", "dave", "--admin", "--password-stdin")[1] == "added user dave (an admin)\n"
+    assert run("user", "list")[1].splitlines() == [
+        "carol\t-\tenabled\t-", "dave\t-\tenabled\tadmin", "root\t-\tenabled\tadmin"]
+    assert run("user", "admin", "Carol", "--admin") == (0, "Carol is now an admin (may use /admin)\n", "")
+    assert run("user", "admin", "root", "--no-admin")[0] == 0
+    with sqlite3.connect(tmp_path / "bb.db") as db:
+        assert dict(db.execute("SELECT username, is_admin FROM users")) == {"root": 0, "carol": 1, "dave": 1}
+    status, _, err = run("user", "admin", "nobody", "--admin")
+    assert status == 1 and "no user 'nobody'" in err
+    with pytest.raises(SystemExit):  # argparse: one of --admin and --no-admin is required
+        run("user", "admin", "carol")
+    assert [(e["action"], e["user"], e.get("is_admin"), e["outcome"]) for e in audit_events(tmp_path)] == [
+        ("user add", "root", True, "done"), ("user add", "carol", False, "done"), ("user add", "dave", True, "done"),
+        ("user admin", "Carol", True, "done"), ("user admin", "root", False, "done"),
+        ("user admin", "nobody", None, "refused")]

@@ -12,7 +12,6 @@ import argparse
 import getpass
 import json
 import os
-import secrets
 import sys
 import time
 import warnings
@@ -20,7 +19,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
@@ -31,15 +29,17 @@ from bearerbridge.bootstrap import OpenError, describe_url, one_line, open_store
 from bearerbridge.crypto import hash_password, new_secret, use_password_parameters
 from bearerbridge.keys import Stage
 from bearerbridge.oauth.access_tokens import new_access_token, token_format
-from bearerbridge.oauth.grants import GRANT_TYPES
 from bearerbridge.oauth.oidc import SigningKeys
-from bearerbridge.storage.models import Client
+from bearerbridge.oauth.registration import (
+    GRANTS,
+    PUBLIC_NEEDS_PKCE,
+    ClientRules,
+    Registration,
+    RegistrationError,
+    audited,
+    describe,
+)
 from bearerbridge.storage.store import SqlStore, StoreError
-from bearerbridge.uris import redirect_uri_problem
-
-# The grants a client may be registered for, by the short names the command line takes
-# (`device_code` for RFC 8628's URN).
-GRANTS = {grant_type.rpartition(":")[2]: grant_type for grant_type in GRANT_TYPES}
 
 
 class CommandError(Exception):
@@ -79,31 +79,21 @@ def _ask(prompt: str) -> str:
             raise CommandError("no password given (the input ended)") from None
 
 
-def _check_web_address(option: str, url: str | None) -> str | None:
-    """A page or image a browser shows the user (the consent page's link and logo): https, or
-    http on loopback; refused otherwise, saying why."""
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    if redirect_uri_problem(url) is not None or parts.scheme not in ("http", "https") or parts.fragment:
-        raise CommandError(f"{option} {url!r}: expected an https URL (http only on loopback), without a fragment")
-    return url
-
-
-def _check_redirect_uri(uri: str) -> str:
-    """A URI that may be registered (`uris.redirect_uri_problem`), else a refusal saying why."""
-    problem = redirect_uri_problem(uri)
-    if problem is not None:
-        raise CommandError(f"redirect URI {uri!r}: {problem}")
-    return uri
-
-
 # -- users ----------------------------------------------------------------------------------
 
 def user_add(store: SqlStore, args: argparse.Namespace) -> Done:
+    """Add a user; the first one on an empty database is an admin, so that someone can use /admin."""
     password = hash_password(_read_password(args.password_stdin))
-    user = store.add_user(args.name, args.email, password, args.display_name)
-    return Done(f"added user {user.username}", {"user": user.username})
+    first = not store.has_users()
+    user = store.add_user(args.name, args.email, password, args.display_name, is_admin=args.admin or first)
+    why = " (the first user: an admin)" if first and not args.admin else " (an admin)" if args.admin else ""
+    return Done(f"added user {user.username}{why}", {"user": user.username, "is_admin": user.is_admin})
+
+
+def user_admin(store: SqlStore, args: argparse.Namespace) -> Done:
+    store.set_admin(args.name, args.admin)
+    return Done(f"{args.name} is {'now' if args.admin else 'no longer'} an admin (may use /admin)",
+                {"user": args.name, "is_admin": args.admin})
 
 
 def user_passwd(store: SqlStore, args: argparse.Namespace) -> Done:
@@ -126,58 +116,33 @@ def user_enable(store: SqlStore, args: argparse.Namespace) -> Done:
 
 def user_list(store: SqlStore, args: argparse.Namespace) -> str:
     return "\n".join(f"{u.username}\t{u.email or '-'}\t{'disabled' if u.disabled else 'enabled'}"
-                     for u in store.list_users())
+                     f"\t{'admin' if u.is_admin else '-'}" for u in store.list_users())
 
 
 # -- clients --------------------------------------------------------------------------------
 
 def client_create(store: SqlStore, args: argparse.Namespace, config: configuration.Config) -> Done:
-    grants = tuple(dict.fromkeys(GRANTS[g] for g in args.grant or (
-        ["client_credentials"] if not args.redirect_uri and not args.public
-        else ["authorization_code", "refresh_token"])))
-    if args.public and args.resource_server:
-        raise CommandError("a public client cannot be a resource server (it has no secret to introspect with)")
-    if args.public and args.no_pkce:
-        raise CommandError("a public client must use PKCE (it has no secret to prove itself with)")
-    if args.public and "client_credentials" in grants:
-        raise CommandError("a public client cannot use client_credentials (it has no secret)")
-    if "authorization_code" in grants and not args.redirect_uri:
-        raise CommandError("the authorization_code grant needs at least one --redirect-uri")
-    if args.scope is None and "client_credentials" in grants:
-        raise CommandError("name the scopes a client_credentials client may get with --scope")
-    scopes = args.scope.split() if args.scope is not None else [
-        s for s in config.scopes if s not in config.server.operator_scopes]
-    unknown = [s for s in scopes if s not in config.scopes]
-    if unknown or not scopes:
-        raise CommandError(f"unknown scope(s) {' '.join(unknown)}; known: {' '.join(config.scopes)}")
-    client = Client(client_id=secrets.token_hex(16), name=args.name,
-                    redirect_uris=tuple(_check_redirect_uri(u) for u in args.redirect_uri or ()),
-                    scope=" ".join(scopes), grant_types=grants, public=args.public,
-                    resource_server=args.resource_server, pkce_required=not args.no_pkce,
-                    id_token_alg=args.id_token_alg, website=_check_web_address("--website", args.website),
-                    logo_uri=_check_web_address("--logo-uri", args.logo_uri), access_token_format=args.token_format,
-                    post_logout_redirect_uris=tuple(
-                        _check_redirect_uri(u) for u in args.post_logout_redirect_uri or ()))
+    asked = Registration(
+        name=args.name, redirect_uris=tuple(args.redirect_uri or ()),
+        scopes=tuple(args.scope.split()) if args.scope is not None else None,
+        grants=tuple(args.grant) if args.grant else None, public=args.public, resource_server=args.resource_server,
+        pkce_required=not args.no_pkce, id_token_alg=args.id_token_alg, token_format=args.token_format,
+        website=args.website, logo_uri=args.logo_uri,
+        post_logout_redirect_uris=tuple(args.post_logout_redirect_uri or ()))
+    try:
+        client = ClientRules.of(config).client(asked)
+    except RegistrationError as e:
+        raise CommandError(str(e)) from None
     secret = None if args.public else new_secret()
     store.add_client(client, secret)
-    described = _describe(client)
-    audit = {("client_name" if key == "name" else key): value for key, value in described.items()}
+    audit = audited(client)
     if args.json:
-        return Done(json.dumps({**described, "client_secret": secret}), audit)
+        return Done(json.dumps({**describe(client), "client_secret": secret}), audit)
     lines = [f"client_id: {client.client_id}"]
     if secret:
         lines.append(f"client_secret: {secret}")
         lines.append("(the secret is shown only now; bearerbridge keeps only a hash of it)")
     return Done("\n".join(lines), audit)
-
-
-def _describe(client: Client) -> dict[str, Any]:
-    return {"client_id": client.client_id, "name": client.name, "public": client.public,
-            "redirect_uris": list(client.redirect_uris), "scope": client.scope,
-            "grant_types": list(client.grant_types), "resource_server": client.resource_server,
-            "pkce_required": client.pkce_required, "id_token_alg": client.id_token_alg,
-            "post_logout_redirect_uris": list(client.post_logout_redirect_uris), "website": client.website,
-            "logo_uri": client.logo_uri, "token_format": client.access_token_format}
 
 
 def client_list(store: SqlStore, args: argparse.Namespace) -> str:
@@ -189,7 +154,7 @@ def client_show(store: SqlStore, args: argparse.Namespace) -> str:
     client = store.get_client(args.id)
     if client is None:
         raise CommandError(f"no client {args.id!r}")
-    return json.dumps(_describe(client), indent=2)
+    return json.dumps(describe(client), indent=2)
 
 
 def client_update(store: SqlStore, args: argparse.Namespace) -> Done:
@@ -197,9 +162,9 @@ def client_update(store: SqlStore, args: argparse.Namespace) -> Done:
     if client is None:
         raise CommandError(f"no client {args.id!r}")
     if args.pkce is False and client.public:
-        raise CommandError("a public client must use PKCE (it has no secret to prove itself with)")
+        raise CommandError(PUBLIC_NEEDS_PKCE)
     store.update_client(args.id, resource_server=args.resource_server, pkce_required=args.pkce)
-    return Done(json.dumps(_describe(store.get_client(args.id) or client), indent=2),
+    return Done(json.dumps(describe(store.get_client(args.id) or client), indent=2),
                 {"client_id": args.id, "resource_server": args.resource_server, "pkce_required": args.pkce})
 
 
@@ -338,10 +303,16 @@ def parser() -> argparse.ArgumentParser:
         if name == "add":
             p.add_argument("--email", help="the address relying parties see (OpenID's email claim)")
             p.add_argument("--display-name", help="the name relying parties see (OpenID's name claim)")
+            p.add_argument("--admin", action="store_true",
+                           help="may use /admin (the first user added to an empty database always may)")
         p.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
     verb(user, "disable", user_disable, "disable a user (its tokens stop working)").add_argument("name")
     verb(user, "enable", user_enable, "enable a disabled user").add_argument("name")
     verb(user, "list", user_list, "list users")
+    p = verb(user, "admin", user_admin, "make a user an admin (who may use /admin), or no longer one")
+    p.add_argument("name")
+    p.add_argument("--admin", action=argparse.BooleanOptionalAction, required=True,
+                   help="--admin: may use /admin; --no-admin: may not")
 
     client = nouns.add_parser("client", help="manage OAuth clients").add_subparsers(dest="verb", required=True)
     p = verb(client, "create", client_create, "register a client; prints its id and secret")

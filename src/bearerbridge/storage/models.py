@@ -22,6 +22,7 @@ class User:
     email: str | None
     disabled: bool = False
     display_name: str | None = None  # the OpenID `name` claim, when the operator gave one
+    is_admin: bool = False  # may use /admin
 
     def get_user_id(self) -> int:
         return self.id

@@ -21,6 +21,8 @@ users = sa.Table(
     sa.Column("username_key", sa.String(255), nullable=False, unique=True),
     sa.Column("email_key", sa.String(255), unique=True),
     sa.Column("display_name", sa.String(255)),  # OpenID's `name` claim
+    # May use /admin (web/admin.py): the first user the command line creates, or one it names.
+    sa.Column("is_admin", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 clients = sa.Table(

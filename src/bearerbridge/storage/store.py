@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine, Row, make_url
 
 from bearerbridge.crypto import Keyring, new_secret
 from bearerbridge.keys import KeySealer, SigningKey
-from bearerbridge.storage import account, signing, strikes
+from bearerbridge.storage import account, admin, signing, strikes
 from bearerbridge.storage.models import AuthCode, Client, DeviceCode, SignIn, Token, User
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.schema import (
@@ -175,7 +175,7 @@ class SqlStore:
     # -- users --------------------------------------------------------------------------
 
     def add_user(self, username: str, email: str | None, password_hash: str | None,
-                 display_name: str | None = None) -> User:
+                 display_name: str | None = None, is_admin: bool = False) -> User:
         """A new user. Names and addresses are compared case-folded, across each other too: no
         one's user name may be another's e-mail address, as either can name a user at login."""
         for what, value in (("user name", username), ("e-mail address", email)):
@@ -190,15 +190,16 @@ class SqlStore:
         try:
             result = self._db.execute(users.insert().values(
                 username=username, email=email, password_hash=password_hash, disabled=False, created_at=_now(),
-                username_key=keys[0], email_key=email.casefold() if email else None, display_name=display_name))
+                username_key=keys[0], email_key=email.casefold() if email else None, display_name=display_name,
+                is_admin=is_admin))
         except sa.exc.IntegrityError:  # another process added the name or address meanwhile
             raise StoreError(f"user {username!r}: the name or address is taken") from None
         user_id = result.inserted_primary_key[0]  # type: ignore[index]  # an insert always has one
-        return User(user_id, username, email, display_name=display_name)
+        return User(user_id, username, email, display_name=display_name, is_admin=is_admin)
 
     @staticmethod
     def _user(row: Row[Any]) -> User:
-        return User(row.id, row.username, row.email, row.disabled, row.display_name)
+        return User(row.id, row.username, row.email, row.disabled, row.display_name, row.is_admin)
 
     def get_user(self, user_id: int) -> User | None:
         row = self._db.execute(USER_BY_ID, {"user_id": user_id}).first()
@@ -481,6 +482,30 @@ class SqlStore:
     def end_other_sessions(self, user_id: int, session_id: str | None) -> int:
         """End every session of the user but `session_id`'s (all, without one); how many ended."""
         return account.end_other_sessions(self._db, user_id, self.keyring.digest(session_id) if session_id else None)
+
+    # -- administration (web/admin.py and cli.py; storage/admin.py) -----------------------------
+
+    def has_users(self) -> bool:
+        return admin.has_users(self._db)
+
+    def set_admin(self, username: str, is_admin: bool) -> None:
+        """Make the user of that name an admin (one who may use /admin), or no longer one."""
+        self._update_user(username, is_admin=is_admin)
+
+    def consent_counts(self) -> dict[str, int]:
+        return admin.consent_counts(self._db)
+
+    def second_factor_users(self) -> set[int]:
+        return admin.second_factor_users(self._db)
+
+    def rotate_client_secret(self, client_id: str, secret: str) -> bool:
+        """Give a confidential client a new secret; the old one stops working at once. False for no
+        such client, or a public one (it has none)."""
+        self._invalidates()  # the client as remembered holds the old secret's digest
+        return admin.set_secret(self._db, client_id, self.keyring.digest(secret))
+
+    def reset_second_factor(self, user_id: int) -> bool:
+        return admin.reset_second_factor(self._db, user_id)
 
     # -- device codes (RFC 8628) --------------------------------------------------------------
 
