@@ -41,6 +41,7 @@ from bearerbridge.web.sasl import SaslEndpoint
 from bearerbridge.web.sessions import PasswordLogin, Sessions
 from bearerbridge.web.site import BridgeSite, JsonDocument, Landing, Pages, SecuredRoot, StaticFiles
 from bearerbridge.web.token import ClientAuthThrottle, EndpointResource, IntrospectionResource, TokenEndpoint
+from bearerbridge.web.twofactor import TwoFactorPage
 
 log = Logger()
 PURGE_INTERVAL = 3600
@@ -164,7 +165,8 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     top = SecuredRoot(https=config.https, pages=pages)
     top.putChild(b"authorize", Authorize(pages, issuer, sessions, login, pool, server, metrics))
     top.putChild(b"logout", Logout(pages, issuer, sessions, pool, server))
-    top.putChild(b"account", Account(pages, issuer, sessions, login, pool, audit, config.scopes))
+    top.putChild(b"account", account := Account(pages, issuer, sessions, login, pool, audit, config.scopes))
+    account.putChild(b"two-factor", TwoFactorPage(pages, issuer, config.server.site_name, sessions, login, pool, audit))
     top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics, sign_in))
     top.putChild(b"token", TokenEndpoint(issuer, pool, server, metrics, clients))
     top.putChild(b"introspect", IntrospectionResource(issuer, pool, server, pool.store.recent, config.sasl,

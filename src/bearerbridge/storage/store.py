@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine, Row, make_url
 
 from bearerbridge.crypto import Keyring, new_secret
 from bearerbridge.keys import KeySealer, SigningKey
-from bearerbridge.storage import account, admin, signing, strikes
+from bearerbridge.storage import account, admin, signing, strikes, twofactor
 from bearerbridge.storage.models import AuthCode, Client, DeviceCode, SignIn, Token, User
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.schema import (
@@ -506,6 +506,41 @@ class SqlStore:
 
     def reset_second_factor(self, user_id: int) -> bool:
         return admin.reset_second_factor(self._db, user_id)
+
+    # -- two-factor sign-in (storage/twofactor.py; web/second_factor.py, web/twofactor.py) --------
+
+    def two_factor(self, user_id: int) -> twofactor.TwoFactor:
+        return twofactor.state(self._db, user_id)
+
+    def two_factor_enabled(self, user_id: int) -> bool:
+        return twofactor.enabled(self._db, user_id)
+
+    def begin_totp(self, user_id: int, secret: str) -> bool:
+        """Keep a new TOTP secret, sealed, waiting for its first code; False if two-factor is on."""
+        return twofactor.begin(self._db, self.sealer, user_id, secret)
+
+    def waiting_totp_secret(self, user_id: int) -> str | None:
+        return twofactor.waiting_secret(self._db, self.sealer, user_id)
+
+    def confirm_totp(self, user_id: int, code: str, recovery: list[str]) -> bool:
+        """Turn two-factor sign-in on if `code` is the waiting secret's current one, with `recovery`
+        as the recovery codes (kept as digests)."""
+        if not twofactor.confirm(self._db, self.sealer, user_id, code, time.time()):
+            return False
+        twofactor.replace_recovery_codes(self._db, self.keyring.digest, user_id, recovery)
+        return True
+
+    def use_totp_code(self, user_id: int, code: str) -> twofactor.CodeCheck:
+        return twofactor.use_code(self._db, self.sealer, user_id, code, time.time())
+
+    def use_recovery_code(self, user_id: int, code: str) -> twofactor.CodeCheck:
+        return twofactor.use_recovery_code(self._db, self.keyring.digest, user_id, code, time.time())
+
+    def replace_recovery_codes(self, user_id: int, codes: list[str]) -> None:
+        twofactor.replace_recovery_codes(self._db, self.keyring.digest, user_id, codes)
+
+    def disable_two_factor(self, user_id: int) -> bool:
+        return twofactor.disable(self._db, user_id)
 
     # -- device codes (RFC 8628) --------------------------------------------------------------
 

@@ -14,13 +14,24 @@ from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet import defer
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from bearerbridge.guard import Blocked, Recorder
 from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
+from bearerbridge.web.second_factor import SecondFactorAsked, second_factor_page
 from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn
-from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, client_address, retry_after, snapshot
+from bearerbridge.web.site import (
+    BadRequest,
+    NotFound,
+    PageResource,
+    Pages,
+    Reply,
+    client_address,
+    retry_after,
+    snapshot,
+)
 
 PASSWORD_MIN_LENGTH = 8
 PATH = "/account"
@@ -32,7 +43,10 @@ def when(seconds: int | None) -> str:
 
 
 class Account(PageResource):
-    """/account (GET shows it, POST takes its forms and the sign-in form)."""
+    """/account (GET shows it, POST takes its forms and the sign-in form); its pages below it are
+    children (/account/two-factor: web/twofactor.py)."""
+
+    isLeaf = False
 
     def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
                  audit: Recorder, scopes: Mapping[str, str]) -> None:
@@ -43,6 +57,9 @@ class Account(PageResource):
         self._pool = pool
         self._audit = audit
         self._scopes = scopes
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return self if path == b"" else NotFound(self.pages)  # /account/ is /account
 
     def render_GET(self, request: Request) -> int:
         return self._answer(request, lambda r: self._sessions.sign_in(r).addCallback(self._show, r))
@@ -80,7 +97,7 @@ class Account(PageResource):
                 for app in store.connected_apps(user.id)]
         sessions = [{"digest": s.id_digest, "started": when(s.created_at), "address": s.address,
                      "agent": s.user_agent, "amr": s.amr} for s in store.browser_sessions(user.id)]
-        return {"apps": apps, "sessions": sessions}
+        return {"apps": apps, "sessions": sessions, "two_factor": store.two_factor(user.id)}
 
     def _login_page(self, request: Request, failed: bool, blocked: Blocked | None = None) -> Reply:
         csrf = self._sessions.csrf_token(request, "account-login")
@@ -93,7 +110,7 @@ class Account(PageResource):
 
     def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
         form = snapshot(request, self._issuer).form
-        if form.get("step") == "login":
+        if form.get("step") in ("login", "second_factor"):
             if not self._sessions.csrf_ok(request, form, "account-login"):
                 return self.pages.form_expired()
             return self._login(request, form).addCallback(self._signed_in, request)
@@ -101,9 +118,12 @@ class Account(PageResource):
             return self.pages.form_expired()
         return self._sessions.sign_in(request).addCallback(self._act, request, form)
 
-    def _signed_in(self, outcome: SignedIn | Blocked | None, request: Request) -> Reply:
+    def _signed_in(self, outcome: SignedIn | SecondFactorAsked | Blocked | None, request: Request) -> Reply:
         if isinstance(outcome, SignedIn):
             return Reply(303, b"", {b"Location": PATH.encode()})
+        if isinstance(outcome, SecondFactorAsked):
+            return second_factor_page(self.pages, outcome, PATH, self._sessions.csrf_token(request, "account-login"),
+                                      None)
         return self._login_page(request, failed=True, blocked=outcome)
 
     def _act(self, sign_in: SignIn | None, request: Request, form: Mapping[str, str]

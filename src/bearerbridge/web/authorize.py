@@ -31,6 +31,7 @@ from bearerbridge.oauth.server import (
     ShowCode,
 )
 from bearerbridge.storage.pool import StorePool
+from bearerbridge.web.second_factor import SecondFactorAsked, second_factor_page
 from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn
 from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, retry_after, snapshot
 
@@ -91,20 +92,22 @@ class Authorize(SignInAndConsent):
         sign_in = self._pool.store.session(session_id) if session_id else None
         return self._server.authorize(req, sign_in, decision)
 
-    def _after_login(self, req: HttpRequest, signed_in: SignedIn | Blocked | None
-                     ) -> tuple[AuthorizeOutcome, str | None, Blocked | None]:
-        """In the pool: go on as a fresh request from the user who signed in, if one did."""
+    def _after_login(self, req: HttpRequest, signed_in: SignedIn | SecondFactorAsked | Blocked | None
+                     ) -> tuple[AuthorizeOutcome, str | None, Blocked | SecondFactorAsked | None]:
+        """In the pool: go on as a fresh request from the user who signed in, if one did (the
+        login page again, or the second factor's, for one who has not yet)."""
         user = signed_in if isinstance(signed_in, SignedIn) else None
         outcome = self._server.authorize(req, user.sign_in if user else None, None, just_signed_in=True)
-        if user is None and isinstance(outcome, AskLogin):
+        if signed_in is None and isinstance(outcome, AskLogin):
             outcome = dataclasses.replace(outcome, failed=True)
-        return outcome, user.session_id if user else None, signed_in if isinstance(signed_in, Blocked) else None
+        held = None if isinstance(signed_in, SignedIn) else signed_in
+        return outcome, user.session_id if user else None, held
 
     def _get_outcome(self, outcome: AuthorizeOutcome, request: Request, session_id: str | None) -> Reply:
         return self._render(outcome, session_id, None, request)
 
-    def _render(self, outcome: AuthorizeOutcome, session_id: str | None, blocked: Blocked | None,
-                request: Request) -> Reply:
+    def _render(self, outcome: AuthorizeOutcome, session_id: str | None,
+                held: Blocked | SecondFactorAsked | None, request: Request) -> Reply:
         self._metrics.authorizations.labels(type(outcome).__name__.lower()).inc()
         action = request.uri.decode("latin-1")
         match outcome:
@@ -118,6 +121,9 @@ class Authorize(SignInAndConsent):
                 return self.pages.error(400, error, description)
             case AskLogin(client_name, failed, login_hint):
                 csrf = self._sessions.csrf_token(request, self._binding(request, None))
+                if isinstance(held, SecondFactorAsked):
+                    return second_factor_page(self.pages, held, action, csrf, client_name)
+                blocked = held
                 return self.pages.render(429 if blocked else 401 if failed else 200, "login.html",
                                           client_name=client_name, failed=failed, action=action, csrf=csrf,
                                           login_hint=login_hint,

@@ -14,6 +14,7 @@ from bearerbridge.oauth.server import BridgeServer
 from bearerbridge.storage.models import SignIn
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.authorize import SignInAndConsent
+from bearerbridge.web.second_factor import SecondFactorAsked, second_factor_page
 from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn
 from bearerbridge.web.site import Pages, Reply, client_address, parse_query, retry_after, snapshot
 
@@ -56,13 +57,20 @@ class DevicePage(SignInAndConsent):
 
     def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
         form = snapshot(request, self._issuer).form
-        if form.get("step") == "login":
+        if form.get("step") in ("login", "second_factor"):
             if not self._sessions.csrf_ok(request, form, f"device-login|{request.uri.decode('latin-1')}"):
                 return self.pages.form_expired()
-            return self._login(request, form).addCallback(
-                lambda signed_in: self._code_page(request, signed_in.user.id, self._typed_code(request))
-                if isinstance(signed_in, SignedIn) else self._login_page(request, failed=True, blocked=signed_in))
+            return self._login(request, form).addCallback(self._signed_in, request)
         return self._sessions.sign_in(request).addCallback(self._post_signed_in, request, form)
+
+    def _signed_in(self, signed_in: SignedIn | SecondFactorAsked | Blocked | None, request: Request) -> Reply:
+        if isinstance(signed_in, SignedIn):
+            return self._code_page(request, signed_in.user.id, self._typed_code(request))
+        if isinstance(signed_in, SecondFactorAsked):
+            action = request.uri.decode("latin-1")
+            csrf = self._sessions.csrf_token(request, f"device-login|{action}")
+            return second_factor_page(self.pages, signed_in, action, csrf, "A device")
+        return self._login_page(request, failed=True, blocked=signed_in)
 
     def _post_signed_in(self, sign_in: SignIn | None, request: Request, form: dict[str, str]
                         ) -> Reply | defer.Deferred[Reply]:

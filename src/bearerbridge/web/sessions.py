@@ -25,6 +25,7 @@ from bearerbridge.guard import Blocked, DatabaseDoor, Recorder
 from bearerbridge.metrics import Metrics
 from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
+from bearerbridge.web.second_factor import SecondFactor, SecondFactorAsked
 from bearerbridge.web.site import client_address
 
 SESSION_COOKIE = b"bb_session"
@@ -101,12 +102,16 @@ class Sessions:
     def csrf_token(self, request: Request, binding: str) -> str:
         """A form token bound to this browser (a cookie, set now if missing or not one we would
         have made) and to `binding`."""
+        return self._keyring.sign(_csrf_purpose(self._browser(request), binding), "form")
+
+    def _browser(self, request: Request) -> str:
+        """This browser's CSRF cookie, given it now if it has none (or none we would have made)."""
         browser = _browser_id(request)
         if browser is None:
             browser = secrets.token_urlsafe(BROWSER_ID_BYTES)
             self._set_cookie(request, CSRF_COOKIE, browser, None)
             request.received_cookies[CSRF_COOKIE] = browser.encode()
-        return self._keyring.sign(_csrf_purpose(browser, binding), "form")
+        return browser
 
     def csrf_ok(self, request: Request, form: Mapping[str, str], binding: str) -> bool:
         """Whether the form's `csrf` field was made by `csrf_token` for this browser and binding,
@@ -116,6 +121,17 @@ class Sessions:
         return browser is not None and bool(token) and self._keyring.unsign(
             _csrf_purpose(browser, binding), token, CSRF_TTL) == "form"
 
+    def bind_to_browser(self, request: Request, binding: str, payload: str) -> str:
+        """`payload` signed for this browser and `binding`: what a form carries from one step to
+        the next (web/second_factor.py), useless in another browser or for another binding."""
+        return self._keyring.sign("carried " + json.dumps([self._browser(request), binding]), payload)
+
+    def bound_to_browser(self, request: Request, binding: str, value: str, max_age: int) -> str | None:
+        """The payload of a value `bind_to_browser` made for this browser and `binding` less than
+        `max_age` seconds ago, else None."""
+        browser = _browser_id(request)
+        return None if browser is None or not value else self._keyring.unsign(
+            "carried " + json.dumps([browser, binding]), value, max_age)
 
     def known_browser(self, request: Request, username: str) -> bool:
         """Whether this browser has signed in as `username` (case-folded) before (`remember_browser`)."""
@@ -144,9 +160,11 @@ def _csrf_purpose(browser: str, binding: str) -> str:
 
 
 class PasswordLogin:
-    """The login form's check, shared by /authorize and /device: throttled per user name and per
-    address (`guard.DatabaseDoor`), with at most `checks_at_once` argon2 verifications running,
-    so that memory stays under that many times argon2's memory cost however many try at once."""
+    """The login form's check, shared by /authorize, /device and /account: throttled per user name
+    and per address (`guard.DatabaseDoor`), with at most `checks_at_once` argon2 verifications
+    running, so that memory stays under that many times argon2's memory cost however many try at
+    once. A user with two-factor sign-in on is asked for a code before any session starts
+    (`second_factor`, web/second_factor.py: the form's `step=second_factor`)."""
 
     def __init__(self, pool: StorePool, sessions: Sessions, metrics: Metrics, door: DatabaseDoor,
                  audit: Recorder, checks_at_once: int) -> None:
@@ -157,11 +175,15 @@ class PasswordLogin:
         self._audit = audit
         self._checks = defer.DeferredSemaphore(checks_at_once)
         metrics.password_checks_waiting.set_function(lambda: len(self._checks.waiting))
+        self.second_factor = SecondFactor(pool, sessions, door, audit)
 
-    def __call__(self, request: Request, form: Mapping[str, str]) -> defer.Deferred[SignedIn | Blocked | None]:
-        """Check a login form's username and password; on success start a session. A browser that
-        has signed in as this user before is not held back by the user's block, only its address's:
-        so that whoever knows a user's name cannot shut them out."""
+    def __call__(self, request: Request, form: Mapping[str, str]
+                 ) -> defer.Deferred[SignedIn | SecondFactorAsked | Blocked | None]:
+        """Check a login form's username and password; on success start a session, or ask for the
+        second factor first. A browser that has signed in as this user before is not held back by
+        the user's block, only its address's: so that whoever knows a user's name cannot shut them out."""
+        if form.get("step") == "second_factor":
+            return defer.Deferred.fromCoroutine(self._second_step(request, form))
         username, address = form.get("username", ""), client_address(request)
         known = self._sessions.known_browser(request, username)
         keys = self._door.keys(None if known else username, address)
@@ -190,12 +212,26 @@ class PasswordLogin:
             self._audit.record("sign_in_failed", user=username, address=address, reason=reason)
         return user
 
-    async def _check(self, request: Request, username: str, password: str, address: str | None) -> SignedIn | None:
-        """Verify the password, and start a session."""
+    async def _check(self, request: Request, username: str, password: str, address: str | None
+                     ) -> SignedIn | SecondFactorAsked | None:
+        """Verify the password, and start a session (unless a second factor is due)."""
         user = await self._verified(username, password, address)
         self._metrics.logins.labels("ok" if user else "failed").inc()
         if user is None:
             return None
-        self._audit.record("sign_in", user=user.username, address=address)
-        self._sessions.remember_browser(request, username)
-        return await self._sessions.start(request, user)
+        if await self._pool.run(self._pool.store.two_factor_enabled, user.id):
+            return self.second_factor.ask(request, user)
+        return await self._start(request, user, ("pwd",), address)
+
+    async def _second_step(self, request: Request, form: Mapping[str, str]) -> SignedIn | SecondFactorAsked:
+        """Check the second factor (throttled in `SecondFactor`), and start the session."""
+        proven = await self.second_factor.check(request, form)
+        if isinstance(proven, SecondFactorAsked):
+            return proven
+        user, amr = proven
+        return await self._start(request, user, amr, client_address(request))
+
+    async def _start(self, request: Request, user: User, amr: tuple[str, ...], address: str | None) -> SignedIn:
+        self._audit.record("sign_in", user=user.username, address=address, amr=list(amr))
+        self._sessions.remember_browser(request, user.username)
+        return await self._sessions.start(request, user, amr)
