@@ -402,13 +402,13 @@ mail_location = maildir:~/Maildir
 
 def start_dovecot(directory: Path, issuer: str, client_id: str, client_secret: str, *,
                   overrides: Mapping[str, str] | None = None, oauth2_text: str | None = None,
-                  timeout: float = START_TIMEOUT) -> Dovecot:
+                  extra_conf: str = "", timeout: float = START_TIMEOUT) -> Dovecot:
     """Start Dovecot's IMAP with the conf/dovecot snippets, introspecting at `issuer`/introspect.
 
     `client_id` and `client_secret` are a confidential client's; `overrides` replace settings of
     dovecot-oauth2.conf.ext. `oauth2_text`, if given, is the whole of dovecot-oauth2.conf.ext
     instead (e.g. built from dovecot-oauth2-local.conf.ext); the other arguments then do not go
-    into it.
+    into it. `extra_conf` is appended to dovecot.conf (e.g. conf/dovecot/doveadm-http.conf).
     """
     dovecot = Dovecot(directory, free_port())
     base, state, mail = directory / "run", directory / "state", directory / "mail"
@@ -432,7 +432,7 @@ def start_dovecot(directory: Path, issuer: str, client_id: str, client_secret: s
         raise PeerError(f"{DOVECOT_SNIPPET} no longer names {DOVECOT_OAUTH2_PATH}")
     dovecot.config_path.write_text(DOVECOT_CONF.format(
         base=base, state=state, log=dovecot.log_path, port=dovecot.port, mail=mail, uid=uid, gid=gid,
-        snippet=snippet.replace(DOVECOT_OAUTH2_PATH, str(oauth2))))
+        snippet=snippet.replace(DOVECOT_OAUTH2_PATH, str(oauth2))) + ("\n" + extra_conf if extra_conf else ""))
     try:
         with (directory / "dovecot.out").open("wb") as output:
             # -F: the master stays in the foreground, so its PID is ours; in a session of its own,

@@ -70,6 +70,17 @@ def test_environment_variable(tmp_path, monkeypatch):
     ("[server]\nissuer = 'http://auth.example.org'\n", "[server] issuer: plain http is allowed only on loopback"),
     ("[server]\nissuer = 'https://auth.example.org/oauth'\n", "[server] issuer: a path"),
     ("[server\n", "not valid TOML"),
+    ("[dovecot]\ndoveadm_url = 'http://mail.example.org:8080/doveadm/v1'\ndoveadm_key_file = 'k'\n",
+     "[dovecot] doveadm_url: plain http is allowed only on loopback"),
+    ("[dovecot]\ndoveadm_url = 'ftp://127.0.0.1/doveadm/v1'\ndoveadm_key_file = 'k'\n",
+     "[dovecot] doveadm_url: expected an http(s) URL"),
+    ("[dovecot]\ndoveadm_url = 'https://doveadm:pw@mail.example.org/doveadm/v1'\ndoveadm_key_file = 'k'\n",
+     "[dovecot] doveadm_url: no user or password in the URL"),
+    ("[dovecot]\ndoveadm_url = 'http://127.0.0.1:8080/doveadm/v1'\n", "[dovecot] doveadm_key_file: needed"),
+    ("[dovecot]\ntimeout = 60\n", "[dovecot] timeout: at most 30 seconds"),
+    ("[dovecot]\nusername = 'uid'\n", "[dovecot] username: 'uid' is not one of"),
+    ("[dovecot]\nusername = 'user@realm'\n", "[sasl] realm: needed by the user@realm form of [dovecot] username"),
+    ("[dovecot]\nservices = []\n", "[dovecot] services: name at least one"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, message):
     path = tmp_path / "c.toml"
@@ -109,6 +120,15 @@ def test_relative_paths_in_a_file_resolve_against_its_directory(tmp_path, monkey
     assert loaded.database.url == f"sqlite:///{tmp_path / 'etc' / 'data' / 'bb.db'}"
     monkeypatch.setenv(config.ENV_VAR, "etc/bearerbridge.toml")  # so does $BEARERBRIDGE_CONFIG's
     assert config.load() == loaded
+
+
+def test_the_doveadm_key_file_resolves_against_the_config_files_directory(tmp_path):
+    path = tmp_path / "bearerbridge.toml"
+    path.write_text('[dovecot]\ndoveadm_url = "https://mail.example.org/doveadm/v1"\n'
+                    'doveadm_key_file = "doveadm.key"\nusername = "email"\nnarrow_by_address = false\n')
+    loaded = config.load(path).dovecot
+    assert loaded.doveadm_key_file == str(tmp_path / "doveadm.key")
+    assert (loaded.username, loaded.narrow_by_address, loaded.timeout) == ("email", False, 5.0)
 
 
 def test_the_documented_defaults_resolve_beside_the_example_file():

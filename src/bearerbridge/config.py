@@ -232,6 +232,63 @@ class PagesSettings:
     text_colour: str = ""
 
 
+@dataclass(frozen=True)
+class DovecotSettings:
+    # Dovecot's doveadm HTTP API (conf/dovecot/doveadm-http.conf), e.g.
+    # http://127.0.0.1:8081/doveadm/v1: revoking a grant on /account then ends the user's live
+    # Dovecot sessions with `doveadm kick` (doveadm/). http only on loopback. Empty: off.
+    doveadm_url: str = ""
+    # A file holding Dovecot's doveadm_api_key (white space around it ignored), read at start.
+    doveadm_key_file: str = ""
+    # Seconds to wait for Dovecot's answer; the user's page waits as long. At most 30.
+    timeout: float = 5.0
+    # The form of user name Dovecot knows users by (REPORTED_NAMES); empty: what [sasl.usernames]
+    # reports to imap (the username unless set). With Dovecot's oauth2 passdb, the form of its
+    # username_attribute: "email" for `username_attribute = email`.
+    username: str = ""
+    # Services whose last-use addresses narrow a kick, and whose scopes ([sasl.services]) mean a
+    # grant could have opened a Dovecot session at all.
+    services: tuple[str, ...] = ("imap", "pop3")
+    # End only the sessions from the addresses the grant was last used from at those services,
+    # when every such use has one; else all of the user's sessions.
+    narrow_by_address: bool = True
+
+
+def _check_dovecot(dovecot: DovecotSettings, sasl: SaslSettings) -> None:
+    url = dovecot.doveadm_url
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(f"[dovecot] doveadm_url: expected an http(s) URL without query, got {url!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError("[dovecot] doveadm_url: no user or password in the URL; the key goes in doveadm_key_file")
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+            raise ConfigError("[dovecot] doveadm_url: plain http is allowed only on loopback; use https")
+        if not dovecot.doveadm_key_file:
+            raise ConfigError("[dovecot] doveadm_key_file: needed with doveadm_url (a file holding doveadm_api_key)")
+    if dovecot.timeout > 30:
+        raise ConfigError("[dovecot] timeout: at most 30 seconds (the user's page waits for the answer)")
+    if dovecot.username:
+        _one_of("[dovecot] username", [dovecot.username], REPORTED_NAMES)
+        if dovecot.username == "user@realm" and not sasl.realm:
+            raise ConfigError("[sasl] realm: needed by the user@realm form of [dovecot] username")
+    if not dovecot.services:
+        raise ConfigError("[dovecot] services: name at least one service (imap, pop3)")
+
+
+def doveadm_key(dovecot: DovecotSettings) -> bytes:
+    """The doveadm API key from `[dovecot] doveadm_key_file`, without the white space around it;
+    ConfigError naming the key, the file and why when it cannot be read or is empty."""
+    path = dovecot.doveadm_key_file
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise ConfigError(f"[dovecot] doveadm_key_file: cannot read {path}: {e.strerror}") from None
+    if not key:
+        raise ConfigError(f"[dovecot] doveadm_key_file: {path} is empty")
+    return key
+
+
 # The CSS named colours (CSS Color 4 §6.1): with #rgb and #rrggbb, all a [pages] colour may be, so
 # that nothing else can reach the pages' <style> element.
 CSS_COLOUR_NAMES = frozenset("""
@@ -311,6 +368,7 @@ class Config:
     keys: KeySettings = field(default_factory=KeySettings)
     openid: OpenIdSettings = field(default_factory=OpenIdSettings)
     pages: PagesSettings = field(default_factory=PagesSettings)
+    dovecot: DovecotSettings = field(default_factory=DovecotSettings)
     scopes: Mapping[str, str] = field(default_factory=lambda: DEFAULT_SCOPES)
 
     @property
@@ -396,6 +454,7 @@ def parse(data: Mapping[str, Any]) -> Config:
     config = Config(**values)
     _cross_check(config)
     _check_pages(config.pages)
+    _check_dovecot(config.dovecot, config.sasl)
     issuer = urlsplit(config.server.issuer)
     if issuer.scheme not in ("http", "https") or not issuer.netloc or issuer.query or issuer.fragment:
         raise ConfigError(f"[server] issuer: expected an http(s) URL without query, got {config.server.issuer!r}")
@@ -482,8 +541,8 @@ def _sqlite_path(url: str) -> tuple[str, str] | None:
 
 def resolve_paths(config: Config, base: Path) -> Config:
     """`config` with its relative paths made absolute against `base`, the config file's directory:
-    `[server] secret_key_file`, `[http] access_log`, `[audit] file`, `[pages] templates` and an SQLite
-    `[database] url`. Paths inside
+    `[server] secret_key_file`, `[http] access_log`, `[audit] file`, `[pages] templates`,
+    `[dovecot] doveadm_key_file` and an SQLite `[database] url`. Paths inside
     endpoint strings (`unix:` sockets, TLS keys and certificates) are Twisted's: they stay
     relative to the working directory."""
     def resolved(path: str) -> str:
@@ -499,6 +558,7 @@ def resolve_paths(config: Config, base: Path) -> Config:
         http=dataclasses.replace(config.http, access_log=resolved(config.http.access_log)),
         audit=dataclasses.replace(config.audit, file=resolved(config.audit.file)),
         pages=dataclasses.replace(config.pages, templates=resolved(config.pages.templates)),
+        dovecot=dataclasses.replace(config.dovecot, doveadm_key_file=resolved(config.dovecot.doveadm_key_file)),
         database=dataclasses.replace(config.database, url=url))
 
 

@@ -25,6 +25,7 @@ from bearerbridge.audit import AuditLog, open_audit_log
 from bearerbridge.bootstrap import OpenError, open_store
 from bearerbridge.connections import LimitConnectionsByPeer, raise_open_files_limit
 from bearerbridge.crypto import use_password_parameters
+from bearerbridge.doveadm.client import Doveadm
 from bearerbridge.guard import DatabaseDoor, MemoryDoor
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth.server import BridgeServer, discovery_url, metadata
@@ -165,7 +166,8 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     top = SecuredRoot(https=config.https, pages=pages)
     top.putChild(b"authorize", Authorize(pages, issuer, sessions, login, pool, server, metrics))
     top.putChild(b"logout", Logout(pages, issuer, sessions, pool, server))
-    top.putChild(b"account", account := Account(pages, issuer, sessions, login, pool, audit, config.scopes))
+    top.putChild(b"account", account := Account(pages, issuer, sessions, login, pool, audit, config.scopes,
+                                                Doveadm.from_config(config)))
     account.putChild(b"two-factor", TwoFactorPage(pages, issuer, config.server.site_name, sessions, login, pool, audit))
     top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics, sign_in))
     top.putChild(b"token", TokenEndpoint(issuer, pool, server, metrics, clients))

@@ -17,6 +17,8 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from bearerbridge.doveadm.client import Doveadm
+from bearerbridge.doveadm.protocol import Kicked, Outcome, Target
 from bearerbridge.guard import Blocked, Recorder
 from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
@@ -42,6 +44,20 @@ def when(seconds: int | None) -> str:
     return "never" if not seconds else datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def mail_notice(kicked: Kicked, target: Target) -> str:
+    """What the page says of the live mail sessions (Dovecot's) a revocation ended."""
+    if kicked.outcome is Outcome.NONE_OPEN:
+        return "It had no mail session open."
+    if kicked.outcome is Outcome.ENDED and target.networks:
+        return f"Ended {kicked.ended} live mail session(s) open from where it was last used."
+    if kicked.outcome is Outcome.ENDED:
+        return (f"Ended {kicked.ended} live mail session(s) of yours; your other mail apps reconnect by "
+                "themselves.")
+    why = "could not be reached" if kicked.outcome in (Outcome.UNREACHABLE, Outcome.REFUSED) else "failed"
+    return (f"The mail server {why} to end live sessions: a mail app already connected stays connected until it "
+            "disconnects, and cannot log in again.")
+
+
 class Account(PageResource):
     """/account (GET shows it, POST takes its forms and the sign-in form); its pages below it are
     children (/account/two-factor: web/twofactor.py)."""
@@ -49,7 +65,7 @@ class Account(PageResource):
     isLeaf = False
 
     def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
-                 audit: Recorder, scopes: Mapping[str, str]) -> None:
+                 audit: Recorder, scopes: Mapping[str, str], mail: Doveadm | None = None) -> None:
         super().__init__(pages)
         self._issuer = issuer
         self._sessions = sessions
@@ -57,6 +73,7 @@ class Account(PageResource):
         self._pool = pool
         self._audit = audit
         self._scopes = scopes
+        self._mail = mail  # ends a revoked grant's live Dovecot sessions, if [dovecot] doveadm_url is set
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return self if path == b"" else NotFound(self.pages)  # /account/ is /account
@@ -134,7 +151,7 @@ class Account(PageResource):
         match form.get("step"):
             case "revoke":
                 client_id = form.get("client_id", "")
-                return self._pool.run(self._pool.store.revoke_grant, user.id, client_id).addCallback(
+                return self._pool.run(self._revoke, user, client_id).addCallback(
                     self._revoked, request, sign_in, client_id, address)
             case "sign_out_others":
                 return self._pool.run(self._pool.store.end_other_sessions, user.id,
@@ -147,15 +164,34 @@ class Account(PageResource):
                 return defer.Deferred.fromCoroutine(self._change_password(request, sign_in, form, address))
         raise BadRequest("step must be revoke, sign_out_others, sign_out_everywhere or password")
 
-    def _revoked(self, outcome: tuple[int, int], request: Request, sign_in: SignIn, client_id: str,
+    def _revoke(self, user: User, client_id: str) -> tuple[int, int, Target | None]:
+        """In the pool: revoke the grant (tokens revoked, consents forgotten), and whose live
+        Dovecot sessions that must end, from the grant's scopes and last uses read just before."""
+        store = self._pool.store
+        if self._mail is None:
+            return (*store.revoke_grant(user.id, client_id), None)
+        app = next((app for app in store.connected_apps(user.id) if app.client_id == client_id), None)
+        return (*store.revoke_grant(user.id, client_id), self._mail.target(user, app))
+
+    def _revoked(self, outcome: tuple[int, int, Target | None], request: Request, sign_in: SignIn, client_id: str,
                  address: str | None) -> Reply | defer.Deferred[Reply]:
-        tokens, consents = outcome
+        tokens, consents, target = outcome
         if not tokens and not consents:
             return self._show(sign_in, request, 400, error="That app has no access to revoke.")
         self._audit.record("grant_revoked", user=sign_in.user.username, client_id=client_id, revoked=tokens,
                            address=address, by="user")
-        return self._show(sign_in, request, notice="Access revoked: the app's tokens no longer work, and it must "
-                                                   "ask you again before it gets any.")
+        notice = "Access revoked: the app's tokens no longer work, and it must ask you again before it gets any."
+        if target is None or self._mail is None:
+            return self._show(sign_in, request, notice=notice)
+        return self._mail.kick(target).addCallback(self._kicked, request, sign_in, client_id, address, target, notice)
+
+    def _kicked(self, kicked: Kicked, request: Request, sign_in: SignIn, client_id: str, address: str | None,
+                target: Target, notice: str) -> Reply | defer.Deferred[Reply]:
+        """The revocation is done whatever Dovecot answered: audit the answer, and say it."""
+        self._audit.record("mail_kick", user=sign_in.user.username, client_id=client_id, mail_user=target.user,
+                           networks=list(target.networks) or None, outcome=kicked.outcome.value, ended=kicked.ended,
+                           reason=kicked.reason or None, address=address)
+        return self._show(sign_in, request, notice=f"{notice} {mail_notice(kicked, target)}")
 
     def _signed_out_others(self, ended: int, request: Request, sign_in: SignIn, address: str | None
                            ) -> Reply | defer.Deferred[Reply]:

@@ -1,0 +1,111 @@
+"""The doveadm HTTP API client: one POST per revocation, bounded by `[dovecot] timeout`.
+
+It never fails: a wrong key, a Dovecot that is down or silent, or an answer it cannot read is an
+`Outcome`, logged (never the key) for the caller to audit and show. The revocation it follows is
+already done by then, so nothing here can undo or delay it past the timeout. (A wrong key once
+left Python's urllib without any answer for minutes on this Dovecot; a bound is never optional.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+
+from bearerbridge import config as configuration
+from bearerbridge.doveadm.protocol import (
+    Kicked,
+    Outcome,
+    Target,
+    read_answer,
+    request_body,
+    request_headers,
+    target_for,
+    unusable,
+)
+from bearerbridge.storage.account import ConnectedApp
+from bearerbridge.storage.models import User
+
+log = Logger()
+
+
+class Doveadm:
+    """Ends the live Dovecot sessions of a revoked grant's user (`doveadm kick`)."""
+
+    def __init__(self, settings: configuration.DovecotSettings, sasl: configuration.SaslSettings, key: bytes,
+                 reactor: Any = None, http: HTTPClient | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor  # here: importing installs no reactor
+
+            reactor = default_reactor
+        self._settings = settings
+        self._sasl = sasl
+        self._url = settings.doveadm_url
+        self._headers = Headers(request_headers(key))
+        self._clock: IReactorTime = reactor
+        self._http = http or HTTPClient(Agent(reactor, connectTimeout=settings.timeout,
+                                              pool=HTTPConnectionPool(reactor, persistent=False)))
+
+    @classmethod
+    def from_config(cls, config: configuration.Config, reactor: Any = None) -> Doveadm | None:
+        """The client `[dovecot]` asks for, its key read now; None when doveadm_url is empty.
+        A key file that cannot be read raises ConfigError."""
+        if not config.dovecot.doveadm_url:
+            return None
+        return cls(config.dovecot, config.sasl, configuration.doveadm_key(config.dovecot), reactor)
+
+    def target(self, user: User, app: ConnectedApp | None) -> Target | None:
+        """Whose sessions revoking `app` must end (`protocol.target_for`); None: nobody's."""
+        return target_for(user, app, self._settings, self._sasl)
+
+    def kick(self, target: Target) -> defer.Deferred[Kicked]:
+        """Ask Dovecot to end `target`'s sessions; fires with the outcome, within the timeout,
+        never with a failure."""
+        problem = unusable(target.user)
+        if problem is not None:
+            kicked = Kicked(Outcome.FAILED, reason=problem)
+            self._log(target, kicked)
+            return defer.succeed(kicked)
+        d = defer.Deferred.fromCoroutine(self._exchange(target))
+        d.addErrback(self._failed)
+        d.addTimeout(self._settings.timeout, self._clock, onTimeoutCancel=self._timed_out)
+        return d.addCallback(self._logged, target)
+
+    async def _exchange(self, target: Target) -> Kicked:
+        response = await self._http.post(self._url, data=request_body(target), headers=self._headers)
+        return read_answer(response.code, await response.content(), target)
+
+    def _timed_out(self, result: object, timeout: float) -> Kicked:
+        """What a request cancelled at the timeout comes to, whatever the cancelling made of it."""
+        return Kicked(Outcome.UNREACHABLE, reason=f"no answer within {timeout:g} s")
+
+    def _failed(self, failure: Failure) -> Kicked:
+        reason = failure.value
+        if isinstance(reason, (defer.CancelledError, defer.TimeoutError)):  # cancelled at the timeout
+            return Kicked(Outcome.UNREACHABLE, reason=f"no answer within {self._settings.timeout:g} s")
+        if isinstance(reason, (error.ConnectError, error.DNSLookupError)):
+            return Kicked(Outcome.UNREACHABLE, reason=f"cannot connect: {reason.__class__.__name__}")
+        if isinstance(reason, (ResponseFailed, ResponseNeverReceived)):
+            inner = reason.reasons[0].value if reason.reasons else reason
+            return Kicked(Outcome.UNREACHABLE, reason=f"the connection failed: {inner.__class__.__name__}")
+        log.failure("Asking Dovecot to end sessions failed unexpectedly", failure)
+        return Kicked(Outcome.FAILED, reason=reason.__class__.__name__)
+
+    def _logged(self, kicked: Kicked, target: Target) -> Kicked:
+        self._log(target, kicked)
+        return kicked
+
+    def _log(self, target: Target, kicked: Kicked) -> None:
+        where = ", ".join(target.networks) if target.networks else "everywhere"
+        if kicked.outcome.reached:
+            log.info("Dovecot ended {ended} session(s) of {user} ({where})", ended=kicked.ended, user=target.user,
+                     where=where)
+        else:
+            log.warn("Could not end the Dovecot sessions of {user} ({where}) at {url}: {outcome}, {reason}",
+                     user=target.user, where=where, url=self._url, outcome=kicked.outcome.value, reason=kicked.reason)
