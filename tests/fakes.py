@@ -25,6 +25,7 @@ from bearerbridge.storage import migrations
 from bearerbridge.storage.pool import DatabaseUnavailable
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.store import SqlStore, make_engine
+from bearerbridge.uses import LastUses
 
 from .support import form_fields
 
@@ -170,6 +171,7 @@ class Bridge:
     audit: MemoryAudit
     root: IResource
     clock: Clock
+    uses: LastUses  # what the tree noted as grants' uses, on `clock`'s time (write it with a UseRecorder)
 
     @classmethod
     def over(cls, store: SqlStore, config: Config | None = None, clock: Clock | None = None) -> Bridge:
@@ -180,8 +182,10 @@ class Bridge:
         config = config or Config()
         pool = SyncPool(store)
         metrics, audit, clock = Metrics(), MemoryAudit(), clock or Clock()
+        uses = LastUses(now=clock.seconds)
         return cls(store, config, pool, metrics, audit,
-                   tap.http_root(config, pool, metrics, Validator(pool, config.sasl), audit, clock=clock), clock)
+                   tap.http_root(config, pool, metrics, Validator(pool, config.sasl), audit, clock=clock, uses=uses),
+                   clock, uses)
 
     def browser(self) -> Http:
         """A new browser (or program): no cookies yet."""

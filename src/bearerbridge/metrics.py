@@ -50,6 +50,12 @@ class Metrics:
         self.password_checks_waiting = Gauge(
             "bearerbridge_password_checks_waiting", "Password checks waiting for their turn ([passwords] "
             "checks_at_once)", registry=self.registry)
+        self.uses_recorded = Counter(
+            "bearerbridge_uses_recorded", "Last uses of grants at services written to the database (uses.py)",
+            registry=self.registry)
+        self.uses_lost = Counter(
+            "bearerbridge_uses_lost", "Last uses of grants not recorded, by why: the database failed "
+            "(a batch dropped) or too many at once (memory full)", ["why"], registry=self.registry)
 
         self.sasl_decisions = Counter(
             "bearerbridge_sasl_decisions", "SASL logins decided, by surface, mechanism, service and reason",

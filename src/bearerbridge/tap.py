@@ -32,6 +32,7 @@ from bearerbridge.oauth.server import BridgeServer, discovery_url, metadata
 from bearerbridge.sasl.dovecot import DovecotAuthFactory
 from bearerbridge.sasl.validator import Validator
 from bearerbridge.storage.pool import StorePool
+from bearerbridge.uses import LastUses, UseRecorder
 from bearerbridge.web.account import Account
 from bearerbridge.web.authorize import Authorize, Logout
 from bearerbridge.web.device import DevicePage
@@ -128,10 +129,12 @@ def make_service(config: configuration.Config) -> MultiService:
     top = BridgeService()
     pool = StorePool(store, config.database.threads, config.database.deadline)
     pool.setServiceParent(top)
+    uses = LastUses()  # when each grant was last used where: noted where tokens are accepted, written behind
+    UseRecorder(uses, pool, metrics).setServiceParent(top)  # after the pool, so that it stops first
     validator = Validator(pool, config.sasl)
     # One count of failed SASL logins for the Dovecot socket and POST /sasl.
     sasl_door = MemoryDoor("sasl", config.throttle.sasl, metrics, audit)
-    site = BridgeSite(http_root(config, pool, metrics, validator, audit, sasl_door), config.http.access_log,
+    site = BridgeSite(http_root(config, pool, metrics, validator, audit, sasl_door, uses=uses), config.http.access_log,
                       trusted_proxies=config.http.trusted_proxies)
     http_listener = LimitConnectionsByPeer(site, config.http.max_connections_per_peer)
     for i, description in enumerate(config.http.listen):
@@ -139,7 +142,7 @@ def make_service(config: configuration.Config) -> MultiService:
     if config.sasl.listen:
         dovecot = DovecotAuthFactory(
             validator.validate, openid_configuration=discovery_url(config.server.issuer),
-            mechanisms=config.sasl.offered, door=sasl_door,
+            mechanisms=config.sasl.offered, door=sasl_door, uses=uses,
             on_decision=functools.partial(metrics.sasl_decision, "dovecot", config.sasl.services))
         sasl_listener = LimitConnectionsByPeer(dovecot, config.sasl.max_connections_per_peer)
         for i, description in enumerate(config.sasl.listen):
@@ -151,7 +154,8 @@ def make_service(config: configuration.Config) -> MultiService:
 
 
 def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, validator: Validator,
-              audit: AuditLog, sasl_door: MemoryDoor | None = None, clock: IReactorTime | None = None) -> Resource:
+              audit: AuditLog, sasl_door: MemoryDoor | None = None, clock: IReactorTime | None = None,
+              uses: LastUses | None = None) -> Resource:
     """The resource tree served on every [http] listener, each resource given what it uses; the
     process's one audit log goes to whoever records security events."""
     issuer = config.server.issuer
@@ -172,16 +176,16 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics, sign_in))
     top.putChild(b"token", TokenEndpoint(issuer, pool, server, metrics, clients))
     top.putChild(b"introspect", IntrospectionResource(issuer, pool, server, pool.store.recent, config.sasl,
-                                                      metrics, clients))
+                                                      metrics, clients, uses))
     top.putChild(b"revoke", EndpointResource(issuer, pool, server, "revocation", clients))
     top.putChild(b"device_authorization", EndpointResource(issuer, pool, server, "device_authorization", clients))
     top.putChild(b"sasl", SaslEndpoint(issuer, pool, server, validator.validate, config.sasl, metrics, clients,
-                                       sasl_door))
-    top.putChild(b"forward-auth", ForwardAuth(validator.check_scope, config.forward_auth, metrics))
+                                       sasl_door, uses))
+    top.putChild(b"forward-auth", ForwardAuth(validator.check_scope, config.forward_auth, metrics, uses))
     top.putChild(b"metrics", MetricsResource(pool, metrics))
     top.putChild(b"healthz", Health(pool))
     top.putChild(b"jwks", Jwks(pool, clock))
-    top.putChild(b"userinfo", UserInfo(issuer, pool, server))
+    top.putChild(b"userinfo", UserInfo(issuer, pool, server, uses))
     top.putChild(b"", Landing(pages))
     well_known = Resource()
     document = JsonDocument(metadata(config))

@@ -61,6 +61,8 @@ def introspection_claims(token: Token) -> dict[str, Any]:
 
 # Dovecot (`send_auth_headers = yes`) names the service being logged into.
 SERVICE_HEADER = "X-Dovecot-Auth-Service"
+# The service a resource server's introspection is noted as a use at when it names none.
+INTROSPECTION = "introspection"
 
 
 def answer(token: Token | None, client: Client, service: str | None, settings: SaslSettings,
@@ -95,7 +97,7 @@ class Introspection(IntrospectionEndpoint):
         client = self.authenticate_endpoint_client(request)
         self.check_params(request, client)
         token = self.query_token(request.form["token"], request.form.get("token_type_hint"))
-        return 200, answer(token, client, request.headers.get(SERVICE_HEADER), self.server.config.sasl), []
+        return 200, answered(request, token, client, self.server.config.sasl), []
 
     def query_token(self, token_string: str, token_type_hint: str | None) -> Token | None:
         return query_token(self.server.store, token_string, token_type_hint)
@@ -115,7 +117,17 @@ def introspect_remembered(request: HttpRequest, recent: RecentReads, digest: Cal
     remembered = recent.token(digest(token_string))
     if remembered is None:
         return None
-    return answer(remembered[0], client, request.headers.get(SERVICE_HEADER), settings)
+    return answered(request, remembered[0], client, settings)
+
+
+def answered(request: HttpRequest, token: Token | None, client: Client, settings: SaslSettings) -> dict[str, Any]:
+    """`answer` for this request; an active access token shown to a resource server is a use of
+    its grant at the service named (else "introspection"), noted on the request (`token_use`)."""
+    service = request.headers.get(SERVICE_HEADER)
+    claims = answer(token, client, service, settings)
+    if token is not None and claims["active"] and client.resource_server and not token.refresh:
+        request.token_use = (token.family, service or INTROSPECTION)
+    return claims
 
 
 def _remembered_client(request: HttpRequest, recent: RecentReads) -> Client | None:

@@ -215,6 +215,7 @@ def userinfo(server: BridgeServer, request: HttpRequest) -> tuple[int, Any, list
     user = server.active_user(token.user_id)
     if user is None:  # client credentials: no user to describe
         return _bearer_error(InvalidTokenError("The access token was not granted by a user"), realm)
+    request.token_use = (token.family, "userinfo")  # noted as a use of the grant by the web layer (uses.py)
     return 200, dict(user_claims(user, token.scope, server.store.keyring)), [("Cache-Control", "no-store")]
 
 

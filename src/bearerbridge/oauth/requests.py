@@ -71,6 +71,9 @@ class HttpRequest(OAuth2Request):
         # At /authorize: the browser's sign-in the code is granted under (its time and methods go
         # into the ID token).
         self.sign_in: SignIn | None = None
+        # (grant, service): the token this request was answered for, as a use to note (`/userinfo`,
+        # a resource server's `/introspect`); set in the pool, noted by the web layer (uses.py).
+        self.token_use: tuple[str, str] | None = None
         self._args = {k: v[0] for k, v in query.items() if v}
         self._form = {k: v[0] for k, v in form.items() if v}
         merged: dict[str, list[str]] = {k: list(v) for k, v in query.items()}

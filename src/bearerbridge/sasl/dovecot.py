@@ -51,6 +51,7 @@ from bearerbridge.sasl.mechanisms import (
 )
 from bearerbridge.sasl.verdict import Reason, Validate, Verdict
 from bearerbridge.throttle import Key
+from bearerbridge.uses import LastUses
 
 MAX_LINE = 16384
 MAX_REQUESTS = 256
@@ -523,6 +524,7 @@ class DovecotAuthProtocol(LineOnlyReceiver, TimeoutMixin):
         timeout: float = 5.0,
         decision_log: DecisionLog | None = None,
         door: MemoryDoor | None = None,
+        uses: LastUses | None = None,
     ) -> None:
         if clock is None:
             # Imported late so that importing this module installs no reactor.
@@ -539,6 +541,8 @@ class DovecotAuthProtocol(LineOnlyReceiver, TimeoutMixin):
         # Failed logins, per user named and per remote address (`rip`): answered late, and an
         # address that keeps failing refused unchecked for a while; None: no throttle.
         self._door = door
+        # Where an accepted login's grant is noted as used at this service from `rip` (None: nowhere).
+        self._uses = uses
         self._replies: list[bytes] | None = None  # collected while dataReceived runs
         self._peer = "?"
 
@@ -633,6 +637,9 @@ class DovecotAuthProtocol(LineOnlyReceiver, TimeoutMixin):
         try:
             if isinstance(result, TwistedFailure):
                 result = self._validator_failed(result)
+            if result.family is not None and self._uses is not None and result.accepted:
+                request = validation.request
+                self._uses.note(result.family, request.service, request.params.get("rip"))
             delay = self._settle(result, validation)
             if delay:  # a failure, answered late as Dovecot's auth_failure_delay does: on a timer
                 self._clock.callLater(delay, self._apply_verdict, result, validation)

@@ -70,4 +70,4 @@ def judge_token(token: Token | None, now: float, identity: str | None, required:
         return Verdict(False, reason=Reason.IDENTITY_MISMATCH)
     if required not in token.scope.split():
         return Verdict(False, status="insufficient_scope", scope=required, reason=Reason.INSUFFICIENT_SCOPE)
-    return Verdict(True, username=reported_name(token, reported, settings.realm), reason=_OK)
+    return Verdict(True, username=reported_name(token, reported, settings.realm), reason=_OK, family=token.family)

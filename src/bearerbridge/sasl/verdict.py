@@ -52,7 +52,8 @@ class Verdict:
     ``status`` and ``scope`` go into the RFC 7628 §3.2.2 error challenge;
     ``reason`` (a `Reason`, for logs and metrics) is never told to the client.
     ``temporary`` marks a backend outage, which clients should report as "try
-    again later".
+    again later". ``family`` names the grant (the token family) of a token accepted
+    by bearerbridge's own judge, so that the surface can note its use (uses.py).
     """
 
     ok: bool
@@ -61,6 +62,7 @@ class Verdict:
     scope: str | None = None
     reason: Reason | str = ""
     temporary: bool = False
+    family: str | None = None
 
     @property
     def accepted(self) -> bool:

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine, Row, make_url
 
 from bearerbridge.crypto import Keyring, new_secret
 from bearerbridge.keys import KeySealer, SigningKey
-from bearerbridge.storage import account, admin, signing, strikes, twofactor
+from bearerbridge.storage import account, admin, signing, strikes, twofactor, uses
 from bearerbridge.storage.models import AuthCode, Client, DeviceCode, SignIn, Token, User
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.schema import (
@@ -403,7 +403,8 @@ class SqlStore:
         return self._revoke(tokens.c.client_id == client_id)
 
     def purge_expired(self) -> int:
-        """Delete sessions, codes and tokens past every use; returns how many rows went."""
+        """Delete sessions, codes and tokens past every use, and the recorded uses of grants no
+        token is left of; returns how many rows went."""
         now = _now()
         dead_device = device_codes.c.expires_at < now
         dead_code = auth_codes.c.expires_at < now
@@ -413,7 +414,14 @@ class SqlStore:
                 + self._db.execute(auth_codes.delete().where(dead_code)).rowcount
                 + self._db.execute(device_codes.delete().where(dead_device)).rowcount
                 + self._db.execute(tokens.delete().where(dead_token)).rowcount
-                + strikes.purge(self._db, now) + signing.purge(self._db, now))
+                + strikes.purge(self._db, now) + signing.purge(self._db, now) + uses.purge(self._db))
+
+    # -- when grants were last used (uses.py) ---------------------------------------------------
+
+    def record_uses(self, batch: uses.Batch) -> int:
+        """Note when and where grants were last used at services, keeping the later time of each
+        (`storage.uses.record`); how many rows were written."""
+        return uses.record(self._db, batch)
 
     # -- signing keys (keys.py) -----------------------------------------------------------------
 

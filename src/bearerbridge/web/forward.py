@@ -33,7 +33,8 @@ from twisted.web.server import Request
 from bearerbridge.config import ForwardAuthRule, ForwardAuthSettings
 from bearerbridge.metrics import Metrics
 from bearerbridge.sasl.verdict import Reason, Verdict
-from bearerbridge.web.site import AsyncResource, Reply, bearer_token, when_ready
+from bearerbridge.uses import LastUses
+from bearerbridge.web.site import AsyncResource, Reply, bearer_token, client_address, when_ready
 
 log = Logger()
 
@@ -174,6 +175,19 @@ def credentials(request: Request, rule: ForwardAuthRule) -> tuple[str | None, st
     return (user or None), (password or None)
 
 
+def rule_service(rule: ForwardAuthRule) -> str:
+    """The service a rule guards, as a grant's uses are noted at it (uses.py): its host when it
+    names one, else its read scope up to a colon ("webdav" for the default rule's webdav:read).
+    Never anything a request names, so that a token cannot make up services."""
+    return rule.host.lower().removesuffix(".") if rule.host else (rule.read_scope.partition(":")[0] or "forward-auth")
+
+
+def forwarded_address(request: Request) -> str | None:
+    """The address of the client the proxy asks about: X-Forwarded-For as `client_address` trusts
+    it; None when the proxy sends none (its own address says nothing of the client)."""
+    return client_address(request) if request.getHeader(b"x-forwarded-for") else None
+
+
 # (token, identity named or None, scope) -> the Verdict, now or later: `Validator.check_scope`.
 CheckScope = Callable[[str, "str | None", str], "Verdict | defer.Deferred[Verdict]"]
 
@@ -181,11 +195,13 @@ CheckScope = Callable[[str, "str | None", str], "Verdict | defer.Deferred[Verdic
 class ForwardAuth(AsyncResource):
     """/forward-auth: 200 with the user, 401 or 403 with an RFC 6750 challenge, or 503."""
 
-    def __init__(self, check_scope: CheckScope, settings: ForwardAuthSettings, metrics: Metrics) -> None:
+    def __init__(self, check_scope: CheckScope, settings: ForwardAuthSettings, metrics: Metrics,
+                 uses: LastUses | None = None) -> None:
         super().__init__()
         self._check_scope = check_scope
         self._settings = settings
         self._metrics = metrics
+        self._uses = uses  # an accepted token's grant noted as used at the rule's service
 
     def render_GET(self, request: Request) -> int:
         return self._answer(request, self._get)
@@ -213,11 +229,14 @@ class ForwardAuth(AsyncResource):
         if token is None:
             return Reply(401, b"", self._challenge(rule))
         verdict = when_ready(self._check_scope(token, identity, scope))
-        return verdict.addCallback(self._decided, rule, scope, asked)
+        return verdict.addCallback(self._decided, rule, scope, asked, request)
 
-    def _decided(self, verdict: Verdict, rule: ForwardAuthRule, scope: str, asked: Original) -> Reply:
+    def _decided(self, verdict: Verdict, rule: ForwardAuthRule, scope: str, asked: Original, request: Request
+                 ) -> Reply:
         self._record(asked.method, asked.host, asked.path, verdict.username, scope, verdict.accepted, verdict.reason)
         if verdict.accepted and verdict.username:
+            if verdict.family is not None and self._uses is not None:
+                self._uses.note(verdict.family, rule_service(rule), forwarded_address(request))
             return Reply(200, b"", {self._settings.user_header.encode(): verdict.username.encode()})
         if verdict.unavailable is not None:
             return Reply(503, b"", {})

@@ -13,8 +13,10 @@ from twisted.web.server import Request
 
 from bearerbridge import keys
 from bearerbridge.oauth import oidc
+from bearerbridge.oauth.requests import HttpRequest
 from bearerbridge.oauth.server import BridgeServer
 from bearerbridge.storage.pool import StorePool
+from bearerbridge.uses import LastUses
 from bearerbridge.web.site import AsyncResource, Reply, json_reply, snapshot
 
 
@@ -60,15 +62,17 @@ class Jwks(AsyncResource):
 
 class UserInfo(AsyncResource):
     """GET or POST /userinfo with a bearer token granted `openid`: the claims its scope gives of
-    its user (`oauth.oidc.userinfo`), or an RFC 6750 error with its WWW-Authenticate challenge."""
+    its user (`oauth.oidc.userinfo`), or an RFC 6750 error with its WWW-Authenticate challenge.
+    An answer with claims is a use of the token's grant at "userinfo", from the HTTP peer."""
 
     isLeaf = True
 
-    def __init__(self, issuer: str, pool: StorePool, server: BridgeServer) -> None:
+    def __init__(self, issuer: str, pool: StorePool, server: BridgeServer, uses: LastUses | None = None) -> None:
         super().__init__()
         self._issuer = issuer
         self._pool = pool
         self._server = server
+        self._uses = uses
 
     def render_GET(self, request: Request) -> int:
         return self._answer(request, self._ask)
@@ -76,5 +80,10 @@ class UserInfo(AsyncResource):
     render_POST = render_GET
 
     def _ask(self, request: Request) -> defer.Deferred[Reply]:
-        d = self._pool.run(oidc.userinfo, self._server, snapshot(request, self._issuer))
-        return d.addCallback(lambda answer: json_reply(*answer))
+        req = snapshot(request, self._issuer)
+        return self._pool.run(oidc.userinfo, self._server, req).addCallback(self._answered, req)
+
+    def _answered(self, answer: tuple[int, Any, list[tuple[str, str]]], req: HttpRequest) -> Reply:
+        if req.token_use is not None and self._uses is not None:
+            self._uses.note(*req.token_use, req.address)
+        return json_reply(*answer)

@@ -36,6 +36,7 @@ from bearerbridge.sasl.verdict import Reason, Validate, Verdict
 from bearerbridge.storage.models import Client
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.throttle import Key
+from bearerbridge.uses import LastUses
 from bearerbridge.web.site import AsyncResource, BadRequest, Reply, json_reply, snapshot, when_ready
 from bearerbridge.web.token import ClientAuthThrottle
 
@@ -57,7 +58,8 @@ class SaslEndpoint(AsyncResource):
     """Decides SASL logins posted over HTTP with the same validator as the Dovecot socket."""
 
     def __init__(self, issuer: str, pool: StorePool, server: BridgeServer, validate: Validate,
-                 settings: SaslSettings, metrics: Metrics, throttle: ClientAuthThrottle, door: MemoryDoor) -> None:
+                 settings: SaslSettings, metrics: Metrics, throttle: ClientAuthThrottle, door: MemoryDoor,
+                 uses: LastUses | None = None) -> None:
         super().__init__()
         self._throttle = throttle  # the caller's client authentication
         self._door = door  # failed logins, per caller and user named: answered late
@@ -68,6 +70,7 @@ class SaslEndpoint(AsyncResource):
         self._services = settings.services
         self._mechanisms = settings.offered  # `[sasl] mechanisms`, as the Dovecot socket offers them
         self._metrics = metrics
+        self._uses = uses  # an accepted login's grant noted as used at its service (no address: none is posted)
 
     def render_POST(self, request: Request) -> int:
         return self._answer(request, self._post)
@@ -124,6 +127,8 @@ class SaslEndpoint(AsyncResource):
         self._record(mechanism, service, verdict.username, verdict.accepted, unavailable or verdict.reason)
         if verdict.accepted:
             exchange.accept()
+            if verdict.family is not None and self._uses is not None:
+                self._uses.note(verdict.family, service, None)
             return json_reply(200, {"result": "ok", "username": verdict.username})
         if unavailable is not None:  # no error challenge: the client must keep its token and retry
             return json_reply(200, {"result": "failure", "challenge": None, "reason": unavailable, "temporary": True})

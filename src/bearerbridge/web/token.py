@@ -25,6 +25,7 @@ from bearerbridge.oauth.server import BridgeServer
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.throttle import Key
+from bearerbridge.uses import LastUses
 from bearerbridge.web.site import AsyncResource, Reply, json_error, json_reply, retry_after, snapshot
 
 AuthlibResponse = tuple[int, Any, Any]  # (status, body, headers), as BridgeServer.handle_response gives them
@@ -135,22 +136,36 @@ class EndpointResource(AsyncResource):
 
 
 class IntrospectionResource(EndpointResource):
-    """/introspect (RFC 7662): a client and token read lately are answered from memory."""
+    """/introspect (RFC 7662): a client and token read lately are answered from memory. A resource
+    server asking about an active access token uses its grant: noted in `uses`."""
 
     def __init__(self, issuer: str, pool: StorePool, server: BridgeServer, recent: RecentReads,
-                 settings: SaslSettings, metrics: Metrics, throttle: ClientAuthThrottle) -> None:
+                 settings: SaslSettings, metrics: Metrics, throttle: ClientAuthThrottle,
+                 uses: LastUses | None = None) -> None:
         super().__init__(issuer, pool, server, "introspection", throttle)
         self._recent = recent
         self._digest = pool.store.keyring.digest
         self._settings = settings
         self._metrics = metrics
+        self._uses = uses
 
     def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
         req = snapshot(request, self._issuer)
         remembered = introspect_remembered(req, self._recent, self._digest, self._settings)
         if remembered is not None:
-            return self._reply((200, remembered, []))
+            return self._used(self._reply((200, remembered, [])), req)
         return self._in_pool(req)
+
+    def _in_pool(self, req: HttpRequest) -> Reply | defer.Deferred[Reply]:
+        answer = super()._in_pool(req)
+        return answer if isinstance(answer, Reply) else answer.addCallback(self._used, req)
+
+    def _used(self, reply: Reply, req: HttpRequest) -> Reply:
+        """Note the use the answer made of a token (`oauth.endpoints.answered`); the HTTP peer is
+        the resource server, not the user, so no address."""
+        if req.token_use is not None and self._uses is not None:
+            self._uses.note(*req.token_use, None)
+        return reply
 
     def _reply(self, response: AuthlibResponse) -> Reply:
         status, body, _ = response

@@ -1,0 +1,123 @@
+"""When each grant was last used at each service, and from where: noted in memory where a token
+is accepted, written behind in batches (issue 12: the user's "connected apps").
+
+Every surface that accepts a token notes the use in a `LastUses`: the Dovecot socket (the SASL
+service, Dovecot's `rip`), `POST /sasl`, `/forward-auth` (the rule's service, the client's
+address as the proxy forwards it), `/userinfo` and a resource server's `/introspect`. A note is
+one dict assignment, the latest (time, address) of each (grant, service) replacing the one
+before, so a hot token costs the SASL path nothing it could measure (bench/README.md). Every
+`FLUSH_EVERY` seconds `UseRecorder` hands what was noted to the store's pool as one transaction
+(`storage.uses.record`, an upsert keeping the later time), and once more when the service
+stops. A batch the database refuses is dropped, counted and logged once: the next login notes
+its grant again, and no login ever waits for this.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from twisted.application.internet import TimerService
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from bearerbridge.metrics import Metrics
+from bearerbridge.storage.pool import StorePool
+from bearerbridge.storage.uses import Batch
+
+log = Logger()
+
+FLUSH_EVERY = 5.0  # seconds: what the user's page may lag behind; one small transaction each
+# (grant, service) pairs remembered between two flushes; ~200 bytes each. Past it, a pair not yet
+# noted is lost (counted): that is more than 20,000 grants used a second for FLUSH_EVERY seconds.
+LIMIT = 100_000
+
+
+class LastUses:
+    """The latest use of each (grant, service) since the last `take`, at most `limit` of them.
+
+    Sans-IO: the time comes from `now` (wall-clock seconds), and nothing here writes anything.
+    Filled and emptied on the reactor thread only."""
+
+    def __init__(self, limit: int = LIMIT, now: Callable[[], float] = time.time) -> None:
+        self.limit = limit
+        self._now = now
+        self._latest: dict[tuple[str, str], tuple[float, str | None]] = {}
+        self.overflowed = 0  # uses of pairs not noted for want of room since the last take
+
+    def note(self, family: str, service: str, address: str | None) -> None:
+        """A token of grant `family` was accepted for `service`, just now, from `address` (as the
+        service saw it; stored only if it is an IP address). The hot path: a dict assignment."""
+        latest = self._latest
+        latest[family, service] = (self._now(), address)
+        if len(latest) > self.limit:  # only a pair new to a full memory grows it: drop that one
+            del latest[family, service]
+            self.overflowed += 1
+
+    def __len__(self) -> int:
+        return len(self._latest)
+
+    def take(self) -> tuple[Batch, int]:
+        """What was noted since the last take, and how many uses were lost for want of room;
+        the memory starts afresh (so that a batch being written never changes under its writer)."""
+        taken, self._latest = self._latest, {}
+        overflowed, self.overflowed = self.overflowed, 0
+        return taken, overflowed
+
+
+class UseRecorder(TimerService):
+    """Writes what `uses` noted every `every` seconds, and once more when the service stops.
+
+    Add it to the service tree after the StorePool: a MultiService stops its children in reverse
+    order, so the last batch reaches the pool's queue before the pool stops (and its threads
+    finish the queue first)."""
+
+    name = "use-recorder"
+
+    def __init__(self, uses: LastUses, pool: StorePool, metrics: Metrics, every: float = FLUSH_EVERY,
+                 clock: IReactorTime | None = None) -> None:
+        super().__init__(every, self.flush)
+        self.clock = clock
+        self._uses = uses
+        self._pool = pool
+        self._metrics = metrics
+        self._failing = False  # the last write failed: the next failure is not logged again
+        self._overflow_told = False
+
+    def flush(self) -> defer.Deferred[None]:
+        """Write what was noted since the last flush, in one transaction in the pool; never fails
+        (the TimerService would stop calling it). Nothing noted: no trip to the pool."""
+        batch, overflowed = self._uses.take()
+        if overflowed:
+            self._metrics.uses_lost.labels("full").inc(overflowed)
+            if not self._overflow_told:
+                self._overflow_told = True
+                log.warn("More than {limit} grants were used at a service within {every} s: the last uses of "
+                         "some were not recorded (counted in bearerbridge_uses_lost_total)",
+                         limit=self._uses.limit, every=self.step)
+        if not batch:
+            return defer.succeed(None)
+        d = self._pool.run(self._pool.store.record_uses, batch)
+        return d.addCallbacks(self._written, self._dropped, errbackArgs=(len(batch),))
+
+    def _written(self, count: int) -> None:
+        self._metrics.uses_recorded.inc(count)
+        if self._failing:
+            self._failing = False
+            log.info("Recording when grants were last used works again")
+
+    def _dropped(self, failure: Failure, count: int) -> None:
+        self._metrics.uses_lost.labels("database").inc(count)
+        if not self._failing:
+            self._failing = True
+            log.error("Recording when grants were last used failed, {count} dropped ({error}); further failures "
+                      "drop their batches too, counted in bearerbridge_uses_lost_total, until it works again",
+                      count=count, error=failure.getErrorMessage())
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Stop the timer (a write in flight ends in its time) and write what is left at once."""
+        stopped = super().stopService()
+        last = self.flush()
+        return defer.gatherResults([stopped, last]).addCallback(lambda _: None)
