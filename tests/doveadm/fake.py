@@ -31,7 +31,8 @@ class Seen:
 class FakeDoveadm(Resource):
     """POST /doveadm/v1. `mode`: "kick" (each `who` lists `sessions` connections, each kick
     succeeds), "none" (kick answers exit code 68), "usage" (exit code 64), "silent" (never
-    answers), or an HTTP status as an int. A wrong key is answered 401, as Dovecot does."""
+    answers), or an HTTP status as an int. A wrong key is answered 401, as Dovecot does, and
+    never answered at all when the request says `Connection: close`, as Dovecot 2.3.19.1 does."""
 
     isLeaf = True
 
@@ -48,6 +49,9 @@ class FakeDoveadm(Resource):
         self.seen.append(Seen(request.method, request.path, _header(request, b"authorization"),
                               _header(request, b"content-type"), json.loads(body)))
         if _header(request, b"authorization") != "X-Dovecot-API " + base64.b64encode(KEY).decode():
+            if (_header(request, b"connection") or "").lower() == "close":
+                self.held.append(request)
+                return NOT_DONE_YET
             request.setResponseCode(401)
             request.setHeader(b"WWW-Authenticate", b"X-Dovecot-API")
             return b""
