@@ -1,0 +1,91 @@
+"""Two-factor sign-in clicked in a real headless Chromium against a real `twistd bearerbridge`:
+turn it on at /account/two-factor (the secret read off the page, as a person types it into an
+app), then sign in at /authorize with a TOTP code from pyotp and reach the consent page. The
+pages are photographed at 1280 and 390 px wide into /tmp/2fa-shots/ (or $TWO_FACTOR_SHOTS)."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pyotp
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
+
+from .support import authorize_url, pkce_pair
+from .test_browser import WAIT
+
+SHOTS = Path(os.environ.get("TWO_FACTOR_SHOTS", "/tmp/2fa-shots"))
+
+
+def photograph(browser, name: str) -> None:
+    """The whole page at a desktop's width and a phone's, the window as tall as the page."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for width in (1280, 390):
+        browser.set_window_size(width, 800)
+        height = browser.execute_script("return document.documentElement.scrollHeight")
+        browser.set_window_size(width, max(800, height + 140))  # the window's frame takes some
+        assert browser.save_screenshot(str(SHOTS / f"{name}-{width}.png"))
+    browser.set_window_size(1024, 768)
+
+
+def code_for_a_fresh_step(secret: str, after: float) -> str:
+    """A code of a time step after the one `after` fell in (a step once used is refused), taken
+    away from a step's end."""
+    while time.time() // 30 <= after // 30 or time.time() % 30 > 27:
+        time.sleep(0.2)
+    return pyotp.TOTP(secret).now()
+
+
+def test_enrol_then_sign_in_with_a_code_in_chromium(service, browser):
+    username, password = service.user()
+    wait = WebDriverWait(browser, WAIT)
+    browser.get(service.url + "/account/two-factor")  # without a session: /account's sign-in
+    wait.until(EC.element_to_be_clickable((By.ID, "sign-in")))
+    browser.find_element(By.ID, "username").send_keys(username)
+    browser.find_element(By.ID, "password").send_keys(password)
+    browser.find_element(By.ID, "sign-in").click()
+    wait.until(EC.element_to_be_clickable((By.ID, "two-factor-link"))).click()
+    wait.until(EC.element_to_be_clickable((By.ID, "begin"))).click()
+
+    secret_text = wait.until(EC.presence_of_element_located((By.ID, "secret"))).text
+    qr = browser.find_element(By.CSS_SELECTOR, ".qr-box svg")
+    assert qr.size["width"] >= 150 and qr.size["width"] == qr.size["height"], qr.size  # drawn, and square
+    photograph(browser, "enrol")
+    secret = secret_text.replace(" ", "")
+    assert re.fullmatch(r"[A-Z2-7]{32}", secret), secret_text
+    confirmed_at = time.time()
+    browser.find_element(By.ID, "code").send_keys(pyotp.TOTP(secret).now())
+    browser.find_element(By.ID, "confirm").click()
+    wait.until(EC.presence_of_element_located((By.ID, "recovery-codes")))
+    codes = [li.text for li in browser.find_elements(By.CSS_SELECTOR, ".recovery-codes li")]
+    assert len(codes) == 10 and all(re.fullmatch(r"[a-z2-9]{5}-[a-z2-9]{5}", c) for c in codes), codes
+    photograph(browser, "recovery-codes")
+    browser.find_element(By.ID, "saved").click()
+    left = wait.until(EC.presence_of_element_located((By.ID, "recovery-left")))
+    assert left.text == "10"
+    photograph(browser, "manage")
+    browser.find_element(By.ID, "back").click()
+    assert wait.until(EC.presence_of_element_located((By.ID, "two-factor-state"))).text == "On"
+    photograph(browser, "account")
+
+    browser.delete_all_cookies()  # another day, or another browser: signed out
+    client = service.client("--redirect-uri", "https://app.example/cb", "--scope", "imap")
+    _, challenge = pkce_pair()
+    browser.get(authorize_url(service.url, client["client_id"], "https://app.example/cb", challenge, "imap"))
+    wait.until(EC.element_to_be_clickable((By.ID, "sign-in")))
+    browser.find_element(By.ID, "username").send_keys(username)
+    browser.find_element(By.ID, "password").send_keys(password)
+    browser.find_element(By.ID, "sign-in").click()
+    wait.until(EC.element_to_be_clickable((By.ID, "verify")))
+    assert browser.switch_to.active_element == browser.find_element(By.ID, "code")  # what is left to type
+    assert client["name"] in browser.find_element(By.TAG_NAME, "main").text
+    photograph(browser, "code-step")
+    browser.find_element(By.ID, "code").send_keys(code_for_a_fresh_step(secret, confirmed_at))
+    browser.find_element(By.ID, "verify").click()
+    wait.until(EC.element_to_be_clickable((By.ID, "approve")))
+    main = browser.find_element(By.TAG_NAME, "main").text
+    assert username in main and client["name"] in main
