@@ -32,12 +32,12 @@ def photograph(browser, name: str) -> None:
     browser.set_window_size(1024, 768)
 
 
-def code_for_a_fresh_step(secret: str, after: float) -> str:
-    """A code of a time step after the one `after` fell in (a step once used is refused), taken
-    away from a step's end."""
-    while time.time() // 30 <= after // 30 or time.time() % 30 > 27:
+def code_of_step(secret: str, offset: int) -> str:
+    """The code of the time step `offset` steps from now (one either side is accepted, each step
+    once), taken away from a step's end so that the step does not change before it is sent."""
+    while time.time() % 30 > 25:
         time.sleep(0.2)
-    return pyotp.TOTP(secret).now()
+    return pyotp.TOTP(secret).at(time.time() + 30 * offset)
 
 
 def test_enrol_then_sign_in_with_a_code_in_chromium(service, browser):
@@ -57,8 +57,9 @@ def test_enrol_then_sign_in_with_a_code_in_chromium(service, browser):
     photograph(browser, "enrol")
     secret = secret_text.replace(" ", "")
     assert re.fullmatch(r"[A-Z2-7]{32}", secret), secret_text
-    confirmed_at = time.time()
-    browser.find_element(By.ID, "code").send_keys(pyotp.TOTP(secret).now())
+    # The previous step's code (as from an app whose clock is a little behind), so that the sign-in
+    # below may use the current one without waiting for the next step.
+    browser.find_element(By.ID, "code").send_keys(code_of_step(secret, -1))
     browser.find_element(By.ID, "confirm").click()
     wait.until(EC.presence_of_element_located((By.ID, "recovery-codes")))
     codes = [li.text for li in browser.find_elements(By.CSS_SELECTOR, ".recovery-codes li")]
@@ -84,7 +85,7 @@ def test_enrol_then_sign_in_with_a_code_in_chromium(service, browser):
     assert browser.switch_to.active_element == browser.find_element(By.ID, "code")  # what is left to type
     assert client["name"] in browser.find_element(By.TAG_NAME, "main").text
     photograph(browser, "code-step")
-    browser.find_element(By.ID, "code").send_keys(code_for_a_fresh_step(secret, confirmed_at))
+    browser.find_element(By.ID, "code").send_keys(code_of_step(secret, 0))
     browser.find_element(By.ID, "verify").click()
     wait.until(EC.element_to_be_clickable((By.ID, "approve")))
     main = browser.find_element(By.TAG_NAME, "main").text
