@@ -28,12 +28,14 @@ from bearerbridge.crypto import use_password_parameters
 from bearerbridge.doveadm.client import Doveadm
 from bearerbridge.guard import DatabaseDoor, MemoryDoor
 from bearerbridge.metrics import Metrics
+from bearerbridge.oauth.registration import ClientRules
 from bearerbridge.oauth.server import BridgeServer, discovery_url, metadata
 from bearerbridge.sasl.dovecot import DovecotAuthFactory
 from bearerbridge.sasl.validator import Validator
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.uses import LastUses, UseRecorder
 from bearerbridge.web.account import Account
+from bearerbridge.web.admin import Admin
 from bearerbridge.web.authorize import Authorize, Logout
 from bearerbridge.web.device import DevicePage
 from bearerbridge.web.forward import ForwardAuth
@@ -173,6 +175,7 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     top.putChild(b"account", account := Account(pages, issuer, sessions, login, pool, audit, config.scopes,
                                                 Doveadm.from_config(config)))
     account.putChild(b"two-factor", TwoFactorPage(pages, issuer, config.server.site_name, sessions, login, pool, audit))
+    top.putChild(b"admin", Admin(pages, issuer, sessions, login, pool, audit, ClientRules.of(config)))
     top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics, sign_in))
     top.putChild(b"token", TokenEndpoint(issuer, pool, server, metrics, clients))
     top.putChild(b"introspect", IntrospectionResource(issuer, pool, server, pool.store.recent, config.sasl,

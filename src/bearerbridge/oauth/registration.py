@@ -104,8 +104,10 @@ class ClientRules:
         if asked.scopes is None and "client_credentials" in grants:
             raise RegistrationError(f"name the scopes a client_credentials client may get with {names.scope}")
         scopes = list(asked.scopes) if asked.scopes is not None else self.user_scopes
+        if not scopes:
+            raise RegistrationError("choose at least one scope")
         unknown = [s for s in scopes if s not in self.scopes]
-        if unknown or not scopes:
+        if unknown:
             raise RegistrationError(f"unknown scope(s) {' '.join(unknown)}; known: {' '.join(self.scopes)}")
         if asked.id_token_alg not in ALGORITHMS:
             raise RegistrationError(f"ID tokens are signed with one of {', '.join(ALGORITHMS)}")
@@ -138,6 +140,11 @@ def check_web_address(label: str, url: str | None) -> str | None:
     if redirect_uri_problem(url) is not None or parts.scheme not in ("http", "https") or parts.fragment:
         raise RegistrationError(f"{label} {url!r}: expected an https URL (http only on loopback), without a fragment")
     return url
+
+
+def grant_names(client: Client) -> list[str]:
+    """A client's grants by their short names (`device_code`), as GRANTS has them."""
+    return [grant.rpartition(":")[2] for grant in client.grant_types]
 
 
 def describe(client: Client) -> dict[str, Any]:

@@ -1,13 +1,13 @@
 """What /admin and the command line read and change beyond the users and clients themselves: how
-many users granted each client, who has a second factor, a client's new secret, and resetting a
-user's second factor. Functions of a Connection, called through `SqlStore`."""
+many users granted each client, who has a second factor, and a client's new secret. Functions of
+a Connection, called through `SqlStore`."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from bearerbridge.storage.schema import clients, consents, recovery_codes, totp_secrets, users
+from bearerbridge.storage.schema import clients, consents, totp_secrets, users
 
 
 def has_users(db: Connection) -> bool:
@@ -32,10 +32,3 @@ def set_secret(db: Connection, client_id: str, secret_digest: str) -> bool:
     return db.execute(clients.update().where(clients.c.client_id == client_id, clients.c.public.is_(False))
                       .values(secret_digest=secret_digest)).rowcount > 0
 
-
-def reset_second_factor(db: Connection, user_id: int) -> bool:
-    """Forget a user's TOTP secret and recovery codes: they sign in with their password alone until
-    they enrol again. Whether there was any."""
-    secrets = db.execute(totp_secrets.delete().where(totp_secrets.c.user_id == user_id)).rowcount
-    codes = db.execute(recovery_codes.delete().where(recovery_codes.c.user_id == user_id)).rowcount
-    return secrets + codes > 0

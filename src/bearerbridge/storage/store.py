@@ -512,9 +512,6 @@ class SqlStore:
         self._invalidates()  # the client as remembered holds the old secret's digest
         return admin.set_secret(self._db, client_id, self.keyring.digest(secret))
 
-    def reset_second_factor(self, user_id: int) -> bool:
-        return admin.reset_second_factor(self._db, user_id)
-
     # -- two-factor sign-in (storage/twofactor.py; web/second_factor.py, web/twofactor.py) --------
 
     def two_factor(self, user_id: int) -> twofactor.TwoFactor:
