@@ -33,10 +33,10 @@ NAMES = Names(redirect_uri="redirect URI", scope="scope", website="website", log
 SCOPE, GRANT = "scope:", "grant:"
 DEFAULT_GRANTS = ("authorization_code", "refresh_token")
 GRANT_WORDS = {
-    "authorization_code": "users sign in and say yes in a browser",
-    "refresh_token": "it renews its access without asking the user again",
-    "client_credentials": "it acts as itself, for no user (a server, a monitor)",
-    "device_code": "users say yes on another device (a TV, a command line)",
+    "authorization_code": "Users sign in and say yes in a browser",
+    "refresh_token": "It renews its access without asking the user again",
+    "client_credentials": "It acts as itself, for no user (a server, a monitor)",
+    "device_code": "Users say yes on another device (a TV, a command line)",
 }
 
 
