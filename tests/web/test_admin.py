@@ -200,6 +200,7 @@ def test_a_disabled_admin_is_signed_out_and_an_unknown_page_is_404(bridge):
     assert browser.get("/admin/users/99999").code == 404
     assert browser.get("/admin/nothing-here").code == 404
     assert browser.post("/admin", data={"csrf": csrf_of(browser)}).code == 405
+    assert browser.request("HEAD", "/admin/clients/mail").code == 200
     with bridge.store.transaction():
         bridge.store.set_disabled("root", True)
     assert 'id="sign-in"' in body(browser, "/admin")
@@ -358,6 +359,7 @@ def test_adding_a_user_who_can_then_sign_in_and_an_admin_who_can_use_these_pages
     ({"name": "ALICE"}, "exists already"),
     ({"email": "ALICE@example.org"}, "taken by user 'alice'"),
     ({"name": "two words"}, "spaces"),
+    ({"email": "x" * 250 + "@example.org"}, "at most 255 characters"),
     ({"password": "short", "repeat_password": "short"}, "at least 8 characters"),
     ({"repeat_password": "another passphrase"}, "differ"),
 ])

@@ -124,10 +124,10 @@ class Admin(PageResource):
         except UnicodeError:
             raise BadRequest("The address is malformed") from None
         segments = segments[:-1] if segments[-1:] == ("",) else segments  # /admin/ is /admin
-        known = False
+        known, method = False, b"GET" if request.method == b"HEAD" else request.method
         for route in self.routes:
             args = route.match(segments)
-            if args is not None and route.method == request.method:
+            if args is not None and route.method == method:
                 return route, args, True
             known = known or args is not None
         return None, (), known

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bearerbridge.guard import Recorder
+from bearerbridge.oauth.registration import NAME_MAX_LENGTH
 from bearerbridge.storage.account import ConnectedApp
 from bearerbridge.storage.models import User
 from bearerbridge.storage.pool import StorePool
@@ -48,16 +49,18 @@ class UserPages(Section):
 
     async def add(self, act: Act) -> Reply:
         form = act.form
-        values = {"name": form.get("name", "").strip(), "email": form.get("email", "").strip(),
-                  "is_admin": "is_admin" in form}
+        name, email = form.get("name", "").strip(), form.get("email", "").strip()
+        values = {"name": name, "email": email, "is_admin": "is_admin" in form}
         password, repeated = form.get("password", ""), form.get("repeat_password", "")
+        if len(name) > NAME_MAX_LENGTH or len(email) > NAME_MAX_LENGTH:
+            return self._refused(act, values, f"A name or address has at most {NAME_MAX_LENGTH} characters.")
         if len(password) < PASSWORD_MIN_LENGTH or password != repeated:
             return self._refused(act, values, "The password and its repetition differ." if password != repeated
                                  else f"The password must have at least {PASSWORD_MIN_LENGTH} characters.")
         password_hash = await self._login.hash(password)
         try:
-            user = await self.pool.run(self.pool.store.add_user, values["name"], values["email"] or None,
-                                       password_hash, None, values["is_admin"])
+            user = await self.pool.run(self.pool.store.add_user, name, email or None, password_hash, None,
+                                       "is_admin" in form)
         except StoreError as e:
             return self._refused(act, values, f"{str(e)[:1].upper()}{str(e)[1:]}.")
         self.record(act, "user add", user=user.username, is_admin=user.is_admin)
