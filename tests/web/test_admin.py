@@ -172,7 +172,9 @@ def test_without_a_session_an_admin_page_asks_for_a_sign_in_then_shows_the_page_
     assert "authorization_code, refresh_token" in front
     assert f'id="user-{user_id(bridge, "alice")}"' in front
     failed = bridge.browser()
-    action, fields = form_of(failed.get("/admin"))
+    login = failed.get("/admin")
+    assert "with an administrator's account" in login.body.decode() and "manage your account" not in login.body.decode()
+    action, fields = form_of(login)
     assert failed.post(action, data={**fields, "username": "root", "password": "wrong"}).code == 401
 
 
