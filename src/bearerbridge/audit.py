@@ -4,9 +4,12 @@
      "client_id": "3f2a...", "user": "alice", "scope": "imap", "token_id": 42, "family": "9c1e...",
      "address": "192.0.2.7"}
 
-Events are short snake_case nouns of what happened: `sign_in`, `sign_in_failed`, `consent`,
-`token_issued`, `token_refreshed`, `token_revoked`, `code_replayed`, `refresh_replayed`,
-`throttled`, and `admin` (a change made with the command line: `action`, `actor`, `outcome`).
+Events are short snake_case nouns of what happened: `sign_in` (with its `amr`), `sign_in_failed`,
+`consent`, `token_issued`, `token_refreshed`, `token_revoked`, `code_replayed`, `refresh_replayed`,
+`throttled`; from the user's own page `grant_revoked`, `mail_kick`, `sessions_ended`,
+`password_changed`, `two_factor_enabled`, `two_factor_disabled`, `two_factor_check_failed`,
+`recovery_codes_made`, `recovery_code_used`; and `admin` (a change made with the command line or on
+/admin: `action`, `actor`, `outcome`, and from /admin `address` and `via: "web"`).
 Fields keep to a few names: `user` (the user's name), `client_id`, `scope` (space-separated, as
 OAuth writes it), `grant_type`, `reason`, `address` (the client's IP address, an IPv6 /64),
 `token_id` and `family` (row ids, never tokens), `revoked` (how many token pairs a revocation
