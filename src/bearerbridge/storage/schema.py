@@ -214,3 +214,38 @@ signing_keys = sa.Table(
     sa.Column("since", sa.BigInteger, nullable=False),
     sa.Column("expires_at", sa.BigInteger),
 )
+
+
+# App passwords (issue 12): a long random secret a user makes for one app and some services
+# (space-separated, as [sasl.services] and the forward-auth rules name them), accepted as the
+# PLAIN password or HTTP Basic there; kept as a keyed digest (no slow hash: 256 random bits).
+# Its uses go to `token_uses` under the family "app:<id>".
+app_passwords = sa.Table(
+    "app_passwords", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("user_id", sa.Integer, _user_fk(), nullable=False, index=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False, unique=True),
+    sa.Column("services", sa.Text, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger),  # None: until revoked
+    sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
+
+# Passkeys (WebAuthn credentials, issue 12): as a second factor and for signing in without a
+# password. `user_handle` is the random WebAuthn user id of the user (the same on all their
+# passkeys, never their name); `sign_count` refuses a cloned authenticator going backwards.
+passkeys = sa.Table(
+    "passkeys", metadata,
+    sa.Column("credential_id", sa.String(1024), primary_key=True),  # base64url
+    sa.Column("user_id", sa.Integer, _user_fk(), nullable=False, index=True),
+    sa.Column("user_handle", sa.String(128), nullable=False),
+    sa.Column("public_key", sa.Text, nullable=False),  # COSE, base64url
+    sa.Column("sign_count", sa.BigInteger, nullable=False),
+    sa.Column("transports", sa.String(255)),  # space-separated, as the browser reported them
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("last_used_at", sa.BigInteger),
+)
+
