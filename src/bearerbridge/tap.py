@@ -30,6 +30,7 @@ from bearerbridge.guard import DatabaseDoor, MemoryDoor
 from bearerbridge.metrics import Metrics
 from bearerbridge.oauth.registration import ClientRules
 from bearerbridge.oauth.server import BridgeServer, discovery_url, metadata
+from bearerbridge.passkeys import RelyingParty
 from bearerbridge.sasl.dovecot import DovecotAuthFactory
 from bearerbridge.sasl.validator import Validator
 from bearerbridge.storage.pool import StorePool
@@ -41,6 +42,8 @@ from bearerbridge.web.device import DevicePage
 from bearerbridge.web.forward import ForwardAuth
 from bearerbridge.web.monitoring import Health, MetricsResource
 from bearerbridge.web.oidc import Jwks, UserInfo
+from bearerbridge.web.passkeys import Passkeys
+from bearerbridge.web.passkeys_page import PasskeysPage
 from bearerbridge.web.sasl import SaslEndpoint
 from bearerbridge.web.sessions import PasswordLogin, Sessions
 from bearerbridge.web.site import BridgeSite, JsonDocument, Landing, Pages, SecuredRoot, StaticFiles
@@ -167,7 +170,8 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     if sasl_door is None:  # no Dovecot socket shares its count with /sasl
         sasl_door = MemoryDoor("sasl", config.throttle.sasl, metrics, audit, clock)
     sign_in = DatabaseDoor("sign_in", config.throttle.sign_in, pool, metrics, audit, clock)
-    login = PasswordLogin(pool, sessions, metrics, sign_in, audit, config.passwords.checks_at_once)
+    passkeys = Passkeys(RelyingParty.of(issuer, config.server.site_name), sessions, pool)
+    login = PasswordLogin(pool, sessions, metrics, sign_in, audit, config.passwords.checks_at_once, passkeys)
     clients = ClientAuthThrottle(MemoryDoor("clients", config.throttle.clients, metrics, audit, clock))
     top = SecuredRoot(https=config.https, pages=pages)
     top.putChild(b"authorize", Authorize(pages, issuer, sessions, login, pool, server, metrics))
@@ -175,6 +179,7 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     top.putChild(b"account", account := Account(pages, issuer, sessions, login, pool, audit, config.scopes,
                                                 Doveadm.from_config(config)))
     account.putChild(b"two-factor", TwoFactorPage(pages, issuer, config.server.site_name, sessions, login, pool, audit))
+    account.putChild(b"passkeys", PasskeysPage(pages, issuer, sessions, passkeys, pool, audit))
     top.putChild(b"admin", Admin(pages, issuer, sessions, login, pool, audit, ClientRules.of(config)))
     top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics, sign_in))
     top.putChild(b"token", TokenEndpoint(issuer, pool, server, metrics, clients))

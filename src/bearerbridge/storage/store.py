@@ -26,7 +26,8 @@ from sqlalchemy.engine import Connection, Engine, Row, make_url
 
 from bearerbridge.crypto import Keyring, new_secret
 from bearerbridge.keys import KeySealer, SigningKey
-from bearerbridge.storage import account, admin, signing, strikes, twofactor, uses
+from bearerbridge.passkeys import NewPasskey, StoredPasskey
+from bearerbridge.storage import account, admin, passkeys, signing, strikes, twofactor, uses
 from bearerbridge.storage.models import AuthCode, Client, DeviceCode, SignIn, Token, User
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.schema import (
@@ -504,7 +505,7 @@ class SqlStore:
         return admin.consent_counts(self._db)
 
     def second_factor_users(self) -> set[int]:
-        return admin.second_factor_users(self._db)
+        return admin.second_factor_users(self._db) | passkeys.user_ids(self._db)
 
     def rotate_client_secret(self, client_id: str, secret: str) -> bool:
         """Give a confidential client a new secret; the old one stops working at once. False for no
@@ -546,6 +547,38 @@ class SqlStore:
 
     def disable_two_factor(self, user_id: int) -> bool:
         return twofactor.disable(self._db, user_id)
+
+    # -- passkeys (storage/passkeys.py; web/passkeys.py, web/second_factor.py) ---------------------
+
+    def passkeys(self, user_id: int) -> list[StoredPasskey]:
+        return passkeys.of_user(self._db, user_id)
+
+    def passkey(self, credential_id: str) -> StoredPasskey | None:
+        return passkeys.find(self._db, credential_id)
+
+    def passkey_handle(self, user_id: int) -> str | None:
+        return passkeys.user_handle(self._db, user_id)
+
+    def add_passkey(self, user_id: int, handle: str, new: NewPasskey, name: str) -> bool:
+        return passkeys.add(self._db, user_id, handle, new, name, _now())
+
+    def passkey_used(self, credential_id: str, sign_count: int) -> bool:
+        return passkeys.used(self._db, credential_id, sign_count, _now())
+
+    def rename_passkey(self, user_id: int, credential_id: str, name: str) -> bool:
+        return passkeys.rename(self._db, user_id, credential_id, name)
+
+    def remove_passkeys(self, user_id: int, credential_ids: list[str] | None = None) -> int:
+        return passkeys.remove(self._db, user_id, credential_ids)
+
+    def reset_second_factor(self, user_id: int) -> bool:
+        """An admin's reset: TOTP off and every passkey forgotten; False if the user had neither."""
+        totp = twofactor.disable(self._db, user_id)
+        return passkeys.remove(self._db, user_id) > 0 or totp
+
+    def second_factors(self, user_id: int) -> tuple[bool, list[StoredPasskey]]:
+        """What a sign-in of the user asks after the password: a TOTP code (whether it is on), a passkey."""
+        return twofactor.enabled(self._db, user_id), passkeys.of_user(self._db, user_id)
 
     # -- device codes (RFC 8628) --------------------------------------------------------------
 

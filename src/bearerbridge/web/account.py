@@ -119,7 +119,7 @@ class Account(PageResource):
     def _login_page(self, request: Request, failed: bool, blocked: Blocked | None = None) -> Reply:
         csrf = self._sessions.csrf_token(request, "account-login")
         return self.pages.render(429 if blocked else 401 if failed else 200, "login.html", client_name=None,
-                                 failed=failed, action=PATH, csrf=csrf,
+                                 failed=failed, action=PATH, csrf=csrf, passkey=self._login.passkey_form(request),
                                  blocked_wait=blocked.in_words if blocked else None,
                                  headers=retry_after(blocked.retry_after if blocked else None))
 

@@ -136,6 +136,7 @@ class Admin(PageResource):
         return self.pages.render(429 if blocked else 401 if failed else 200, "admin_login.html", client_name=None,
                                  failed=failed, action=request.path.decode("latin-1"),
                                  csrf=self._sessions.csrf_token(request, "admin-login"),
+                                 passkey=self._login.passkey_form(request),
                                  blocked_wait=blocked.in_words if blocked else None,
                                  headers=retry_after(blocked.retry_after if blocked else None))
 

@@ -104,7 +104,7 @@ class UserPages(Section):
                 self.record(act, "user enable", user=user.username)
                 notice = f"Enabled {user.username}: they can sign in again."
             case "reset_second_factor":
-                if not await self.pool.run(self.pool.store.disable_two_factor, user.id):
+                if not await self.pool.run(self.pool.store.reset_second_factor, user.id):
                     return await self._page(act, user_id, 400, error=f"{user.username} has no second factor.")
                 self.record(act, "user reset_second_factor", user=user.username)
                 notice = (f"{user.username}'s second factor is reset: they sign in with their password alone "

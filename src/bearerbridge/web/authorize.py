@@ -126,7 +126,7 @@ class Authorize(SignInAndConsent):
                 blocked = held
                 return self.pages.render(429 if blocked else 401 if failed else 200, "login.html",
                                           client_name=client_name, failed=failed, action=action, csrf=csrf,
-                                          login_hint=login_hint,
+                                          login_hint=login_hint, passkey=self._login.passkey_form(request),
                                           blocked_wait=blocked.in_words if blocked else None,
                                           headers=retry_after(blocked.retry_after if blocked else None))
             case ShowCode(client_name, code):

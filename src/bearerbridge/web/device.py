@@ -47,6 +47,7 @@ class DevicePage(SignInAndConsent):
         csrf = self._sessions.csrf_token(request, f"device-login|{request.uri.decode('latin-1')}")
         return self.pages.render(429 if blocked else 401 if failed else 200, "login.html", client_name="A device",
                                  failed=failed, action=request.uri.decode("latin-1"), csrf=csrf,
+                                 passkey=self._login.passkey_form(request),
                                  blocked_wait=blocked.in_words if blocked else None,
                                  headers=retry_after(blocked.retry_after if blocked else None))
 

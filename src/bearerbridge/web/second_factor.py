@@ -16,11 +16,15 @@ Both a TOTP code and a recovery code sign in with `amr` ["pwd", "otp"] (RFC 8176
 recovery code is a one-time password too (each works once; NIST SP 800-63B calls such codes
 look-up secrets, "something you have", like the phone), and RFC 8176 registers no closer
 value; the audit log tells the two apart (`recovery_code_used`).
+
+A user with passkeys is offered one here too (web/passkeys.py: the form's `credential` field, a
+challenge signed for this page), in place of a code or, without TOTP, alone; it signs in with
+the amr `Assertion.amr` gives (passkeys.py), "pwd" first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,9 +32,11 @@ from twisted.internet import defer
 from twisted.web.server import Request
 
 from bearerbridge.guard import Blocked, DatabaseDoor, Recorder
+from bearerbridge.passkeys import PasskeyRefused, StoredPasskey
 from bearerbridge.storage.models import User
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.storage.twofactor import CodeCheck
+from bearerbridge.web.passkeys import PasskeyForm, Passkeys
 from bearerbridge.web.site import Pages, Reply, client_address, retry_after
 
 if TYPE_CHECKING:  # sessions.py makes the one SecondFactor of its PasswordLogin
@@ -50,6 +56,8 @@ class SecondFactorAsked:
     pending: str
     wrong: bool = False
     blocked: Blocked | None = None
+    totp: bool = True  # whether a code from an app (or a recovery code) is asked
+    passkey: PasskeyForm | None = None  # the user's passkeys, asked of the browser
 
     @property
     def status(self) -> int:
@@ -68,20 +76,30 @@ def second_factor_page(pages: Pages, asked: SecondFactorAsked, action: str, csrf
 class SecondFactor:
     """Asks for the second factor and checks it, throttled at the sign-in door."""
 
-    def __init__(self, pool: StorePool, sessions: Sessions, door: DatabaseDoor, audit: Recorder) -> None:
+    def __init__(self, pool: StorePool, sessions: Sessions, door: DatabaseDoor, audit: Recorder,
+                 passkeys: Passkeys | None = None) -> None:
         self._pool = pool
         self._sessions = sessions
         self._door = door
         self._audit = audit
+        self.passkeys = passkeys
 
     @staticmethod
     def _binding(request: Request) -> str:
         return f"second factor|{request.uri.decode('latin-1')}"
 
-    def ask(self, request: Request, user: User) -> SecondFactorAsked:
-        """The code form's first showing, carrying what the password proved."""
-        return SecondFactorAsked(user.username, self._sessions.bind_to_browser(request, self._binding(request),
-                                                                               str(user.id)))
+    def ask(self, request: Request, user: User, totp: bool = True, keys: Sequence[StoredPasskey] = (),
+            pending: str = "", wrong: bool = False, blocked: Blocked | None = None) -> SecondFactorAsked:
+        """The second step's form (first showing: carrying what the password proved), with a
+        passkey form when the user has passkeys and the site can ask for them."""
+        pending = pending or self._sessions.bind_to_browser(request, self._binding(request), str(user.id))
+        passkey = self.passkeys.sign_in_form(request, keys) if self.passkeys and keys else None
+        return SecondFactorAsked(user.username, pending, wrong, blocked, totp or passkey is None, passkey)
+
+    async def _again(self, request: Request, user: User, pending: str, wrong: bool = False,
+                     blocked: Blocked | None = None) -> SecondFactorAsked:
+        totp, keys = await self._pool.run(self._pool.store.second_factors, user.id)
+        return self.ask(request, user, totp, keys, pending, wrong, blocked)
 
     async def check(self, request: Request, fields: Mapping[str, str]
                     ) -> tuple[User, tuple[str, ...]] | SecondFactorAsked:
@@ -92,13 +110,38 @@ class SecondFactor:
             else None
         if user is None or user.disabled:
             return SecondFactorAsked("", "")
+        if fields.get("credential"):
+            return await self._passkey(request, user, pending, fields)
         recovery = fields.get("recovery_code", "").strip()
         proven = await self.attempt(request, user, recovery or fields.get("code", ""), recovery=bool(recovery))
         if isinstance(proven, Blocked):
-            return SecondFactorAsked(user.username, pending, blocked=proven)
+            return await self._again(request, user, pending, blocked=proven)
         if proven is None:
-            return SecondFactorAsked(user.username, pending, wrong=True)
+            return await self._again(request, user, pending, wrong=True)
         return user, proven
+
+    async def _passkey(self, request: Request, user: User, pending: str, fields: Mapping[str, str]
+                       ) -> tuple[User, tuple[str, ...]] | SecondFactorAsked:
+        """A passkey's answer in place of a code, counted at the door as a code is."""
+        address = client_address(request)
+        known = self._sessions.known_browser(request, user.username)
+        keys = self._door.keys(None if known else f"second factor of {user.username}", address)
+
+        async def check() -> tuple[str, ...] | None:
+            if self.passkeys is None:
+                return None
+            try:
+                _, proven = await self.passkeys.assertion(request, fields, user.id)
+            except PasskeyRefused as e:
+                self._audit.record("sign_in_failed", user=user.username, address=address, reason="passkey",
+                                   detail=str(e)[:200])
+                return None
+            return proven.amr(after_password=True)
+        amr = await self._door.attempt(keys, check)
+        if isinstance(amr, Blocked) or amr is None:
+            return await self._again(request, user, pending, wrong=amr is None,
+                                     blocked=amr if isinstance(amr, Blocked) else None)
+        return user, amr
 
     def attempt(self, request: Request, user: User, typed: str, recovery: bool = False,
                 failure: str = "sign_in_failed") -> defer.Deferred[tuple[str, ...] | Blocked | None]:

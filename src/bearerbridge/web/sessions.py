@@ -23,8 +23,10 @@ from twisted.web.server import Request
 from bearerbridge.crypto import hash_password, verify_login
 from bearerbridge.guard import Blocked, DatabaseDoor, Recorder
 from bearerbridge.metrics import Metrics
+from bearerbridge.passkeys import PasskeyRefused
 from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
+from bearerbridge.web.passkeys import PasskeyForm, Passkeys
 from bearerbridge.web.second_factor import SecondFactor, SecondFactorAsked
 from bearerbridge.web.site import client_address
 
@@ -164,10 +166,12 @@ class PasswordLogin:
     and per address (`guard.DatabaseDoor`), with at most `checks_at_once` argon2 verifications
     running, so that memory stays under that many times argon2's memory cost however many try at
     once. A user with two-factor sign-in on is asked for a code before any session starts
-    (`second_factor`, web/second_factor.py: the form's `step=second_factor`)."""
+    (`second_factor`, web/second_factor.py: the form's `step=second_factor`). With `passkeys`
+    (web/passkeys.py), a passkey signs in without a password (`step=passkey`, `passkey_form`)
+    or after it, as the second factor of a user who has one."""
 
     def __init__(self, pool: StorePool, sessions: Sessions, metrics: Metrics, door: DatabaseDoor,
-                 audit: Recorder, checks_at_once: int) -> None:
+                 audit: Recorder, checks_at_once: int, passkeys: Passkeys | None = None) -> None:
         self._pool = pool
         self._sessions = sessions
         self._metrics = metrics
@@ -175,7 +179,8 @@ class PasswordLogin:
         self._audit = audit
         self._checks = defer.DeferredSemaphore(checks_at_once)
         metrics.password_checks_waiting.set_function(lambda: len(self._checks.waiting))
-        self.second_factor = SecondFactor(pool, sessions, door, audit)
+        self.second_factor = SecondFactor(pool, sessions, door, audit, passkeys)
+        self.passkeys = passkeys
 
     def __call__(self, request: Request, form: Mapping[str, str]
                  ) -> defer.Deferred[SignedIn | SecondFactorAsked | Blocked | None]:
@@ -184,6 +189,8 @@ class PasswordLogin:
         the user's block, only its address's: so that whoever knows a user's name cannot shut them out."""
         if form.get("step") == "second_factor":
             return defer.Deferred.fromCoroutine(self._second_step(request, form))
+        if form.get("step") == "passkey":
+            return defer.Deferred.fromCoroutine(self._passkey(request, form))
         username, address = form.get("username", ""), client_address(request)
         known = self._sessions.known_browser(request, username)
         keys = self._door.keys(None if known else username, address)
@@ -219,9 +226,37 @@ class PasswordLogin:
         self._metrics.logins.labels("ok" if user else "failed").inc()
         if user is None:
             return None
-        if await self._pool.run(self._pool.store.two_factor_enabled, user.id):
-            return self.second_factor.ask(request, user)
+        totp, keys = await self._pool.run(self._pool.store.second_factors, user.id)
+        if totp or keys:
+            return self.second_factor.ask(request, user, totp, keys)
         return await self._start(request, user, ("pwd",), address)
+
+    def passkey_form(self, request: Request) -> PasskeyForm | None:
+        """The login page's "Sign in with a passkey" form (none where passkeys cannot work)."""
+        return self.passkeys.sign_in_form(request) if self.passkeys else None
+
+    async def _passkey(self, request: Request, form: Mapping[str, str]) -> SignedIn | Blocked | None:
+        """A sign-in with a passkey alone: the authenticator names the user (its user handle) and
+        verified them (WebAuthn's UV flag). Throttled per address: there is no name to count by."""
+        address = client_address(request)
+
+        async def check() -> SignedIn | None:
+            if self.passkeys is None:
+                return None
+            try:
+                stored, proven = await self.passkeys.assertion(request, form, None)
+            except PasskeyRefused as e:
+                self._audit.record("sign_in_failed", user=None, address=address, reason="passkey", detail=str(e)[:200])
+                return None
+            user = await self._pool.run(self._pool.store.get_user, stored.user_id)
+            if user is None or user.disabled:
+                self._audit.record("sign_in_failed", user=user.username if user else None, address=address,
+                                   reason="disabled")
+                return None
+            return await self._start(request, user, proven.amr(after_password=False), address)
+        outcome = await self._door.attempt(self._door.keys(None, address), check)
+        self._metrics.logins.labels("failed" if outcome is None else "ok").inc()
+        return outcome
 
     async def _second_step(self, request: Request, form: Mapping[str, str]) -> SignedIn | SecondFactorAsked:
         """Check the second factor (throttled in `SecondFactor`), and start the session."""
