@@ -146,6 +146,13 @@ class SaslSettings:
     usernames: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
     # Connections open at once from one IP address (an IPv6 /64); a unix: listener has no cap.
     max_connections_per_peer: int = 256
+    # Services where an app password (made on /account) is taken as the PLAIN or Basic password;
+    # "*": every service that takes PLAIN (`plain`) or Basic (a forward-auth rule's `basic`).
+    app_passwords: tuple[str, ...] = ("*",)
+
+    def app_passwords_at(self, service: str) -> bool:
+        """Whether the operator allows app passwords at `service` (where PLAIN or Basic is taken)."""
+        return "*" in self.app_passwords or service in self.app_passwords
 
     @property
     def offered(self) -> tuple[str, ...]:
@@ -163,6 +170,13 @@ class ForwardAuthRule:
     read_scope: str = "webdav:read"
     write_scope: str = "webdav:write"
     basic: bool = False
+
+    @property
+    def service(self) -> str:
+        """The service the rule guards, as uses are noted and app passwords name it: its host when
+        it names one, else its read scope up to a colon ("webdav" for the default rule)."""
+        return self.host.lower().removesuffix(".") if self.host else (self.read_scope.partition(":")[0]
+                                                                      or "forward-auth")
 
 
 @dataclass(frozen=True)
@@ -375,6 +389,15 @@ class Config:
     def https(self) -> bool:
         return self.server.issuer.startswith("https://")
 
+    @property
+    def app_password_services(self) -> tuple[str, ...]:
+        """The services an app password may be made for: those taking PLAIN, and the forward-auth
+        rules taking Basic, that `[sasl] app_passwords` allows; in that order, each once."""
+        sasl = self.sasl
+        found = [s for s in sasl.services if s in sasl.plain and sasl.app_passwords_at(s)]
+        found += [r.service for r in self.forward_auth.rules if r.basic and sasl.app_passwords_at(r.service)]
+        return tuple(dict.fromkeys(found))
+
 
 def _check_value(where: str, kind: Any, value: Any, minimum: int = 1) -> Any:
     """Return `value` converted to `kind`, or raise ConfigError naming `where`."""
@@ -491,6 +514,9 @@ def _cross_check(config: Config) -> None:
         if scope not in config.scopes:
             raise ConfigError(f"[sasl.services] {service}: scope {scope!r} is not in [scopes]")
     _one_of("[sasl] plain", sasl.plain, tuple(sasl.services))
+    password_services = tuple(sasl.plain) + tuple(r.service for r in config.forward_auth.rules if r.basic)
+    _one_of("[sasl] app_passwords (a service in [sasl] plain, or of a forward-auth rule with basic = true, or *)",
+            [s for s in sasl.app_passwords if s != "*"], password_services + ("*",))
     _one_of("[server] grant_types", config.server.grant_types, GRANT_TYPE_NAMES)
     _one_of("[tokens] response_fields", config.tokens.response_fields, RESPONSE_FIELDS)
     _one_of("[tokens] default_scopes", config.tokens.default_scopes, tuple(config.scopes))

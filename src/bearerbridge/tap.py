@@ -37,6 +37,7 @@ from bearerbridge.storage.pool import StorePool
 from bearerbridge.uses import LastUses, UseRecorder
 from bearerbridge.web.account import Account
 from bearerbridge.web.admin import Admin
+from bearerbridge.web.app_passwords import AppPasswordsPage
 from bearerbridge.web.authorize import Authorize, Logout
 from bearerbridge.web.device import DevicePage
 from bearerbridge.web.forward import ForwardAuth
@@ -135,7 +136,7 @@ def make_service(config: configuration.Config) -> MultiService:
     pool = StorePool(store, config.database.threads, config.database.deadline)
     pool.setServiceParent(top)
     uses = LastUses()  # when each grant was last used where: noted where tokens are accepted, written behind
-    UseRecorder(uses, pool, metrics).setServiceParent(top)  # after the pool, so that it stops first
+    UseRecorder(uses, pool, metrics, audit=audit).setServiceParent(top)  # after the pool, so that it stops first
     validator = Validator(pool, config.sasl)
     # One count of failed SASL logins for the Dovecot socket and POST /sasl.
     sasl_door = MemoryDoor("sasl", config.throttle.sasl, metrics, audit)
@@ -178,6 +179,8 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     top.putChild(b"logout", Logout(pages, issuer, sessions, pool, server))
     top.putChild(b"account", account := Account(pages, issuer, sessions, login, pool, audit, config.scopes,
                                                 Doveadm.from_config(config)))
+    account.putChild(b"app-passwords", AppPasswordsPage(pages, issuer, sessions, pool, audit,
+                                                        config.app_password_services))
     account.putChild(b"two-factor", TwoFactorPage(pages, issuer, config.server.site_name, sessions, login, pool, audit))
     account.putChild(b"passkeys", PasskeysPage(pages, issuer, sessions, passkeys, pool, audit))
     top.putChild(b"admin", Admin(pages, issuer, sessions, login, pool, audit, ClientRules.of(config)))

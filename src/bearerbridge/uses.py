@@ -23,7 +23,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from bearerbridge.audit import AuditLog
 from bearerbridge.metrics import Metrics
+from bearerbridge.storage.apppasswords import FAMILY_PREFIX
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.storage.uses import Batch
 
@@ -77,8 +79,9 @@ class UseRecorder(TimerService):
     name = "use-recorder"
 
     def __init__(self, uses: LastUses, pool: StorePool, metrics: Metrics, every: float = FLUSH_EVERY,
-                 clock: IReactorTime | None = None) -> None:
+                 clock: IReactorTime | None = None, audit: AuditLog | None = None) -> None:
         super().__init__(every, self.flush)
+        self._audit = audit  # told of app passwords used for the first time (app_password_first_use)
         self.clock = clock
         self._uses = uses
         self._pool = pool
@@ -99,8 +102,22 @@ class UseRecorder(TimerService):
                          limit=self._uses.limit, every=self.step)
         if not batch:
             return defer.succeed(None)
-        d = self._pool.run(self._pool.store.record_uses, batch)
+        if self._audit is not None and any(family.startswith(FAMILY_PREFIX) for family, _ in batch):
+            d = self._pool.run(self._record_noting_first_uses, batch)
+        else:
+            d = self._pool.run(self._pool.store.record_uses, batch)
         return d.addCallbacks(self._written, self._dropped, errbackArgs=(len(batch),))
+
+    def _record_noting_first_uses(self, batch: Batch) -> int:
+        """In the pool, one transaction: the app passwords of the batch used for the first time
+        (none of their uses recorded yet; audited, as the audit log is, inside the transaction),
+        then the batch written."""
+        assert self._audit is not None
+        for first in self._pool.store.first_app_uses(batch):
+            password = first.password
+            self._audit.record("app_password_first_use", user=password.username, family=password.family,
+                               name=password.name, services=list(first.services), address=first.address)
+        return self._pool.store.record_uses(batch)
 
     def _written(self, count: int) -> None:
         self._metrics.uses_recorded.inc(count)

@@ -8,19 +8,25 @@ to the pool together, as one query. A token still in use when its record is half
 that old is read again in the background, so that busy tokens never wait for the
 database. Revocations made in this process take effect at once; those made by other
 processes sharing the database within `cache_ttl`.
+
+A password (PLAIN's, or HTTP Basic's at forward-auth) may also be an app password, where the
+operator allows them (`[sasl] app_passwords`): one remembered is judged at once; else the
+password is looked up as a token first (as it always was), and only if no token has it, as an
+app password: one more indexed read, in the pool, remembered as tokens are.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from bearerbridge.config import SaslSettings
-from bearerbridge.sasl.judge import judge, judge_token
+from bearerbridge.sasl.judge import judge, judge_app_password, judge_token
 from bearerbridge.sasl.mechanisms import Bearer
 from bearerbridge.sasl.verdict import Reason, Verdict
 from bearerbridge.storage.models import Token
@@ -53,16 +59,49 @@ class Validator:
 
     def validate(self, bearer: Bearer, service: str) -> Verdict | defer.Deferred[Verdict]:
         """Decide a SASL login; a database failure gives a temporary verdict, never an error."""
-        return self._decide(bearer.token, lambda token, now: judge(token, now, bearer, service, self._settings))
+        def decide(token: Token | None, now: float) -> Verdict:
+            return judge(token, now, bearer, service, self._settings)
+        settings = self._settings
+        if bearer.mechanism == "PLAIN" and service in settings.plain and settings.app_passwords_at(service):
+            return self._password(bearer.token, bearer.identity, service, settings.usernames.get(service, "username"),
+                                  decide)
+        return self._decide(bearer.token, decide)
 
-    def check_scope(self, access_token: str, identity: str | None, scope: str) -> Verdict | defer.Deferred[Verdict]:
-        """Decide whether a token (of `identity`, if named) holds `scope`: for forward-auth."""
-        return self._decide(access_token,
-                            lambda token, now: judge_token(token, now, identity, scope, self._settings))
+    def check_scope(self, access_token: str, identity: str | None, scope: str, service: str | None = None
+                    ) -> Verdict | defer.Deferred[Verdict]:
+        """Decide whether a token (of `identity`, if named) holds `scope`: for forward-auth. With
+        `service` (the password of HTTP Basic, at a rule guarding that service), an app password
+        made for that service passes too, where the operator allows them."""
+        def decide(token: Token | None, now: float) -> Verdict:
+            return judge_token(token, now, identity, scope, self._settings)
+        if service is not None and self._settings.app_passwords_at(service):
+            return self._password(access_token, identity, service, "username", decide)
+        return self._decide(access_token, decide)
 
-    def _decide(self, access_token: str, decide: Callable[[Token | None, float], Verdict]
+    def _password(self, secret: str, identity: str | None, service: str, reported: str,
+                  decide: Callable[[Token | None, float], Verdict]) -> Verdict | defer.Deferred[Verdict]:
+        """A password that may be a token or an app password: see the module's docstring."""
+        digest = self._store.keyring.digest(secret)
+        remembered = self._recent.app_password(digest)
+        if remembered is not None:
+            return judge_app_password(remembered, self._clock.seconds(), identity, service, self._settings, reported)
+
+        def unless_token(verdict: Verdict) -> Verdict | defer.Deferred[Verdict]:
+            if verdict.reason is not Reason.UNKNOWN:
+                return verdict
+            d = self._pool.run(self._store.find_app_password, digest)
+            d.addCallback(lambda found: judge_app_password(found, self._clock.seconds(), identity, service,
+                                                           self._settings, reported))
+            return cast("defer.Deferred[Verdict]", d.addErrback(self._database_failed))
+
+        as_token = self._decide(secret, decide, digest)
+        if isinstance(as_token, Verdict):
+            return unless_token(as_token)
+        return as_token.addCallback(unless_token)
+
+    def _decide(self, access_token: str, decide: Callable[[Token | None, float], Verdict], digest: str | None = None
                 ) -> Verdict | defer.Deferred[Verdict]:
-        digest = self._store.keyring.digest(access_token)
+        digest = digest or self._store.keyring.digest(access_token)
         remembered = self._recent.token(digest)
         if remembered is not None:
             token, age = remembered

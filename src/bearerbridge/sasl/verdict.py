@@ -30,6 +30,8 @@ class Reason(enum.StrEnum):
     NO_USER = "no_user"  # a client-credentials token names no one to log in
     IDENTITY_MISMATCH = "identity_mismatch"
     INSUFFICIENT_SCOPE = "insufficient_scope"
+    # judge.judge_app_password: an app password made for other services
+    SERVICE_NOT_GRANTED = "service_not_granted"
     # forward-auth: the request matched no rule, or a path that could name two
     NO_RULE = "no_rule"
     AMBIGUOUS_PATH = "ambiguous_path"

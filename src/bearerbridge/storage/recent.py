@@ -1,7 +1,7 @@
 """What the store read in the last few seconds, for the paths that should not wait for it.
 
 The SASL validator, forward-auth and introspection are asked about the same few clients
-and tokens over and over. The store notes here every client and access token it reads
+and tokens (and app passwords) over and over. The store notes here every client and access token it reads
 (`SqlStore` is built with a `RecentReads`), and those paths answer from this record while
 it is fresh: younger than `ttl` seconds (`[sasl] cache_ttl`) and read in the current
 `generation`.
@@ -20,11 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from bearerbridge.storage.apppasswords import AppPassword
 from bearerbridge.storage.models import Client, Token
 
 LIMIT = 100_000  # records of each kind
 
-R = TypeVar("R", Client, Token)
+R = TypeVar("R", Client, Token, AppPassword)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,14 +36,15 @@ class _Entry(Generic[R]):
 
 
 class RecentReads:
-    """A bounded memory of clients (by id) and access tokens (by digest). Safe to fill from
-    pool threads; read on the reactor thread."""
+    """A bounded memory of clients (by id), access tokens and app passwords (by digest). Safe to
+    fill from pool threads; read on the reactor thread."""
 
     def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
         self._clock = clock
         self._clients: dict[str, _Entry[Client]] = {}
         self._tokens: dict[str, _Entry[Token]] = {}
+        self._app_passwords: dict[str, _Entry[AppPassword]] = {}
         self.generation = 0
         self._generation_lock = threading.Lock()
 
@@ -59,6 +61,14 @@ class RecentReads:
 
     def remember_token(self, digest: str, token: Token, generation: int) -> None:
         self._remember(self._tokens, digest, token, generation)
+
+    def remember_app_password(self, digest: str, app_password: AppPassword, generation: int) -> None:
+        self._remember(self._app_passwords, digest, app_password, generation)
+
+    def app_password(self, digest: str) -> AppPassword | None:
+        """The app password with this digest read lately, or None when nothing fresh is remembered."""
+        found = self._fresh(self._app_passwords, digest)
+        return found[0] if found is not None else None
 
     def client(self, client_id: str) -> Client | None:
         """The client read lately, or None when nothing fresh is remembered."""

@@ -28,6 +28,7 @@ from bearerbridge.crypto import Keyring, new_secret
 from bearerbridge.keys import KeySealer, SigningKey
 from bearerbridge.passkeys import NewPasskey, StoredPasskey
 from bearerbridge.storage import account, admin, passkeys, signing, strikes, twofactor, uses
+from bearerbridge.storage import apppasswords as apps
 from bearerbridge.storage.models import AuthCode, Client, DeviceCode, SignIn, Token, User
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.schema import (
@@ -484,6 +485,35 @@ class SqlStore:
         next authorization asks again; (tokens revoked, consents forgotten)."""
         revoked = self._revoke(sa.and_(tokens.c.user_id == user_id, tokens.c.client_id == client_id))
         return revoked, account.revoke_grant(self._db, user_id, client_id)
+
+    # -- app passwords (storage/apppasswords.py; web/app_passwords.py, sasl/validator.py) ----------
+
+    def create_app_password(self, user_id: int, name: str, services: Sequence[str], expires_at: int | None
+                            ) -> tuple[int, str]:
+        """A new app password of the user for `services`: (its id, the secret, to be shown once;
+        only its keyed digest is kept)."""
+        secret = new_secret()
+        return apps.create(self._db, self.keyring.digest(secret), user_id, name, services, _now(),
+                           expires_at), secret
+
+    def find_app_password(self, digest: str) -> apps.AppPassword | None:
+        """The app password with this digest, noted in `recent` for the SASL paths to answer from."""
+        generation = self.recent.generation
+        found = apps.find(self._db, digest)
+        if found is not None:
+            self.recent.remember_app_password(digest, found, generation)
+        return found
+
+    def app_passwords(self, user_id: int) -> list[apps.Listed]:
+        return apps.listed(self._db, user_id, _now())
+
+    def revoke_app_password(self, user_id: int, app_id: int) -> apps.AppPassword | None:
+        """Revoke one of the user's app passwords (at once here, within `cache_ttl` elsewhere)."""
+        self._invalidates()
+        return apps.revoke(self._db, user_id, app_id)
+
+    def first_app_uses(self, batch: uses.Batch) -> list[apps.FirstUse]:
+        return apps.first_uses(self._db, batch)
 
     def browser_sessions(self, user_id: int) -> list[account.BrowserSession]:
         return account.browser_sessions(self._db, user_id, _now())

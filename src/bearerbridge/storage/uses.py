@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from bearerbridge.storage.apppasswords import FAMILY_PREFIX, orphan_uses
 from bearerbridge.storage.schema import token_uses, tokens
 
 # (family, service) -> (when, in seconds since the epoch; the address it came from, if known)
@@ -66,6 +67,7 @@ def record(db: Connection, batch: Batch) -> int:
 
 def purge(db: Connection) -> int:
     """Delete the uses of grants no token row is left of (purged, or gone with their client or
-    user); how many went."""
-    orphan = ~sa.exists().where(tokens.c.family == token_uses.c.family)
+    user), and of app passwords gone with their user; how many went."""
+    orphan = sa.or_(sa.and_(~token_uses.c.family.startswith(FAMILY_PREFIX),
+                            ~sa.exists().where(tokens.c.family == token_uses.c.family)), orphan_uses())
     return db.execute(token_uses.delete().where(orphan)).rowcount

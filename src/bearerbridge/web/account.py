@@ -60,7 +60,7 @@ def mail_notice(kicked: Kicked, target: Target) -> str:
 
 class Account(PageResource):
     """/account (GET shows it, POST takes its forms and the sign-in form); its pages below it are
-    children (/account/two-factor: web/twofactor.py)."""
+    children (/account/two-factor: web/twofactor.py; /account/app-passwords: web/app_passwords.py)."""
 
     isLeaf = False
 
@@ -105,6 +105,8 @@ class Account(PageResource):
 
     def _read(self, user: User) -> dict[str, Any]:
         """In the pool: the user's apps and sessions, as the page shows them."""
+        from bearerbridge.web.app_passwords import listed_for_page  # here: that module imports `when` from this one
+
         store = self._pool.store
         apps = [{"client_id": app.client_id, "name": app.name, "website": app.website,
                  "scopes": [(s, self._scopes.get(s, s)) for s in sorted(app.scope)],
@@ -114,7 +116,8 @@ class Account(PageResource):
                 for app in store.connected_apps(user.id)]
         sessions = [{"digest": s.id_digest, "started": when(s.created_at), "address": s.address,
                      "agent": s.user_agent, "amr": s.amr} for s in store.browser_sessions(user.id)]
-        return {"apps": apps, "sessions": sessions, "two_factor": store.two_factor(user.id)}
+        return {"apps": apps, "sessions": sessions, "two_factor": store.two_factor(user.id),
+                "app_passwords": listed_for_page(store.app_passwords(user.id))}
 
     def _login_page(self, request: Request, failed: bool, blocked: Blocked | None = None) -> Reply:
         csrf = self._sessions.csrf_token(request, "account-login")

@@ -22,8 +22,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import unquote
 
 from twisted.internet import defer
@@ -179,7 +179,7 @@ def rule_service(rule: ForwardAuthRule) -> str:
     """The service a rule guards, as a grant's uses are noted at it (uses.py): its host when it
     names one, else its read scope up to a colon ("webdav" for the default rule's webdav:read).
     Never anything a request names, so that a token cannot make up services."""
-    return rule.host.lower().removesuffix(".") if rule.host else (rule.read_scope.partition(":")[0] or "forward-auth")
+    return rule.service  # config.ForwardAuthRule.service: app passwords name services the same way
 
 
 def forwarded_address(request: Request) -> str | None:
@@ -188,8 +188,12 @@ def forwarded_address(request: Request) -> str | None:
     return client_address(request) if request.getHeader(b"x-forwarded-for") else None
 
 
-# (token, identity named or None, scope) -> the Verdict, now or later: `Validator.check_scope`.
-CheckScope = Callable[[str, "str | None", str], "Verdict | defer.Deferred[Verdict]"]
+class CheckScope(Protocol):
+    """(token, identity named or None, scope[, service of a Basic password]) -> the Verdict, now or
+    later: `Validator.check_scope`."""
+
+    def __call__(self, token: str, identity: str | None, scope: str, service: str | None = ..., /
+                 ) -> Verdict | defer.Deferred[Verdict]: ...
 
 
 class ForwardAuth(AsyncResource):
@@ -228,7 +232,10 @@ class ForwardAuth(AsyncResource):
         identity, token = credentials(request, rule)
         if token is None:
             return Reply(401, b"", self._challenge(rule))
-        verdict = when_ready(self._check_scope(token, identity, scope))
+        if rule.basic and bearer_token(request) is None:  # a password: an app password for the rule's service too
+            verdict = when_ready(self._check_scope(token, identity, scope, rule.service))
+        else:
+            verdict = when_ready(self._check_scope(token, identity, scope))
         return verdict.addCallback(self._decided, rule, scope, asked, request)
 
     def _decided(self, verdict: Verdict, rule: ForwardAuthRule, scope: str, asked: Original, request: Request
