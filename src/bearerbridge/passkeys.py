@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ CHALLENGE_TTL = 300  # seconds from the page to the browser's answer
 TIMEOUT_MS = 120_000  # how long the browser's own prompt waits
 MAX_PASSKEYS = 20  # per user
 MAX_NAME = 60
+_B64URL = re.compile(r"[A-Za-z0-9_-]{1,1366}")  # a credential id is at most 1023 bytes (WebAuthn §5.8.3)
 
 
 class PasskeyRefused(Exception):
@@ -167,10 +169,10 @@ def parse(credential: str) -> tuple[str, str | None]:
         data = json.loads(credential)
         credential_id = data["id"]
         handle = data.get("response", {}).get("userHandle") or None
-        base64url_to_bytes(credential_id)
     except (ValueError, TypeError, KeyError, AttributeError):
         raise PasskeyRefused("malformed") from None
-    if not isinstance(credential_id, str) or not credential_id or not (handle is None or isinstance(handle, str)):
+    if not isinstance(credential_id, str) or not _B64URL.fullmatch(credential_id) or not (
+            handle is None or isinstance(handle, str) and _B64URL.fullmatch(handle)):
         raise PasskeyRefused("malformed")
     return credential_id, handle
 
