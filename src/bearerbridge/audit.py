@@ -9,8 +9,9 @@ Events are short snake_case nouns of what happened: `sign_in` (with its `amr`), 
 `throttled`; from the user's own page `grant_revoked`, `mail_kick`, `sessions_ended`,
 `password_changed`, `two_factor_enabled`, `two_factor_disabled`, `two_factor_check_failed`,
 `recovery_codes_made`, `recovery_code_used`, `app_password_created`, `app_password_revoked`,
-`app_password_first_use`, `passkey_added`, `passkey_removed`, `passkey_refused`; and `admin` (a change made with the command line or on
-/admin: `action`, `actor`, `outcome`, and from /admin `address` and `via: "web"`).
+`app_password_first_use`, `passkey_added`, `passkey_removed`, `passkey_refused`; and `admin` (a
+change made with the command line or on /admin: `action`, `actor`, `outcome`, and from /admin
+`address` and `via: "web"`).
 Fields keep to a few names: `user` (the user's name), `client_id`, `scope` (space-separated, as
 OAuth writes it), `grant_type`, `reason`, `address` (the client's IP address, an IPv6 /64),
 `token_id` and `family` (row ids, never tokens), `revoked` (how many token pairs a revocation
