@@ -213,9 +213,13 @@ def test_revoking_ends_the_live_imap_session_and_the_token_logs_in_no_more(mail)
     bystander = logged_in(mail.dovecot.port, other, granted(mail, other, other_password))
     try:
         notice = revoke_on_account(mail, user, password, mail.app["client_id"])
-        # Dovecot introspects, which records no address: every session of the user ends.
-        assert notice == ("Access revoked: the app's tokens no longer work, and it must ask you again before it gets "
-                          "any. Ended 1 live mail session(s) of yours; your other mail apps reconnect by themselves.")
+        # Whether the kick is narrowed to the address Dovecot named at introspection depends on
+        # whether the use was written yet (every 5 s; tests/test_peers_account.py waits for it):
+        # either way this session, from 127.0.0.1, ends, and the other user's does not.
+        assert notice in ("Access revoked: the app's tokens no longer work, and it must ask you again before it gets "
+                          "any. " + ended for ended in (
+                              "Ended 1 live mail session(s) of yours; your other mail apps reconnect by themselves.",
+                              "Ended 1 live mail session(s) open from where it was last used."))
         ended_by_dovecot(live)
         refused(mail.dovecot.port, user, token)
         still_open(bystander)

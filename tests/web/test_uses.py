@@ -1,7 +1,8 @@
 """The HTTP surfaces noting a grant's use (uses.py) in process: /userinfo (from the HTTP peer),
 /forward-auth (the rule's service, the client's address as the proxy forwards it), a resource
-server's /introspect (the service Dovecot names, else "introspection"; from the pool and from
-memory) and POST /sasl; each writes a row once flushed, and a refused token writes none."""
+server's /introspect (the service Dovecot names, else "introspection", and the client address it
+names; from the pool and from memory) and POST /sasl; each writes a row once flushed, and a refused
+token writes none."""
 
 from __future__ import annotations
 
@@ -107,8 +108,10 @@ def test_the_forwarded_address_is_the_clients_from_a_trusted_proxy_and_none_with
 
 
 def introspect(bridge: Bridge, token: str, client: tuple[str, str] = ("rs", "rs-secret"),
-               service: str | None = None) -> dict:
+               service: str | None = None, remote: str | None = None) -> dict:
     headers = {"X-Dovecot-Auth-Service": service} if service else {}
+    if remote is not None:
+        headers["X-Dovecot-Auth-Remote"] = remote
     answer = bridge.browser().post("/introspect", data={"token": token}, auth=client, headers=headers)
     assert answer.code == 200
     return json.loads(answer.body)
@@ -130,6 +133,32 @@ def test_introspection_notes_no_use_of_an_inactive_token_nor_a_clients_own(bridg
     assert not introspect(bridge, "imap", service="smtp")["active"]  # not for that service
     assert not introspect(bridge, "unknown")["active"]
     assert introspect(bridge, "imap", client=("app", "app-secret"))["active"]  # the app's own token
+    assert flushed(bridge) == set()
+
+
+def test_a_resource_servers_introspection_notes_the_address_dovecot_names(bridge):
+    """Dovecot's send_auth_headers: `X-Dovecot-Auth-Remote: ip:port` (tests/test_peers_account.py
+    sees it from the real one); the port goes, an IPv6 address loses its brackets."""
+    imap = family_of(bridge.store, "imap")
+    assert introspect(bridge, "imap", service="imap", remote="192.0.2.7:51234")["active"]  # through the pool
+    assert flushed(bridge) == {(imap, "imap", NOW, "192.0.2.7")}
+    bridge.clock.advance(60)
+    hops = bridge.pool.hops
+    assert introspect(bridge, "imap", service="imap", remote="[2001:db8::1]:993")["active"]  # from memory
+    assert bridge.pool.hops == hops
+    assert flushed(bridge) == {(imap, "imap", NOW + 60, "2001:db8::1")}
+
+
+@pytest.mark.parametrize("header", ["", "not an address", "192.0.2.7:1:2", "[2001:db8::1", "mail.example:993",
+                                    "999.0.0.1:143"])
+def test_an_address_dovecot_did_not_name_well_is_noted_as_none(bridge, header):
+    assert introspect(bridge, "imap", service="imap", remote=header)["active"]
+    assert flushed(bridge) == {(family_of(bridge.store, "imap"), "imap", NOW, None)}
+
+
+def test_the_remote_header_counts_for_nothing_from_a_client_that_is_no_resource_server(bridge):
+    """Anyone can send the header: from a client introspecting its own token it notes nothing."""
+    assert introspect(bridge, "imap", client=("app", "app-secret"), remote="192.0.2.7:51234")["active"]
     assert flushed(bridge) == set()
 
 

@@ -74,6 +74,9 @@ class HttpRequest(OAuth2Request):
         # (grant, service): the token this request was answered for, as a use to note (`/userinfo`,
         # a resource server's `/introspect`); set in the pool, noted by the web layer (uses.py).
         self.token_use: tuple[str, str] | None = None
+        # Where that use came from when a resource server says so (Dovecot's X-Dovecot-Auth-Remote at
+        # `/introspect`, `oauth.endpoints.answered`); else None.
+        self.use_address: str | None = None
         self._args = {k: v[0] for k, v in query.items() if v}
         self._form = {k: v[0] for k, v in form.items() if v}
         merged: dict[str, list[str]] = {k: list(v) for k, v in query.items()}

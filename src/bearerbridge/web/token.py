@@ -161,10 +161,11 @@ class IntrospectionResource(EndpointResource):
         return answer if isinstance(answer, Reply) else answer.addCallback(self._used, req)
 
     def _used(self, reply: Reply, req: HttpRequest) -> Reply:
-        """Note the use the answer made of a token (`oauth.endpoints.answered`); the HTTP peer is
-        the resource server, not the user, so no address."""
+        """Note the use the answer made of a token (`oauth.endpoints.answered`). The HTTP peer is
+        the resource server, not the user: the address is the one the resource server named
+        (Dovecot's X-Dovecot-Auth-Remote), if any."""
         if req.token_use is not None and self._uses is not None:
-            self._uses.note(*req.token_use, None)
+            self._uses.note(*req.token_use, req.use_address)
         return reply
 
     def _reply(self, response: AuthlibResponse) -> Reply:
