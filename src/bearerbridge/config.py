@@ -57,6 +57,10 @@ class ServerSettings:
     # The grants this server gives at all (Prosody's allowed_oauth2_grant_types): a client
     # registered for one left out is refused it (unauthorized_client).
     grant_types: tuple[str, ...] = GRANT_TYPE_NAMES
+    # Who must sign in with a second factor (a TOTP code or a passkey) before approving an app, a
+    # device or using /admin: "none", "admins" or "everyone". One who has none set up is sent to
+    # their account page to make one.
+    require_second_factor: str = "none"
 
 
 @dataclass(frozen=True)
@@ -518,6 +522,7 @@ def _cross_check(config: Config) -> None:
     _one_of("[sasl] app_passwords (a service in [sasl] plain, or of a forward-auth rule with basic = true, or *)",
             [s for s in sasl.app_passwords if s != "*"], password_services + ("*",))
     _one_of("[server] grant_types", config.server.grant_types, GRANT_TYPE_NAMES)
+    _one_of("[server] require_second_factor", [config.server.require_second_factor], ("none", "admins", "everyone"))
     _one_of("[tokens] response_fields", config.tokens.response_fields, RESPONSE_FIELDS)
     _one_of("[tokens] default_scopes", config.tokens.default_scopes, tuple(config.scopes))
     _one_of("[tokens] format", [config.tokens.format], TOKEN_FORMATS)

@@ -28,7 +28,7 @@ from authlib.oauth2.rfc6749 import (
 )
 from authlib.oauth2.rfc6750 import BearerTokenGenerator
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
-from authlib.oidc.core.errors import ConsentRequiredError, LoginRequiredError
+from authlib.oidc.core.errors import ConsentRequiredError, InteractionRequiredError, LoginRequiredError
 
 from bearerbridge.audit import AuditLog
 from bearerbridge.config import Config
@@ -95,7 +95,13 @@ class ShowCode:
     code: str
 
 
-AuthorizeOutcome = Redirect | ErrorPage | AskLogin | AskConsent | ShowCode
+@dataclass(frozen=True)
+class NeedSecondFactor:
+    """A user `[server] require_second_factor` asks a second factor of, signed in without one."""
+    client_name: str
+
+
+AuthorizeOutcome = Redirect | ErrorPage | AskLogin | AskConsent | ShowCode | NeedSecondFactor
 
 
 class BridgeServer(AuthorizationServer):
@@ -289,6 +295,11 @@ class BridgeServer(AuthorizationServer):
         if user is None or sign_in is None:
             data = request.payload.data
             return AskLogin(client.name, login_hint=data.get("login_hint") or data.get("user") or "")
+        if sign_in.lacks_second_factor(self.config.server.require_second_factor):
+            if "none" in prompts:
+                return self._with_issuer(self.handle_error_response(request, InteractionRequiredError(
+                    redirect_uri=grant.redirect_uri, state=request.payload.state)), client.name)
+            return NeedSecondFactor(client.name)
         scope = set(request.scope.split())
         if decision in ("approve", "deny"):
             self.audit.record("consent", user=user.username, client_id=client.client_id, scope=request.scope,

@@ -28,6 +28,10 @@ class User:
         return self.id
 
 
+# The RFC 8176 methods that are a second factor here: a TOTP code, a passkey (bound or synced).
+SECOND_FACTORS = frozenset({"otp", "hwk", "swk"})
+
+
 @dataclass(frozen=True)
 class SignIn:
     """A live browser session: who signed in, when (OpenID's `auth_time`) and how (`amr`,
@@ -36,6 +40,12 @@ class SignIn:
     user: User
     auth_time: int
     amr: tuple[str, ...]
+
+    def lacks_second_factor(self, rule: str) -> bool:
+        """Whether `[server] require_second_factor` (`rule`: none, admins, everyone) wants of this
+        user a second factor this sign-in did not use (a TOTP code, a passkey)."""
+        applies = rule == "everyone" or (rule == "admins" and self.user.is_admin)
+        return applies and not SECOND_FACTORS & set(self.amr)
 
 
 @dataclass(frozen=True)

@@ -468,6 +468,14 @@ class SqlStore:
             users.c.disabled.is_(False))).first()
         return None if row is None else SignIn(self._user(row), row.auth_time, tuple(row.amr.split()))
 
+    def add_to_session(self, session_id: str, method: str) -> None:
+        """Note that this session has now also proven `method` (RFC 8176), e.g. "otp" when its user
+        set up two-factor sign-in with a code of it: what `[server] require_second_factor` asks."""
+        digest = self.keyring.digest(session_id)
+        amr = self._db.execute(sa.select(sessions.c.amr).where(sessions.c.id_digest == digest)).scalar()
+        if amr is not None and method not in amr.split():
+            self._db.execute(sessions.update().where(sessions.c.id_digest == digest).values(amr=f"{amr} {method}"))
+
     def end_session(self, session_id: str) -> None:
         self._db.execute(sessions.delete().where(sessions.c.id_digest == self.keyring.digest(session_id)))
 

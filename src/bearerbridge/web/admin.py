@@ -60,9 +60,10 @@ class Admin(PageResource):
     """/admin and every address under it."""
 
     def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
-                 audit: Recorder, rules: ClientRules) -> None:
+                 audit: Recorder, rules: ClientRules, require_second_factor: str = "none") -> None:
         super().__init__(pages)
         self._issuer = issuer
+        self._require_second_factor = require_second_factor
         self._sessions = sessions
         self._login = login
         self._audit = audit
@@ -108,6 +109,8 @@ class Admin(PageResource):
                                    address=address, via="web", outcome="refused", reason="not an admin",
                                    path=request.path.decode("latin-1"))
             return self.pages.render(403, "admin_forbidden.html", user=admin)
+        if sign_in.lacks_second_factor(self._require_second_factor):
+            return self.pages.render(403, "second_factor_required.html", client_name=None)
         binding = f"admin|{self._sessions.session_id(request)}"
         if request.method == b"POST" and not self._sessions.csrf_ok(request, form, binding):
             return self.pages.form_expired()

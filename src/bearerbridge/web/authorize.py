@@ -27,6 +27,7 @@ from bearerbridge.oauth.server import (
     AuthorizeOutcome,
     BridgeServer,
     ErrorPage,
+    NeedSecondFactor,
     Redirect,
     ShowCode,
 )
@@ -129,6 +130,8 @@ class Authorize(SignInAndConsent):
                                           login_hint=login_hint, passkey=self._login.passkey_form(request),
                                           blocked_wait=blocked.in_words if blocked else None,
                                           headers=retry_after(blocked.retry_after if blocked else None))
+            case NeedSecondFactor(client_name):
+                return self.pages.render(403, "second_factor_required.html", client_name=client_name)
             case ShowCode(client_name, code):
                 return self.pages.render(200, "oob.html", client_name=client_name, code=code)
             case AskConsent(client_name, user, scopes, website, logo_uri):

@@ -40,8 +40,16 @@ class DevicePage(SignInAndConsent):
 
     def _get(self, request: Request) -> defer.Deferred[Reply]:
         return self._sessions.sign_in(request).addCallback(
-            lambda sign_in: self._code_page(request, sign_in.user.id, self._typed_code(request)) if sign_in
+            lambda sign_in: (self._second_factor_needed(sign_in)
+                             or self._code_page(request, sign_in.user.id, self._typed_code(request))) if sign_in
             else self._login_page(request, failed=False))
+
+    def _second_factor_needed(self, sign_in: SignIn) -> Reply | None:
+        """The page sending the user to set up a second factor, if `[server] require_second_factor`
+        asks one of them and this sign-in had none."""
+        if sign_in.lacks_second_factor(self._server.config.server.require_second_factor):
+            return self.pages.render(403, "second_factor_required.html", client_name="A device")
+        return None
 
     def _login_page(self, request: Request, failed: bool, blocked: Blocked | None = None) -> Reply:
         csrf = self._sessions.csrf_token(request, f"device-login|{request.uri.decode('latin-1')}")
@@ -66,7 +74,8 @@ class DevicePage(SignInAndConsent):
 
     def _signed_in(self, signed_in: SignedIn | SecondFactorAsked | Blocked | None, request: Request) -> Reply:
         if isinstance(signed_in, SignedIn):
-            return self._code_page(request, signed_in.user.id, self._typed_code(request))
+            return (self._second_factor_needed(signed_in.sign_in)
+                    or self._code_page(request, signed_in.user.id, self._typed_code(request)))
         if isinstance(signed_in, SecondFactorAsked):
             action = request.uri.decode("latin-1")
             csrf = self._sessions.csrf_token(request, f"device-login|{action}")
@@ -78,6 +87,9 @@ class DevicePage(SignInAndConsent):
         """The code form and the consent form, for the user whose session is live."""
         if sign_in is None:
             return self._login_page(request, failed=False)
+        needed = self._second_factor_needed(sign_in)
+        if needed is not None:
+            return needed
         step, user_id = form.get("step"), sign_in.user.id
         if step == "code" and self._sessions.csrf_ok(request, form, f"device|{user_id}"):
             return self._check_code(request, user_id, form.get("user_code", ""))

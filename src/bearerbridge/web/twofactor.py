@@ -105,6 +105,7 @@ class TwoFactorPage(PageResource):
                         "That code is not the one your app shows now. Check that the app added the key "
                         "above, wait for a new code, and type it."))
                 self._audit.record("two_factor_enabled", user=user.username, method="totp", address=address)
+                await self._counts_for_this_session(request, "otp")
                 self._audit.record("recovery_codes_made", user=user.username, count=len(codes), address=address)
                 return await self._show(request, user, notice="Two-factor sign-in is on.", codes=codes)
             case "new_codes" | "disable" as step:
@@ -114,6 +115,12 @@ class TwoFactorPage(PageResource):
                 return await (self._new_codes(request, user, address) if step == "new_codes"
                               else self._disable(request, user, address))
         raise BadRequest("step must be begin, confirm, new_codes or disable")
+
+    async def _counts_for_this_session(self, request: Request, method: str) -> None:
+        """A code just proven counts for the session it was set up in (`[server] require_second_factor`)."""
+        session_id = self._sessions.session_id(request)
+        if session_id is not None:
+            await self._pool.run(self._pool.store.add_to_session, session_id, method)
 
     async def _new_codes(self, request: Request, user: User, address: str | None) -> Reply:
         codes = otp.new_recovery_codes()
