@@ -127,18 +127,22 @@ def uses_shown(browser, client_id: str) -> dict[str, str]:
 
 
 def screenshots(browser, name: str, directory: Path) -> list[Path]:
-    """The whole page at each of WIDTHS, as PNG files in `directory`."""
+    """The whole page at each of WIDTHS, as PNG files in `directory`: the viewport set through the
+    DevTools protocol (a window's size would include the browser's own frame), narrow as a phone's."""
     directory.mkdir(parents=True, exist_ok=True)
     shots = []
-    for width in WIDTHS:
-        browser.set_window_size(width, 800)
-        height = browser.execute_script("return document.documentElement.scrollHeight")
-        browser.set_window_size(width, max(height, 400))
-        shot = directory / f"{name}-{width}.png"
-        assert browser.save_screenshot(str(shot))
-        assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-        shots.append(shot)
-    browser.set_window_size(1024, 768)
+    try:
+        for width in WIDTHS:
+            metrics = {"width": width, "height": 800, "deviceScaleFactor": 1, "mobile": width < 600}
+            browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+            height = browser.execute_script("return document.documentElement.scrollHeight")
+            browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {**metrics, "height": height})
+            shot = directory / f"{name}-{width}.png"
+            assert browser.save_screenshot(str(shot))
+            assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+            shots.append(shot)
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     return shots
 
 
