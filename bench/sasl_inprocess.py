@@ -2,12 +2,13 @@
 
     .venv/bin/python bench/sasl_inprocess.py [--checks 50000] [--repeat 5] [--profile]
 
-Builds the same validator, metrics and Dovecot protocol as `twistd bearerbridge` over a
-throwaway SQLite store, remembers 8 seeded tokens as a recent read would, then feeds the
-protocol one `AUTH ... OAUTHBEARER` line per `dataReceived` call (as Postfix sends them, see
-sasl_bench.request_tail) on a StringTransport, and prints the best of `--repeat` runs in µs per
-check. It measures the Python of a remembered check alone, which sasl_bench.py cannot separate
-from the reactor and the kernel; `--profile` prints cProfile's top functions as well.
+Builds the same validator, metrics, memory of last uses (uses.py) and Dovecot protocol as
+`twistd bearerbridge` over a throwaway SQLite store, remembers 8 seeded tokens as a recent read
+would, then feeds the protocol one `AUTH ... OAUTHBEARER` line per `dataReceived` call (as
+Postfix sends them, see sasl_bench.request_tail) on a StringTransport, and prints the best of
+`--repeat` runs in µs per check. It measures the Python of a remembered check alone, which
+sasl_bench.py cannot separate from the reactor and the kernel; `--profile` prints cProfile's top
+functions as well; `--no-uses` leaves out noting each grant's last use.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from bearerbridge.metrics import Metrics
 from bearerbridge.sasl.dovecot import DovecotAuthFactory
 from bearerbridge.sasl.validator import Validator
 from bearerbridge.storage.pool import StorePool
+from bearerbridge.uses import LastUses
 
 
 def main() -> None:
@@ -37,6 +39,8 @@ def main() -> None:
     p.add_argument("--checks", type=int, default=50_000, help="AUTH lines per run")
     p.add_argument("--repeat", type=int, default=5, help="runs; the best is printed")
     p.add_argument("--profile", action="store_true", help="also print cProfile's top functions")
+    p.add_argument("--no-uses", action="store_true",
+                   help="note no last uses (uses.py), to see what noting them costs")
     args = p.parse_args()
 
     directory = Path(tempfile.mkdtemp(prefix="bearerbridge-sasl-inprocess-"))
@@ -53,7 +57,8 @@ def main() -> None:
         metrics, clock = Metrics(), Clock()
         factory = DovecotAuthFactory(
             Validator(StorePool(store, 1), settings.sasl).validate, openid_configuration="https://x/.well-known",
-            clock=clock, on_decision=functools.partial(metrics.sasl_decision, "dovecot", settings.sasl.services))
+            clock=clock, on_decision=functools.partial(metrics.sasl_decision, "dovecot", settings.sasl.services),
+            uses=None if args.no_uses else LastUses())  # each OK noted as its grant's last use, never written here
         protocol, transport = factory.buildProtocol(None), StringTransport()
         protocol.makeConnection(transport)
         protocol.dataReceived(b"VERSION\t1\t2\nCPID\t1\n")

@@ -6,6 +6,7 @@ with Dovecot's `rip`, never a refused one. All in process, on a Clock."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import time
 
 import pytest
@@ -14,11 +15,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 
+from bearerbridge import uses as uses_module
 from bearerbridge.config import SaslSettings
 from bearerbridge.metrics import Metrics
 from bearerbridge.sasl.dovecot import DovecotAuthProtocol
+from bearerbridge.sasl.judge import judge_token
 from bearerbridge.sasl.validator import Validator
-from bearerbridge.storage.models import Client
+from bearerbridge.storage.models import Client, Token
 from bearerbridge.storage.schema import token_uses
 from bearerbridge.storage.store import SqlStore
 from bearerbridge.uses import FLUSH_EVERY, LastUses, UseRecorder
@@ -142,6 +145,24 @@ def test_a_failed_write_drops_its_batch_counts_it_and_is_logged_once(world):
     assert len(uses) == 0
 
 
+def test_a_large_batch_goes_in_chunks_one_after_another_and_a_failure_drops_the_rest(world, monkeypatch):
+    store, pool, metrics, clock, uses, _ = world
+    monkeypatch.setattr(uses_module, "CHUNK", 2)
+    pool.held = []
+    for family in ("f1", "f2", "f3", "f4", "f5"):
+        uses.note(family, "imap", None)
+    clock.advance(FLUSH_EVERY)
+    assert pool.hops == 1  # the next chunk waits for this one: logins' reads go in between
+    d, result = pool.held.pop()
+    d.callback(result)
+    assert pool.hops == 2
+    pool.broken = True
+    pool.held.pop()[0].callback(2)  # the second chunk written; the third fails
+    assert pool.hops == 3 and len({row[0] for row in written(store)}) == 4
+    assert count(metrics, "bearerbridge_uses_recorded_total") == 4
+    assert count(metrics, "bearerbridge_uses_lost_total", why="database") == 1
+
+
 def test_a_full_memory_is_counted_when_written_and_warned_of_once(world):
     _, _, metrics, clock, uses, recorder = world
     uses.limit = 1
@@ -164,6 +185,25 @@ def test_stopping_writes_what_is_pending_and_the_timer_stops(world):
     uses.note("f2", "imap", None)
     clock.advance(10 * FLUSH_EVERY)
     assert {row[0] for row in written(store)} == {"f1"}  # no timer any more
+
+
+def test_a_recorder_never_started_stops_quietly(world):
+    store, pool, metrics, _, uses, _ = world
+    uses.note("f1", "imap", None)
+    done = []
+    UseRecorder(uses, pool, metrics).stopService().addCallback(done.append)
+    assert done == [None] and pool.hops == 0
+
+
+def test_only_an_accepted_verdict_names_its_grant():
+    token = Token(id=1, client_id="app", user_id=7, username="alice", email=None, scope="imap", issued_at=0,
+                  expires_at=2**40, refresh_expires_at=None, revoked=False, rotated=False, family="f")
+    accepted = judge_token(token, 1.0, None, "imap", SETTINGS)
+    assert (accepted.accepted, accepted.username, accepted.reason, accepted.family) == (True, "alice", "ok", "f")
+    assert judge_token(token, 1.0, None, "smtp", SETTINGS).family is None  # insufficient scope
+    assert judge_token(token, 1.0, "bob", "imap", SETTINGS).family is None
+    nameless = judge_token(dataclasses.replace(token, username=""), 1.0, None, "imap", SETTINGS)
+    assert not nameless.accepted and nameless.family is None  # no one to log in as: no use either
 
 
 # -- the Dovecot socket ------------------------------------------------------------------------------

@@ -5,15 +5,16 @@ Every surface that accepts a token notes the use in a `LastUses`: the Dovecot so
 service, Dovecot's `rip`), `POST /sasl`, `/forward-auth` (the rule's service, the client's
 address as the proxy forwards it), `/userinfo` and a resource server's `/introspect`. A note is
 one dict assignment, the latest (time, address) of each (grant, service) replacing the one
-before, so a hot token costs the SASL path nothing it could measure (bench/README.md). Every
-`FLUSH_EVERY` seconds `UseRecorder` hands what was noted to the store's pool as one transaction
-(`storage.uses.record`, an upsert keeping the later time), and once more when the service
-stops. A batch the database refuses is dropped, counted and logged once: the next login notes
-its grant again, and no login ever waits for this.
+before: ~0.2 µs of a hot check's ~15 (bench/README.md). Every `FLUSH_EVERY` seconds
+`UseRecorder` hands what was noted to the store's pool (`storage.uses.record`, an upsert keeping
+the later time), a transaction per `CHUNK` rows, and once more when the service stops. A batch
+the database refuses is dropped, counted and logged once: the next login notes its grant again,
+and no login ever waits for this.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 
@@ -35,6 +36,10 @@ FLUSH_EVERY = 5.0  # seconds: what the user's page may lag behind; one small tra
 # (grant, service) pairs remembered between two flushes; ~200 bytes each. Past it, a pair not yet
 # noted is lost (counted): that is more than 20,000 grants used a second for FLUSH_EVERY seconds.
 LIMIT = 100_000
+# Rows written a transaction: on SQLite the pool has one thread, so logins whose tokens must be
+# read wait behind a write. 1,000 rows take ~6 ms there; 80,000 in one went for a second
+# (sasl_bench's cold run: every login a grant never seen, 16,000 a second).
+CHUNK = 1_000
 
 
 class LastUses:
@@ -90,8 +95,9 @@ class UseRecorder(TimerService):
         self._overflow_told = False
 
     def flush(self) -> defer.Deferred[None]:
-        """Write what was noted since the last flush, in one transaction in the pool; never fails
-        (the TimerService would stop calling it). Nothing noted: no trip to the pool."""
+        """Write what was noted since the last flush in the pool, one transaction per `CHUNK` rows,
+        one after another; never fails (the TimerService would stop calling it). Nothing noted: no
+        trip to the pool."""
         batch, overflowed = self._uses.take()
         if overflowed:
             self._metrics.uses_lost.labels("full").inc(overflowed)
@@ -102,21 +108,30 @@ class UseRecorder(TimerService):
                          limit=self._uses.limit, every=self.step)
         if not batch:
             return defer.succeed(None)
-        if self._audit is not None and any(family.startswith(FAMILY_PREFIX) for family, _ in batch):
-            d = self._pool.run(self._record_noting_first_uses, batch)
-        else:
-            d = self._pool.run(self._pool.store.record_uses, batch)
-        return d.addCallbacks(self._written, self._dropped, errbackArgs=(len(batch),))
+        return defer.Deferred.fromCoroutine(self._write(batch))
 
-    def _record_noting_first_uses(self, batch: Batch) -> int:
+    async def _write(self, batch: Batch) -> None:
+        """The chunks of a batch, each made as it is sent; a failure drops the rest of the batch."""
+        items, left = iter(batch.items()), len(batch)
+        while left:
+            chunk = dict(itertools.islice(items, CHUNK))
+            try:
+                count = await self._pool.run(self._record, chunk)
+            except Exception:
+                self._dropped(Failure(), left)
+                return
+            left -= len(chunk)
+            self._written(count)
+
+    def _record(self, batch: Batch) -> int:
         """In the pool, one transaction: the app passwords of the batch used for the first time
         (none of their uses recorded yet; audited, as the audit log is, inside the transaction),
         then the batch written."""
-        assert self._audit is not None
-        for first in self._pool.store.first_app_uses(batch):
-            password = first.password
-            self._audit.record("app_password_first_use", user=password.username, family=password.family,
-                               name=password.name, services=list(first.services), address=first.address)
+        if self._audit is not None and any(family.startswith(FAMILY_PREFIX) for family, _ in batch):
+            for first in self._pool.store.first_app_uses(batch):
+                password = first.password
+                self._audit.record("app_password_first_use", user=password.username, family=password.family,
+                                   name=password.name, services=list(first.services), address=first.address)
         return self._pool.store.record_uses(batch)
 
     def _written(self, count: int) -> None:
@@ -135,6 +150,8 @@ class UseRecorder(TimerService):
 
     def stopService(self) -> defer.Deferred[None]:
         """Stop the timer (a write in flight ends in its time) and write what is left at once."""
+        if not self.running:  # never started (twistd stopped before it ran): nothing was noted
+            return defer.succeed(None)
         stopped = super().stopService()
         last = self.flush()
         return defer.gatherResults([stopped, last]).addCallback(lambda _: None)

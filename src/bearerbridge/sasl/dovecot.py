@@ -637,7 +637,7 @@ class DovecotAuthProtocol(LineOnlyReceiver, TimeoutMixin):
         try:
             if isinstance(result, TwistedFailure):
                 result = self._validator_failed(result)
-            if result.family is not None and self._uses is not None and result.accepted:
+            if result.family is not None and self._uses is not None:  # accepted (Verdict.family)
                 request = validation.request
                 self._uses.note(result.family, request.service, request.params.get("rip"))
             delay = self._settle(result, validation)

@@ -55,7 +55,8 @@ class Verdict:
     ``reason`` (a `Reason`, for logs and metrics) is never told to the client.
     ``temporary`` marks a backend outage, which clients should report as "try
     again later". ``family`` names the grant (the token family) of a token accepted
-    by bearerbridge's own judge, so that the surface can note its use (uses.py).
+    by bearerbridge's own judge, and only of one accepted, so that the surface can note
+    its use (uses.py).
     """
 
     ok: bool
