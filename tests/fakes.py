@@ -171,7 +171,7 @@ class Bridge:
     audit: MemoryAudit
     root: IResource
     clock: Clock
-    uses: LastUses  # what the tree noted as grants' uses, on `clock`'s time (write it with a UseRecorder)
+    uses: LastUses  # what the tree noted as grants' uses (write it with a UseRecorder)
 
     @classmethod
     def over(cls, store: SqlStore, config: Config | None = None, clock: Clock | None = None) -> Bridge:
@@ -182,7 +182,7 @@ class Bridge:
         config = config or Config()
         pool = SyncPool(store)
         metrics, audit, clock = Metrics(), MemoryAudit(), clock or Clock()
-        uses = LastUses(now=clock.seconds)
+        uses = LastUses()
         return cls(store, config, pool, metrics, audit,
                    tap.http_root(config, pool, metrics, Validator(pool, config.sasl), audit, clock=clock, uses=uses),
                    clock, uses)

@@ -44,32 +44,27 @@ def family_of(store: SqlStore, token: str) -> str:
 
 # -- LastUses: what is noted, in memory ------------------------------------------------------------
 
-def test_the_latest_use_of_each_grant_at_each_service_is_kept_until_taken():
-    clock = Clock()
-    uses = LastUses(now=clock.seconds)
+def test_the_latest_address_of_each_grant_at_each_service_is_kept_until_taken():
+    uses = LastUses()
     uses.note("f1", "imap", "192.0.2.1")
-    clock.advance(1)
     uses.note("f1", "imap", "192.0.2.2")
     uses.note("f1", "smtp", None)
     uses.note("f2", "imap", "198.51.100.7")
-    assert uses.take() == ({("f1", "imap"): (1.0, "192.0.2.2"), ("f1", "smtp"): (1.0, None),
-                            ("f2", "imap"): (1.0, "198.51.100.7")}, 0)
+    assert uses.take() == ({("f1", "imap"): "192.0.2.2", ("f1", "smtp"): None, ("f2", "imap"): "198.51.100.7"}, 0)
     assert uses.take() == ({}, 0)  # taken: the memory starts afresh
 
 
 def test_a_full_memory_still_updates_what_it_holds_and_counts_each_use_it_cannot():
-    clock = Clock()
-    uses = LastUses(limit=2, now=clock.seconds)
+    uses = LastUses(limit=2)
     uses.note("f1", "imap", None)
     uses.note("f2", "imap", None)
     uses.note("f3", "imap", None)  # no room
     uses.note("f3", "smtp", None)  # nor here
-    clock.advance(5)
     uses.note("f1", "imap", "192.0.2.1")  # held already: updated
     assert len(uses) == 2
-    assert uses.take() == ({("f1", "imap"): (5.0, "192.0.2.1"), ("f2", "imap"): (0.0, None)}, 2)
+    assert uses.take() == ({("f1", "imap"): "192.0.2.1", ("f2", "imap"): None}, 2)
     uses.note("f3", "imap", None)  # room again
-    assert uses.take() == ({("f3", "imap"): (5.0, None)}, 0)
+    assert uses.take() == ({("f3", "imap"): None}, 0)
 
 
 # -- UseRecorder: written behind -------------------------------------------------------------------
@@ -79,7 +74,7 @@ def world(tmp_path):
     store = sqlite_store(tmp_path / "uses.db")
     pool, metrics, clock = SyncPool(store), Metrics(), Clock()
     clock.rightNow = 1_700_000_000.0
-    uses = LastUses(now=clock.seconds)
+    uses = LastUses()
     recorder = UseRecorder(uses, pool, metrics, clock=clock)
     recorder.startService()
     yield store, pool, metrics, clock, uses, recorder
@@ -102,7 +97,7 @@ def test_uses_are_written_every_few_seconds_in_one_trip_to_the_pool(world):
     clock.advance(FLUSH_EVERY - 0.5)
     assert written(store) == set()
     clock.advance(0.5)
-    at = 1_700_000_000 + int(FLUSH_EVERY)  # when they were noted, not when written
+    at = 1_700_000_000 + 2 * int(FLUSH_EVERY)  # dated when taken: at most FLUSH_EVERY late
     assert written(store) == {("f1", "imap", at, "192.0.2.1"), ("f1", "smtp", at, "2001:db8::7"),
                               ("f2", "xmpp", at, None)}
     assert pool.hops == 1
@@ -223,7 +218,7 @@ def socket(tmp_path):
         store.save_token("smtp-only", None, "app", alice.id, "smtp", 3600, None)
     pool, clock = SyncPool(store), Clock()
     clock.rightNow = time.time()  # the tokens' expiry is wall-clock time
-    uses = LastUses(now=clock.seconds)
+    uses = LastUses()
     protocol = DovecotAuthProtocol(Validator(pool, SETTINGS, clock=clock).validate, clock=clock, uses=uses)
     transport = StringTransport()
     protocol.makeConnection(transport)
@@ -254,7 +249,7 @@ def test_a_login_on_the_dovecot_socket_is_written_with_its_service_and_rip(socke
     assert login("2", "good", rip="2001:db8::1:7") == b"OK\t2\tuser=alice\n"  # from memory, the latest
     assert login("3", "good", "PLAIN", rip="192.0.2.8") == b"OK\t3\tuser=alice\n"
     assert login("4", "smtp-only", service="smtp") == b"OK\t4\tuser=alice\n"
-    UseRecorder(uses, pool, Metrics()).flush()
+    UseRecorder(uses, pool, Metrics(), clock=clock).flush()
     at = int(clock.seconds())
     assert written(store) == {(family_of(store, "good"), "imap", at, "192.0.2.8"),
                               (family_of(store, "smtp-only"), "smtp", at, "192.0.2.7")}

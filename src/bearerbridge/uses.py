@@ -4,19 +4,18 @@ is accepted, written behind in batches (issue 12: the user's "connected apps").
 Every surface that accepts a token notes the use in a `LastUses`: the Dovecot socket (the SASL
 service, Dovecot's `rip`), `POST /sasl`, `/forward-auth` (the rule's service, the client's
 address as the proxy forwards it), `/userinfo` and a resource server's `/introspect`. A note is
-one dict assignment, the latest (time, address) of each (grant, service) replacing the one
-before: ~0.2 µs of a hot check's ~15 (bench/README.md). Every `FLUSH_EVERY` seconds
-`UseRecorder` hands what was noted to the store's pool (`storage.uses.record`, an upsert keeping
-the later time), a transaction per `CHUNK` rows, and once more when the service stops. A batch
-the database refuses is dropped, counted and logged once: the next login notes its grant again,
-and no login ever waits for this.
+one dict assignment, the latest address of each (grant, service) replacing the one before:
+~0.2 µs of a hot check's ~15 (bench/README.md). Every `FLUSH_EVERY` seconds `UseRecorder` takes
+what was noted, stamps it with the time (so a use is dated up to `FLUSH_EVERY` seconds late:
+a clock read and a tuple for every use cost the hot path 0.3 µs more) and hands it to the
+store's pool (`storage.uses.record`, an upsert keeping the later time), a transaction per
+`CHUNK` rows, and once more when the service stops. A batch the database refuses is dropped,
+counted and logged once: the next login notes its grant again, and no login ever waits for it.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
-from collections.abc import Callable
 
 from twisted.application.internet import TimerService
 from twisted.internet import defer
@@ -36,29 +35,30 @@ FLUSH_EVERY = 5.0  # seconds: what the user's page may lag behind; one small tra
 # (grant, service) pairs remembered between two flushes; ~200 bytes each. Past it, a pair not yet
 # noted is lost (counted): that is more than 20,000 grants used a second for FLUSH_EVERY seconds.
 LIMIT = 100_000
-# Rows written a transaction: on SQLite the pool has one thread, so logins whose tokens must be
-# read wait behind a write. 1,000 rows take ~6 ms there; 80,000 in one went for a second
+# Rows written a transaction: on SQLite the pool has one thread, so a login whose token must be
+# read waits behind a write. 250 new rows take ~3.5 ms there (~20 ms with the WAL checkpoint that
+# some commits make), 1,000 ~24 ms, and 80,000 in one held the pool for over a second
 # (sasl_bench's cold run: every login a grant never seen, 16,000 a second).
-CHUNK = 1_000
+CHUNK = 250
 
 
 class LastUses:
-    """The latest use of each (grant, service) since the last `take`, at most `limit` of them.
+    """The grants used at each service since the last `take`, each with the address of its latest
+    use, at most `limit` (grant, service) pairs.
 
-    Sans-IO: the time comes from `now` (wall-clock seconds), and nothing here writes anything.
-    Filled and emptied on the reactor thread only."""
+    Sans-IO: no clock (the recorder dates a batch when it takes it), and nothing here writes
+    anything. Filled and emptied on the reactor thread only."""
 
-    def __init__(self, limit: int = LIMIT, now: Callable[[], float] = time.time) -> None:
+    def __init__(self, limit: int = LIMIT) -> None:
         self.limit = limit
-        self._now = now
-        self._latest: dict[tuple[str, str], tuple[float, str | None]] = {}
+        self._latest: dict[tuple[str, str], str | None] = {}
         self.overflowed = 0  # uses of pairs not noted for want of room since the last take
 
     def note(self, family: str, service: str, address: str | None) -> None:
         """A token of grant `family` was accepted for `service`, just now, from `address` (as the
         service saw it; stored only if it is an IP address). The hot path: a dict assignment."""
         latest = self._latest
-        latest[family, service] = (self._now(), address)
+        latest[family, service] = address
         if len(latest) > self.limit:  # only a pair new to a full memory grows it: drop that one
             del latest[family, service]
             self.overflowed += 1
@@ -66,7 +66,7 @@ class LastUses:
     def __len__(self) -> int:
         return len(self._latest)
 
-    def take(self) -> tuple[Batch, int]:
+    def take(self) -> tuple[dict[tuple[str, str], str | None], int]:
         """What was noted since the last take, and how many uses were lost for want of room;
         the memory starts afresh (so that a batch being written never changes under its writer)."""
         taken, self._latest = self._latest, {}
@@ -88,6 +88,11 @@ class UseRecorder(TimerService):
         super().__init__(every, self.flush)
         self._audit = audit  # told of app passwords used for the first time (app_password_first_use)
         self.clock = clock
+        if clock is None:
+            from twisted.internet import reactor  # here: importing this module installs no reactor
+
+            clock = reactor
+        self._now = clock.seconds  # what a batch is dated with
         self._uses = uses
         self._pool = pool
         self._metrics = metrics
@@ -95,10 +100,10 @@ class UseRecorder(TimerService):
         self._overflow_told = False
 
     def flush(self) -> defer.Deferred[None]:
-        """Write what was noted since the last flush in the pool, one transaction per `CHUNK` rows,
-        one after another; never fails (the TimerService would stop calling it). Nothing noted: no
-        trip to the pool."""
-        batch, overflowed = self._uses.take()
+        """Write what was noted since the last flush, dated now, in the pool: one transaction per
+        `CHUNK` rows, one after another; never fails (the TimerService would stop calling it).
+        Nothing noted: no trip to the pool."""
+        taken, overflowed = self._uses.take()
         if overflowed:
             self._metrics.uses_lost.labels("full").inc(overflowed)
             if not self._overflow_told:
@@ -106,15 +111,15 @@ class UseRecorder(TimerService):
                 log.warn("More than {limit} grants were used at a service within {every} s: the last uses of "
                          "some were not recorded (counted in bearerbridge_uses_lost_total)",
                          limit=self._uses.limit, every=self.step)
-        if not batch:
+        if not taken:
             return defer.succeed(None)
-        return defer.Deferred.fromCoroutine(self._write(batch))
+        return defer.Deferred.fromCoroutine(self._write(taken, self._now()))
 
-    async def _write(self, batch: Batch) -> None:
+    async def _write(self, taken: dict[tuple[str, str], str | None], at: float) -> None:
         """The chunks of a batch, each made as it is sent; a failure drops the rest of the batch."""
-        items, left = iter(batch.items()), len(batch)
+        items, left = iter(taken.items()), len(taken)
         while left:
-            chunk = dict(itertools.islice(items, CHUNK))
+            chunk = {key: (at, address) for key, address in itertools.islice(items, CHUNK)}
             try:
                 count = await self._pool.run(self._record, chunk)
             except Exception:

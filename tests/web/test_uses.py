@@ -51,7 +51,7 @@ def bridge(tmp_path) -> Bridge:
 
 def flushed(bridge: Bridge) -> set[tuple]:
     """Write what the tree noted (as the running service does every few seconds); every row."""
-    UseRecorder(bridge.uses, bridge.pool, Metrics()).flush()
+    UseRecorder(bridge.uses, bridge.pool, Metrics(), clock=bridge.clock).flush()
     return written(bridge.store)
 
 
@@ -176,4 +176,4 @@ def test_post_sasl_notes_a_use_at_its_service_and_a_refusal_none(bridge):
     assert post("smtp", "smtp")["result"] == "ok"
     assert post("smtp", "imap")["result"] == "failure"
     assert post("unknown", "smtp")["result"] == "failure"
-    assert flushed(bridge) == {(family_of(bridge.store, "smtp"), "smtp", NOW, None)}
+    assert flushed(bridge) == {(family_of(bridge.store, "smtp"), "smtp", NOW + 30, None)}  # dated when taken
