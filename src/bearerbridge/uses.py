@@ -5,12 +5,12 @@ Every surface that accepts a token notes the use in a `LastUses`: the Dovecot so
 service, Dovecot's `rip`), `POST /sasl`, `/forward-auth` (the rule's service, the client's
 address as the proxy forwards it), `/userinfo` and a resource server's `/introspect`. A note is
 one dict assignment, the latest address of each (grant, service) replacing the one before:
-~0.2 µs of a hot check's ~15 (bench/README.md). Every `FLUSH_EVERY` seconds `UseRecorder` takes
-what was noted, stamps it with the time (so a use is dated up to `FLUSH_EVERY` seconds late:
-a clock read and a tuple for every use cost the hot path 0.3 µs more) and hands it to the
-store's pool (`storage.uses.record`, an upsert keeping the later time), a transaction per
-`CHUNK` rows, and once more when the service stops. A batch the database refuses is dropped,
-counted and logged once: the next login notes its grant again, and no login ever waits for it.
+~0.3 µs of a hot check's ~15 (bench/README.md). Every `FLUSH_EVERY` seconds `UseRecorder` takes
+what was noted, dates it with one clock read (so a use is dated up to `FLUSH_EVERY` seconds
+late, and the memory needs no clock) and hands it to the store's pool (`storage.uses.record`,
+an upsert keeping the later time), a transaction per `CHUNK` rows, and once more when the
+service stops. A batch the database refuses is dropped, counted and logged once: the next login
+notes its grant again, and no login ever waits for it.
 """
 
 from __future__ import annotations
