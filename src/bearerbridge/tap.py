@@ -182,7 +182,7 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     account.putChild(b"app-passwords", AppPasswordsPage(pages, issuer, sessions, pool, audit,
                                                         config.app_password_services))
     account.putChild(b"two-factor", TwoFactorPage(pages, issuer, config.server.site_name, sessions, login, pool, audit))
-    account.putChild(b"passkeys", PasskeysPage(pages, issuer, sessions, passkeys, pool, audit))
+    account.putChild(b"passkeys", PasskeysPage(pages, issuer, sessions, login, passkeys, pool, audit))
     top.putChild(b"admin", Admin(pages, issuer, sessions, login, pool, audit, ClientRules.of(config),
                                  config.server.require_second_factor))
     top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics, sign_in))

@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from bearerbridge import otp
 from bearerbridge.doveadm.client import Doveadm
 from bearerbridge.doveadm.protocol import Kicked, Outcome, Target
 from bearerbridge.guard import Blocked, Recorder
@@ -58,6 +59,74 @@ def mail_notice(kicked: Kicked, target: Target) -> str:
             "disconnects, and cannot log in again.")
 
 
+def account_binding(sessions: Sessions, request: Request) -> str:
+    """The CSRF binding of /account's forms, which /account/app-passwords shares (the Revoke
+    buttons of its app passwords on /account post there)."""
+    return f"account|{sessions.session_id(request) or ''}"
+
+
+async def proof_refused(login: PasswordLogin, request: Request, user: User, proof: str) -> tuple[int, str] | None:
+    """Why (a status and words) `proof`, a current code from the user's authenticator app (six
+    digits) or their password, does not show that it is the user at the keyboard, if it does not:
+    asked before undoing a second factor, so that a session left open is not enough. Checked at
+    the sign-in door, as guesses are."""
+    if otp.typed_code(proof):
+        checked: Any = await login.second_factor.attempt(request, user, proof, failure="two_factor_check_failed")
+        wrong = "That code is wrong, or was used already: wait for the next one."
+    else:
+        checked = await login.verify(request, user.username, proof)
+        wrong = "That password is wrong."
+    if isinstance(checked, Blocked):
+        return 429, f"Too many wrong codes or passwords: try again in {checked.in_words}."
+    return (400, wrong) if checked is None else None
+
+
+class AccountSubpage(PageResource):
+    """A page below /account for a signed-in user: GET shows it (`_view`), POST takes its forms
+    (`_act`), each with a CSRF token bound to this browser and session (`_binding`); without a
+    session, both send the browser to /account to sign in."""
+
+    def __init__(self, pages: Pages, issuer: str, sessions: Sessions, pool: StorePool, audit: Recorder) -> None:
+        super().__init__(pages)
+        self._issuer = issuer
+        self._sessions = sessions
+        self._pool = pool
+        self._audit = audit
+
+    def render_GET(self, request: Request) -> int:
+        return self._answer(request, lambda r: self._sessions.sign_in(r).addCallback(self._get, r))
+
+    def render_POST(self, request: Request) -> int:
+        return self._answer(request, self._post)
+
+    def _binding(self, request: Request) -> str:
+        raise NotImplementedError
+
+    def _view(self, request: Request, user: User) -> defer.Deferred[Reply]:
+        """The page as GET shows it."""
+        raise NotImplementedError
+
+    async def _act(self, request: Request, sign_in: SignIn, form: Mapping[str, str]) -> Reply:
+        """One of the page's forms, its CSRF token checked."""
+        raise NotImplementedError
+
+    def _get(self, sign_in: SignIn | None, request: Request) -> Reply | defer.Deferred[Reply]:
+        return self._view(request, sign_in.user) if sign_in else to_account()
+
+    def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
+        form = snapshot(request, self._issuer).form
+        if not self._sessions.csrf_ok(request, form, self._binding(request)):
+            return self.pages.form_expired()
+        return self._sessions.sign_in(request).addCallback(
+            lambda sign_in: defer.Deferred.fromCoroutine(self._act(request, sign_in, form)) if sign_in
+            else to_account())
+
+
+def to_account() -> Reply:
+    """Off to /account, which asks for the sign-in."""
+    return Reply(303, b"", {b"Location": PATH.encode()})
+
+
 class Account(PageResource):
     """/account (GET shows it, POST takes its forms and the sign-in form); its pages below it are
     children (/account/two-factor: web/twofactor.py; /account/app-passwords: web/app_passwords.py)."""
@@ -87,7 +156,7 @@ class Account(PageResource):
     # -- showing -------------------------------------------------------------------------------
 
     def _binding(self, request: Request) -> str:
-        return f"account|{self._sessions.session_id(request) or ''}"
+        return account_binding(self._sessions, request)
 
     def _show(self, sign_in: SignIn | None, request: Request, status: int = 200, notice: str = "",
               error: str = "") -> Reply | defer.Deferred[Reply]:
@@ -140,7 +209,7 @@ class Account(PageResource):
 
     def _signed_in(self, outcome: SignedIn | SecondFactorAsked | Blocked | None, request: Request) -> Reply:
         if isinstance(outcome, SignedIn):
-            return Reply(303, b"", {b"Location": PATH.encode()})
+            return to_account()
         if isinstance(outcome, SecondFactorAsked):
             return second_factor_page(self.pages, outcome, PATH, self._sessions.csrf_token(request, "account-login"),
                                       None)

@@ -24,20 +24,15 @@ from bearerbridge.guard import Recorder
 from bearerbridge.storage.apppasswords import Listed
 from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
-from bearerbridge.web.account import when
+from bearerbridge.web.account import AccountSubpage, account_binding, when
 from bearerbridge.web.sessions import Sessions
-from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, client_address, snapshot
+from bearerbridge.web.site import BadRequest, Pages, Reply, client_address
 
 PATH = "/account/app-passwords"
 NAME_MAX = 100
 SERVICE = "service:"  # the checkboxes' names: service:smtp, service:webdav, ...
 EXPIRIES = {"30": 30 * 86400, "90": 90 * 86400, "365": 365 * 86400, "never": None}  # the choices, in seconds
 DEFAULT_EXPIRY = "365"
-
-
-def binding(sessions: Sessions, request: Request) -> str:
-    """The CSRF binding of /account's forms, which this page shares (its Revoke buttons post here)."""
-    return f"account|{sessions.session_id(request) or ''}"
 
 
 def listed_for_page(found: list[Listed]) -> list[dict[str, Any]]:
@@ -50,28 +45,19 @@ def listed_for_page(found: list[Listed]) -> list[dict[str, Any]]:
             for item in found]
 
 
-class AppPasswordsPage(PageResource):
+class AppPasswordsPage(AccountSubpage):
     """/account/app-passwords (GET shows it, POST makes or revokes one); without a session, /account."""
 
     def __init__(self, pages: Pages, issuer: str, sessions: Sessions, pool: StorePool, audit: Recorder,
                  services: tuple[str, ...]) -> None:
-        super().__init__(pages)
-        self._issuer = issuer
-        self._sessions = sessions
-        self._pool = pool
-        self._audit = audit
+        super().__init__(pages, issuer, sessions, pool, audit)
         self._services = services  # those an app password may be made for (Config.app_password_services)
 
-    def render_GET(self, request: Request) -> int:
-        return self._answer(request, lambda r: self._sessions.sign_in(r).addCallback(self._get, r))
+    def _binding(self, request: Request) -> str:
+        return account_binding(self._sessions, request)  # /account's Revoke buttons post here
 
-    def render_POST(self, request: Request) -> int:
-        return self._answer(request, self._post)
-
-    def _get(self, sign_in: SignIn | None, request: Request) -> Reply | defer.Deferred[Reply]:
-        if sign_in is None:
-            return Reply(303, b"", {b"Location": b"/account"})
-        return self._show(request, sign_in.user)
+    def _view(self, request: Request, user: User) -> defer.Deferred[Reply]:
+        return self._show(request, user)
 
     def _show(self, request: Request, user: User, status: int = 200, notice: str = "", error: str = "",
               made: dict[str, Any] | None = None, asked: Mapping[str, str] | None = None) -> defer.Deferred[Reply]:
@@ -79,7 +65,7 @@ class AppPasswordsPage(PageResource):
         form to make one (filled in again as `asked` after a refusal)."""
         asked = asked or {}
         chosen = {s for s in self._services if asked.get(SERVICE + s)}
-        csrf = self._sessions.csrf_token(request, binding(self._sessions, request))
+        csrf = self._sessions.csrf_token(request, self._binding(request))
         return self._pool.run(self._pool.store.app_passwords, user.id).addCallback(
             lambda found: self.pages.render(
                 status, "app_passwords.html", user=user, notice=notice, error=error, made=made, csrf=csrf,
@@ -87,14 +73,6 @@ class AppPasswordsPage(PageResource):
                 typed_name=asked.get("name", ""), expiry=asked.get("expiry", DEFAULT_EXPIRY), name_max=NAME_MAX,
                 expiries=[("30", "in 30 days"), ("90", "in 90 days"), ("365", "in a year"),
                           ("never", "never (until revoked)")]))
-
-    def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
-        form = snapshot(request, self._issuer).form
-        if not self._sessions.csrf_ok(request, form, binding(self._sessions, request)):
-            return self.pages.form_expired()
-        return self._sessions.sign_in(request).addCallback(
-            lambda sign_in: defer.Deferred.fromCoroutine(self._act(request, sign_in, form)) if sign_in
-            else Reply(303, b"", {b"Location": b"/account"}))
 
     async def _act(self, request: Request, sign_in: SignIn, form: Mapping[str, str]) -> Reply:
         match form.get("step"):

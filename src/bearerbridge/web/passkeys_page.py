@@ -6,8 +6,9 @@ for this site's host name, the user's random handle, their passkeys excluded) an
 signed for this browser and session (web/passkeys.py); /static/passkeys.js posts the browser's
 answer back, checked by the `webauthn` library. Once a user has a passkey, signing in with the
 password asks for it (or for a TOTP code, if that is on too) and the passkey alone signs in
-from the sign-in pages. Every form is a POST with a CSRF token bound to this browser and
-session. Audit events: passkey_added, passkey_removed.
+from the sign-in pages. Removing one asks for the password or a current code from the
+authenticator app, as turning TOTP off does. Every form is a POST with a CSRF token bound to
+this browser and session. Audit events: passkey_added, passkey_removed.
 """
 
 from __future__ import annotations
@@ -22,44 +23,34 @@ from bearerbridge.guard import Recorder
 from bearerbridge.passkeys import PasskeyRefused
 from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
-from bearerbridge.web.account import when
+from bearerbridge.web.account import AccountSubpage, proof_refused, when
 from bearerbridge.web.passkeys import Passkeys
-from bearerbridge.web.sessions import Sessions
-from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, client_address, snapshot
+from bearerbridge.web.sessions import PasswordLogin, Sessions
+from bearerbridge.web.site import BadRequest, Pages, Reply, client_address
 
 PATH = "/account/passkeys"
 
 
-class PasskeysPage(PageResource):
+class PasskeysPage(AccountSubpage):
     """/account/passkeys (GET shows it, POST takes its forms); without a session, /account."""
 
-    def __init__(self, pages: Pages, issuer: str, sessions: Sessions, passkeys: Passkeys, pool: StorePool,
-                 audit: Recorder) -> None:
-        super().__init__(pages)
-        self._issuer = issuer
-        self._sessions = sessions
+    def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, passkeys: Passkeys,
+                 pool: StorePool, audit: Recorder) -> None:
+        super().__init__(pages, issuer, sessions, pool, audit)
+        self._login = login
         self._passkeys = passkeys
-        self._pool = pool
-        self._audit = audit
-
-    def render_GET(self, request: Request) -> int:
-        return self._answer(request, lambda r: self._sessions.sign_in(r).addCallback(self._get, r))
-
-    def render_POST(self, request: Request) -> int:
-        return self._answer(request, self._post)
 
     def _binding(self, request: Request) -> str:
         return f"passkeys|{self._sessions.session_id(request) or ''}"
 
-    def _get(self, sign_in: SignIn | None, request: Request) -> Reply | defer.Deferred[Reply]:
-        if sign_in is None:
-            return Reply(303, b"", {b"Location": b"/account"})
-        return defer.Deferred.fromCoroutine(self._show(request, sign_in.user))
+    def _view(self, request: Request, user: User) -> defer.Deferred[Reply]:
+        return defer.Deferred.fromCoroutine(self._show(request, user))
 
     async def _show(self, request: Request, user: User, status: int = 200, notice: str = "",
                     error: str = "") -> Reply:
         store = self._pool.store
         keys = await self._pool.run(store.passkeys, user.id)
+        two_factor_on = await self._pool.run(store.two_factor_enabled, user.id)
         handle = await self._pool.run(store.passkey_handle, user.id) or passkeys.new_user_handle()
         csrf = self._sessions.csrf_token(request, self._binding(request))
         form = self._passkeys.registration_form(request, self._binding(request), user, handle, keys) \
@@ -67,15 +58,7 @@ class PasskeysPage(PageResource):
         listed = [{"key": k, "created": when(k.created_at), "used": when(k.last_used_at)} for k in keys]
         return self.pages.render(status, "passkeys.html", user=user, passkeys=listed, passkey=form, csrf=csrf,
                                  action=PATH, notice=notice, error=error, rp=self._passkeys.rp,
-                                 full=len(keys) >= passkeys.MAX_PASSKEYS)
-
-    def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
-        form = snapshot(request, self._issuer).form
-        if not self._sessions.csrf_ok(request, form, self._binding(request)):
-            return self.pages.form_expired()
-        return self._sessions.sign_in(request).addCallback(
-            lambda sign_in: defer.Deferred.fromCoroutine(self._act(request, sign_in, form)) if sign_in
-            else Reply(303, b"", {b"Location": b"/account"}))
+                                 two_factor_on=two_factor_on, full=len(keys) >= passkeys.MAX_PASSKEYS)
 
     async def _act(self, request: Request, sign_in: SignIn, form: Mapping[str, str]) -> Reply:
         user, address, store = sign_in.user, client_address(request), self._pool.store
@@ -88,6 +71,9 @@ class PasskeysPage(PageResource):
                     return await self._show(request, user, 404, error="That passkey is not one of yours.")
                 return await self._show(request, user, notice=f"Renamed to “{name}”.")
             case "remove":
+                refused = await proof_refused(self._login, request, user, form.get("proof", ""))
+                if refused:
+                    return await self._show(request, user, refused[0], error=refused[1])
                 removed = await self._pool.run(store.remove_passkeys, user.id, [form.get("credential_id", "")])
                 if not removed:
                     return await self._show(request, user, 404, error="That passkey is not one of yours.")

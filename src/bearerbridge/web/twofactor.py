@@ -20,42 +20,30 @@ from twisted.internet import defer
 from twisted.web.server import Request
 
 from bearerbridge import otp
-from bearerbridge.guard import Blocked, Recorder
+from bearerbridge.guard import Recorder
 from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
-from bearerbridge.web.account import when
+from bearerbridge.web.account import AccountSubpage, proof_refused, when
 from bearerbridge.web.sessions import PasswordLogin, Sessions
-from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, client_address, snapshot
+from bearerbridge.web.site import BadRequest, Pages, Reply, client_address
 
 PATH = "/account/two-factor"
 
 
-class TwoFactorPage(PageResource):
+class TwoFactorPage(AccountSubpage):
     """/account/two-factor (GET shows it, POST takes its forms); without a session, /account."""
 
     def __init__(self, pages: Pages, issuer: str, site_name: str, sessions: Sessions, login: PasswordLogin,
                  pool: StorePool, audit: Recorder) -> None:
-        super().__init__(pages)
-        self._issuer = issuer
+        super().__init__(pages, issuer, sessions, pool, audit)
         self._site_name = site_name  # the issuer an authenticator app lists the codes under
-        self._sessions = sessions
         self._login = login
-        self._pool = pool
-        self._audit = audit
-
-    def render_GET(self, request: Request) -> int:
-        return self._answer(request, lambda r: self._sessions.sign_in(r).addCallback(self._get, r))
-
-    def render_POST(self, request: Request) -> int:
-        return self._answer(request, self._post)
 
     def _binding(self, request: Request) -> str:
         return f"two-factor|{self._sessions.session_id(request) or ''}"
 
-    def _get(self, sign_in: SignIn | None, request: Request) -> Reply | defer.Deferred[Reply]:
-        if sign_in is None:
-            return Reply(303, b"", {b"Location": b"/account"})
-        return self._show(request, sign_in.user)
+    def _view(self, request: Request, user: User) -> defer.Deferred[Reply]:
+        return self._show(request, user)
 
     # -- showing -------------------------------------------------------------------------------
 
@@ -82,14 +70,6 @@ class TwoFactorPage(PageResource):
 
     # -- the forms -----------------------------------------------------------------------------
 
-    def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
-        form = snapshot(request, self._issuer).form
-        if not self._sessions.csrf_ok(request, form, self._binding(request)):
-            return self.pages.form_expired()
-        return self._sessions.sign_in(request).addCallback(
-            lambda sign_in: defer.Deferred.fromCoroutine(self._act(request, sign_in, form)) if sign_in
-            else Reply(303, b"", {b"Location": b"/account"}))
-
     async def _act(self, request: Request, sign_in: SignIn, form: Mapping[str, str]) -> Reply:
         user, address = sign_in.user, client_address(request)
         store = self._pool.store
@@ -109,7 +89,7 @@ class TwoFactorPage(PageResource):
                 self._audit.record("recovery_codes_made", user=user.username, count=len(codes), address=address)
                 return await self._show(request, user, notice="Two-factor sign-in is on.", codes=codes)
             case "new_codes" | "disable" as step:
-                refused = await self._proof_refused(request, user, form.get("proof", ""))
+                refused = await proof_refused(self._login, request, user, form.get("proof", ""))
                 if refused:
                     return await self._show(request, user, refused[0], error=refused[1])
                 return await (self._new_codes(request, user, address) if step == "new_codes"
@@ -138,18 +118,3 @@ class TwoFactorPage(PageResource):
             return await self._show(request, user, notice="Two-factor sign-in is off: your password alone "
                                                           "signs you in.")
         return await self._show(request, user, 400, error="Two-factor sign-in was off already.")
-
-    async def _proof_refused(self, request: Request, user: User, proof: str) -> tuple[int, str] | None:
-        """Why (a status and words) a current code from the app (six digits) or the password does
-        not prove it is the user at the keyboard, if it does not; checked at the sign-in door, as
-        guesses are."""
-        if otp.typed_code(proof):
-            checked: Any = await self._login.second_factor.attempt(request, user, proof,
-                                                                   failure="two_factor_check_failed")
-            wrong = "That code is wrong, or was used already: wait for the next one."
-        else:
-            checked = await self._login.verify(request, user.username, proof)
-            wrong = "That password is wrong."
-        if isinstance(checked, Blocked):
-            return 429, f"Too many wrong codes or passwords: try again in {checked.in_words}."
-        return (400, wrong) if checked is None else None
