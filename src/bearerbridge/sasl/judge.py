@@ -94,6 +94,8 @@ def judge_app_password(password: AppPassword | None, now: float, identity: str |
     for, until it expires or is revoked, for its own user (named as `[sasl] identity` allows: a
     password is no bearer token, so a login without a name is refused). The caller has checked
     that the operator allows app passwords at `service` (`SaslSettings.app_passwords_at`)."""
+    # The first four checks are judge_token's, kept in line in both: a shared function cost every
+    # check ~0.5 µs of ~42 (bench/sasl_inprocess.py, alternated runs).
     if password is None:
         return Verdict(False, reason=Reason.UNKNOWN)
     if password.revoked:

@@ -15,7 +15,7 @@ from bearerbridge.storage.schema import clients, consents, sessions, token_uses,
 
 @dataclass(frozen=True)
 class Use:
-    """The last use of a grant at one service."""
+    """The last use of a grant (or of an app password) at one service."""
 
     service: str
     at: int

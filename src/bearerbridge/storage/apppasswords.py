@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from bearerbridge.storage.account import Use
 from bearerbridge.storage.schema import app_passwords, token_uses, users
 
 FAMILY_PREFIX = "app:"
@@ -48,13 +49,6 @@ class AppPassword:
 
     def is_expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
-
-
-@dataclass(frozen=True)
-class Use:
-    service: str
-    at: int
-    address: str | None
 
 
 @dataclass
