@@ -7,8 +7,30 @@ The relying party is the issuer's host name (WebAuthn §5.1.3: an RP ID is a reg
 never an IP address; browsers refuse `127.0.0.1`), so an issuer on an IP address has no passkeys.
 
 A challenge travels to the browser and back in a form, signed for that browser and page
-(`Sessions.bind_to_browser`) for CHALLENGE_TTL seconds, and is accepted once: `SpentChallenges`
-remembers the ones accepted until they would have expired anyway.
+(`Sessions.bind_to_browser`) for CHALLENGE_TTL seconds, and an answer to it is accepted once:
+`SpentChallenges` remembers the challenges of accepted answers until they would have expired
+anyway. That memory must stay bounded, and full it must refuse rather than forget (a forgotten
+challenge lets its answer be replayed); so it is bounded per user, SPENT_PER_USER each, and a
+full one refuses only the user who filled it. One memory of 100k for everyone, spent before the
+answer was checked, let one signed-in user post 100k made-up answers to /account/passkeys within
+CHALLENGE_TTL and shut every passkey sign-in on the instance out. Checking before spending is
+not what stops a flood (a "none" attestation carries no signature: a script makes registrations
+that verify, then assertions with its own key, as fast); it is what names the user at a sign-in,
+where only a signature that verified says whose passkey answered (a registration's user is
+signed into its form with the challenge). Spending after the check still keeps a replay out: the
+library compares the challenge in clientDataJSON with the one signed in the form (an assertion's
+signature covers clientDataJSON), `spend` checks and remembers in one step on the reactor's
+thread, and web/passkeys.py spends before anything is written or a session started, so of one
+answer posted twice at once one is accepted. The memory holds at most
+SPENT_PER_USER for each user who answered in the last 2 * CHALLENGE_TTL: users an administrator
+made, not anything a stranger can mint.
+
+A credential id is kept as the passkeys table's String(1024) holds it: at most 1024 base64url
+characters, 768 bytes. WebAuthn §5.8.3 allows 1023 bytes (1364 characters), but authenticators'
+ids are far shorter (tens of bytes for the discoverable credentials asked for here), so a longer
+one is refused (PasskeyRefused: the registration is not added, the assertion is malformed) rather
+than the column widened and migrated; before, it passed the check and failed the insert on
+PostgreSQL, an error page instead of a reason.
 
 `amr` (RFC 8176 §2): a passkey is a proof of possession of a key, "hwk" when the authenticator
 says the key cannot leave it (its backup-eligible flag clear, WebAuthn §6.1: a security key, a
@@ -54,7 +76,10 @@ CHALLENGE_TTL = 300  # seconds from the page to the browser's answer
 TIMEOUT_MS = 120_000  # how long the browser's own prompt waits
 MAX_PASSKEYS = 20  # per user
 MAX_NAME = 60
-_B64URL = re.compile(r"[A-Za-z0-9_-]{1,1366}")  # a credential id is at most 1023 bytes (WebAuthn §5.8.3)
+SPENT_PER_USER = 32  # answers of one user in CHALLENGE_TTL: a person signs in or adds a passkey a few times
+CREDENTIAL_ID_CHARS = 1024  # base64url, 768 bytes: the passkeys table's column (the docstring says why)
+_CREDENTIAL_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{CREDENTIAL_ID_CHARS}}}")
+_USER_HANDLE = re.compile(r"[A-Za-z0-9_-]{1,86}")  # a user handle is at most 64 bytes (WebAuthn §5.4.3)
 
 
 class PasskeyRefused(Exception):
@@ -163,22 +188,23 @@ def authentication_options(rp: RelyingParty, challenge: str, allowed: Sequence[S
 
 
 def parse(credential: str) -> tuple[str, str | None]:
-    """The credential id and (for an assertion) the user handle the browser sent, both base64url;
-    the rest is left to the library."""
+    """The credential id and (for an assertion) the user handle the browser sent, both base64url,
+    at most CREDENTIAL_ID_CHARS and 64 bytes; the rest is left to the library."""
     try:
         data = json.loads(credential)
         credential_id = data["id"]
         handle = data.get("response", {}).get("userHandle") or None
     except (ValueError, TypeError, KeyError, AttributeError):
         raise PasskeyRefused("malformed") from None
-    if not isinstance(credential_id, str) or not _B64URL.fullmatch(credential_id) or not (
-            handle is None or isinstance(handle, str) and _B64URL.fullmatch(handle)):
+    if not isinstance(credential_id, str) or not _CREDENTIAL_ID.fullmatch(credential_id) or not (
+            handle is None or isinstance(handle, str) and _USER_HANDLE.fullmatch(handle)):
         raise PasskeyRefused("malformed")
     return credential_id, handle
 
 
 def verify_registration(rp: RelyingParty, challenge: str, credential: str) -> NewPasskey:
-    """The new credential, if the browser's answer to create() is for this challenge, RP and origin."""
+    """The new credential, if the browser's answer to create() is for this challenge, RP and origin,
+    and its id fits the passkeys table (at most CREDENTIAL_ID_CHARS in base64url)."""
     try:
         verified = verify_registration_response(
             credential=credential, expected_challenge=base64url_to_bytes(challenge),
@@ -186,9 +212,12 @@ def verify_registration(rp: RelyingParty, challenge: str, credential: str) -> Ne
         transports = json.loads(credential).get("response", {}).get("transports") or []
     except (WebAuthnException, ValueError, TypeError, KeyError, AttributeError) as e:
         raise PasskeyRefused(f"registration: {e}") from None
+    credential_id = bytes_to_base64url(verified.credential_id)
+    if len(credential_id) > CREDENTIAL_ID_CHARS:
+        raise PasskeyRefused(f"registration: a credential id of {len(verified.credential_id)} bytes, "
+                             f"more than {CREDENTIAL_ID_CHARS * 3 // 4}")
     words = " ".join(t for t in transports if isinstance(t, str) and t.isalnum())[:255]
-    return NewPasskey(bytes_to_base64url(verified.credential_id), bytes_to_base64url(verified.credential_public_key),
-                      verified.sign_count, words)
+    return NewPasskey(credential_id, bytes_to_base64url(verified.credential_public_key), verified.sign_count, words)
 
 
 def verify_assertion(rp: RelyingParty, challenge: str, credential: str, stored: StoredPasskey,
@@ -222,23 +251,31 @@ def display_name(typed: str, transports: str) -> str:
 
 
 class SpentChallenges:
-    """Challenges accepted, each kept until it would have expired anyway, so that an answer
-    replayed (the same form posted twice) is refused. In memory: bounded by what a door lets
-    through in CHALLENGE_TTL seconds; one instance's memory (behind several instances, the
+    """Challenges whose answers were accepted, each kept until it would have expired anyway, so
+    that an answer replayed (the same form posted twice) is refused. Counted per user, at most
+    `per_user` at once: a full user is refused, not forgotten, and refuses nobody else (the
+    module's docstring says why). In memory: one instance's (behind several instances, the
     counter check is what is left against a replay, for authenticators that count)."""
 
-    def __init__(self, limit: int = 100_000) -> None:
-        self._spent: dict[bytes, float] = {}
-        self._limit = limit
+    def __init__(self, per_user: int = SPENT_PER_USER) -> None:
+        self._spent: dict[int, dict[bytes, float]] = {}
+        self._per_user = per_user
+        self._swept = 0.0
 
-    def spend(self, challenge: str, now: float) -> bool:
-        """True the first time `challenge` is spent within its lifetime, False after."""
-        if len(self._spent) >= self._limit or len(self._spent) % 256 == 0:
-            self._spent = {k: t for k, t in self._spent.items() if t > now}
-        if len(self._spent) >= self._limit:
-            return False  # full of live challenges: refuse rather than forget one
+    def spend(self, user_id: int, challenge: str, now: float) -> bool:
+        """True the first time `challenge` is spent for `user_id` within its lifetime, False after
+        or when the user has `per_user` live ones."""
+        if not self._swept <= now < self._swept + CHALLENGE_TTL:  # users gone quiet, every TTL
+            self._spent = {u: live for u, spent in self._spent.items()
+                           if (live := {k: t for k, t in spent.items() if t > now})}
+            self._swept = now
+        spent = self._spent.setdefault(user_id, {})
         key = hashlib.sha256(challenge.encode()).digest()
-        if self._spent.get(key, 0) > now:
+        if spent.get(key, 0) > now:
             return False
-        self._spent[key] = now + CHALLENGE_TTL
+        if len(spent) >= self._per_user:
+            spent = self._spent[user_id] = {k: t for k, t in spent.items() if t > now}
+            if len(spent) >= self._per_user:
+                return False  # full of live challenges: refuse rather than forget one
+        spent[key] = now + CHALLENGE_TTL
         return True

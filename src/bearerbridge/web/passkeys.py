@@ -4,9 +4,10 @@ A page that asks for a passkey carries a form with the options for navigator.cre
 (`PasskeyForm.options`, JSON in a data attribute) and the challenge, signed for this browser and
 what the form is for (`binding`: the page's URI at a sign-in, the session at a registration) for
 CHALLENGE_TTL seconds. /static/passkeys.js (no inline script: the CSP is default-src 'self')
-calls the browser and posts its answer in the form's `credential` field. The challenge is
-accepted once (`SpentChallenges`). Without JavaScript, or on an issuer with an IP address
-(no RP ID), the passkey forms stay hidden and everything else works.
+calls the browser and posts its answer in the form's `credential` field. An answer is accepted
+once: its challenge is spent when the answer verifies, for the user it proves (`SpentChallenges`;
+passkeys.py's docstring says why after, and why per user). Without JavaScript, or on an issuer
+with an IP address (no RP ID), the passkey forms stay hidden and everything else works.
 """
 
 from __future__ import annotations
@@ -56,32 +57,42 @@ class Passkeys:
 
     def challenge(self, request: Request, binding: str, fields: Mapping[str, str]) -> tuple[str, str]:
         """The challenge of the form posted (and what was signed with it), if it was made for this
-        browser and `binding` in the last CHALLENGE_TTL seconds and was not accepted before; it
-        is spent now."""
+        browser and `binding` in the last CHALLENGE_TTL seconds; not spent yet (`_spend`)."""
         signed = self._sessions.bound_to_browser(request, "passkey " + binding, fields.get("challenge", ""),
                                                  passkeys.CHALLENGE_TTL)
         if signed is None:
             raise PasskeyRefused("challenge expired or not for this browser")
         challenge, _, extra = signed.partition(" ")
-        if not self._spent.spend(challenge, self._clock()):
-            raise PasskeyRefused("challenge used already")
         return challenge, extra
+
+    def _spend(self, user_id: int, challenge: str) -> None:
+        """Spend the challenge of an answer that verified, for the user it proved; PasskeyRefused if
+        it was spent before, or if this user has SPENT_PER_USER live ones. Before anything is
+        written or a session started: of two copies posted at once, only one gets that far."""
+        if not self._spent.spend(user_id, challenge, self._clock()):
+            raise PasskeyRefused("challenge used already, or too many at once")
 
     # -- registration (/account/passkeys) ---------------------------------------------------------
 
     def registration_form(self, request: Request, binding: str, user: User, handle: str,
                           existing: Sequence[StoredPasskey]) -> PasskeyForm | None:
         return self._form(request, binding, lambda rp, challenge: passkeys.registration_options(
-            rp, challenge, user.username, handle, existing), extra=handle)
+            rp, challenge, user.username, handle, existing), extra=f"{handle} {user.id}")
 
     def registered(self, request: Request, binding: str, fields: Mapping[str, str]
                    ) -> tuple[passkeys.NewPasskey, str]:
         """The passkey the browser made, checked (PasskeyRefused if not), and the user handle the
-        options gave it (signed with the challenge: the authenticator does not send it back)."""
+        options gave it (signed with the challenge and the user's id: the authenticator does not
+        send it back)."""
         if self.rp is None:
             raise PasskeyRefused("no relying party")
-        challenge, handle = self.challenge(request, binding, fields)
-        return passkeys.verify_registration(self.rp, challenge, fields.get("credential", "")), handle
+        challenge, extra = self.challenge(request, binding, fields)
+        handle, _, user_id = extra.partition(" ")
+        if not user_id.isdigit():
+            raise PasskeyRefused("challenge without its user")
+        new = passkeys.verify_registration(self.rp, challenge, fields.get("credential", ""))
+        self._spend(int(user_id), challenge)
+        return new, handle
 
     # -- sign-in ----------------------------------------------------------------------------------
 
@@ -100,8 +111,9 @@ class Passkeys:
     async def assertion(self, request: Request, fields: Mapping[str, str], user_id: int | None
                         ) -> tuple[StoredPasskey, Assertion]:
         """Check a sign-in form's answer: of `user_id`'s passkeys (after the password), or of
-        anyone's (without one: the passkey names the user). The passkey's counter and last use
-        are written. PasskeyRefused with the reason, if not."""
+        anyone's (without one: the passkey names the user). Its challenge is spent for the
+        passkey's user once the signature verified, and the passkey's counter and last use are
+        written. PasskeyRefused with the reason, if not."""
         if self.rp is None:
             raise PasskeyRefused("no relying party")
         challenge, _ = self.challenge(request, self.sign_in_binding(request, user_id is not None), fields)
@@ -111,6 +123,7 @@ class Passkeys:
         if stored is None or (user_id is not None and stored.user_id != user_id):
             raise PasskeyRefused("unknown passkey")
         proven = passkeys.verify_assertion(self.rp, challenge, credential, stored, passwordless=user_id is None)
+        self._spend(stored.user_id, challenge)
         if not await self._pool.run(self._pool.store.passkey_used, stored.credential_id, proven.sign_count):
             raise PasskeyRefused("signature counter went backwards")
         return stored, proven
