@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import pytest_twisted
 
 from .support import Service
 
@@ -29,6 +30,17 @@ def web_client(service: Service) -> dict:
 def native_client(service: Service) -> dict:
     """A public native application with a loopback redirect."""
     return service.client("--public", "--redirect-uri", "http://127.0.0.1/callback", "--scope", "imap smtp")
+
+
+@pytest_twisted.async_yield_fixture
+async def doveadm():
+    """A fake doveadm HTTP API on loopback (tests/doveadm/fake.py) while the test runs; `.url` is its URL."""
+    from .doveadm.fake import FakeDoveadm  # here: it imports the reactor, which pytest-twisted installs first
+
+    fake = FakeDoveadm()
+    fake.url = fake.start()
+    yield fake
+    await fake.stop()
 
 
 @pytest.fixture

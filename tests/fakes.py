@@ -1,10 +1,11 @@
 """Test doubles shared by the in-process tests: pools without threads, a migrated SQLite store,
-the HTTP tree driven through treq's StubTreq with no socket, and a browser's part of the code grant."""
+the HTTP tree driven through treq's StubTreq with no socket (over a store holding a test's clients
+and users: `sqlite_bridge`), and a browser's part of the code grant."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,17 @@ from bearerbridge.crypto import Keyring
 from bearerbridge.metrics import Metrics
 from bearerbridge.sasl.validator import Validator
 from bearerbridge.storage import migrations
+from bearerbridge.storage.models import Client
 from bearerbridge.storage.pool import DatabaseUnavailable
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.store import SqlStore, make_engine
 from bearerbridge.uses import LastUses
 
-from .support import form_fields
+from .support import authorize_url, form_fields, pkce_pair
 
 BASE = "http://127.0.0.1:8080"
+PASSWORD = "correct horse battery"  # the password of every user `sqlite_bridge` adds
+CODE_GRANTS = ("authorization_code", "refresh_token")  # what a web app's client is registered for
 
 
 def sqlite_store(path: Path, ttl: float = 1.0, clock: Callable[[], float] | None = None) -> SqlStore:
@@ -203,6 +207,37 @@ class Bridge:
         """A sample of the service's Prometheus counters; 0 when never counted."""
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
+    def __enter__(self) -> Bridge:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close the store's connections (a test's SQLite file stays)."""
+        self.store.engine.dispose()
+
+
+@dataclass(frozen=True)
+class NewUser:
+    """A user for `sqlite_bridge` to add, who signs in with PASSWORD."""
+
+    name: str
+    email: str | None = None
+    display_name: str | None = None
+    is_admin: bool = False
+
+
+def sqlite_bridge(path: Path, clients: Iterable[Client], users: Iterable[NewUser], config: Config | None = None
+                  ) -> Bridge:
+    """The whole tree over a new SQLite store at `path` holding `clients` (a confidential one's secret
+    is `<client_id>-secret`) and `users`. A context manager: leaving it closes the store."""
+    store = sqlite_store(path)
+    with store.transaction():
+        for client in clients:
+            store.add_client(client, None if client.public else f"{client.client_id}-secret")
+        for user in users:
+            store.add_user(user.name, user.email, cheap_password_hash(PASSWORD), display_name=user.display_name,
+                           is_admin=user.is_admin)
+    return Bridge.over(store, config)
+
 
 def tokens_of(answer: Answer) -> dict:
     """The JSON of a 200 answer (a token response)."""
@@ -247,3 +282,16 @@ def login_and_consent(http: Http, path: str, username: str, password: str, decis
         action, fields = form_of(page)
     assert fields.get("step") == "consent", page.body
     return http.post(action, data={**fields, "decision": decision})
+
+
+def code_grant(bridge: Bridge, browser: Http, client_id: str, redirect_uri: str, scope: str,
+               username: str = "alice", **extra: str) -> dict:
+    """`browser` signs in as `username` (unless it already has) and approves `client_id` for `scope`
+    (`extra`: more parameters of the authorization request); the token response to the code, the
+    client authenticating with `<client_id>-secret` (RFC 6749 §4.1.3, with PKCE: RFC 7636 §4.5)."""
+    verifier, challenge = pkce_pair()
+    answer = login_and_consent(browser, authorize_url("", client_id, redirect_uri, challenge, scope, **extra),
+                               username, PASSWORD)
+    return tokens_of(bridge.browser().post("/token", data={
+        "grant_type": "authorization_code", "code": redirect_params(answer)["code"], "redirect_uri": redirect_uri,
+        "code_verifier": verifier, "client_id": client_id, "client_secret": f"{client_id}-secret"}))

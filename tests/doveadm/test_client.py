@@ -1,6 +1,7 @@
-"""The doveadm client against a fake doveadm HTTP API on loopback (tests/doveadm/fake.py): what it
-sends, and each answer (kicked, nothing open, wrong key, silence, an error, nobody listening)
-as an outcome, never a failure. The real Dovecot: tests/test_peers_revoke.py."""
+"""The doveadm client against a fake doveadm HTTP API on loopback (tests/doveadm/fake.py, the
+`doveadm` fixture of tests/conftest.py): what it sends, and each answer (kicked, nothing open,
+wrong key, silence, an error, nobody listening) as an outcome, never a failure. The real Dovecot:
+tests/test_peers_revoke.py."""
 
 from __future__ import annotations
 
@@ -17,15 +18,7 @@ from bearerbridge.doveadm.client import Doveadm
 from bearerbridge.doveadm.protocol import Kicked, Outcome, Target
 
 from ..support import free_port
-from .fake import KEY, FakeDoveadm
-
-
-@pytest_twisted.async_yield_fixture
-async def server():
-    fake = FakeDoveadm()
-    fake.url = fake.start()
-    yield fake
-    await fake.stop()
+from .fake import KEY
 
 
 def client(url: str, key: bytes = KEY, timeout: float = 2.0) -> Doveadm:
@@ -45,11 +38,11 @@ def logged():
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_kick_posts_json_with_the_key_and_counts_what_ended(server, logged):
-    server.sessions = 2
-    kicked = await client(server.url).kick(Target("alice", ("192.0.2.7/32",)))
+async def test_a_kick_posts_json_with_the_key_and_counts_what_ended(doveadm, logged):
+    doveadm.sessions = 2
+    kicked = await client(doveadm.url).kick(Target("alice", ("192.0.2.7/32",)))
     assert kicked == Kicked(Outcome.ENDED, 2)
-    [seen] = server.seen
+    [seen] = doveadm.seen
     assert (seen.method, seen.path) == (b"POST", b"/doveadm/v1")
     assert seen.authorization == "X-Dovecot-API " + base64.b64encode(KEY).decode()
     assert seen.content_type == "application/json"
@@ -59,14 +52,14 @@ async def test_a_kick_posts_json_with_the_key_and_counts_what_ended(server, logg
 
 
 @pytest_twisted.ensureDeferred
-async def test_no_session_open_is_an_outcome_not_an_error(server):
-    server.mode = "none"
-    assert await client(server.url).kick(Target("alice")) == Kicked(Outcome.NONE_OPEN)
+async def test_no_session_open_is_an_outcome_not_an_error(doveadm):
+    doveadm.mode = "none"
+    assert await client(doveadm.url).kick(Target("alice")) == Kicked(Outcome.NONE_OPEN)
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_wrong_key_is_refused_and_the_key_is_never_logged(server, logged):
-    kicked = await client(server.url, key=b"wrong-key-123").kick(Target("alice"))
+async def test_a_wrong_key_is_refused_and_the_key_is_never_logged(doveadm, logged):
+    kicked = await client(doveadm.url, key=b"wrong-key-123").kick(Target("alice"))
     assert kicked.outcome is Outcome.REFUSED
     assert any("refused" in line and "alice" in line for line in logged)
     text = "\n".join(logged)
@@ -74,20 +67,20 @@ async def test_a_wrong_key_is_refused_and_the_key_is_never_logged(server, logged
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_silent_dovecot_is_given_up_on_at_the_timeout(server):
-    server.mode = "silent"
+async def test_a_silent_dovecot_is_given_up_on_at_the_timeout(doveadm):
+    doveadm.mode = "silent"
     started = time.monotonic()
-    kicked = await client(server.url, timeout=0.3).kick(Target("alice"))
+    kicked = await client(doveadm.url, timeout=0.3).kick(Target("alice"))
     assert kicked == Kicked(Outcome.UNREACHABLE, reason="no answer within 0.3 s")
     assert 0.3 <= time.monotonic() - started < 2
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_http_error_and_an_exit_code_fail_clearly(server):
-    server.mode = 500
-    assert await client(server.url).kick(Target("alice")) == Kicked(Outcome.FAILED, reason="HTTP 500")
-    server.mode = "usage"
-    kicked = await client(server.url).kick(Target("alice"))
+async def test_an_http_error_and_an_exit_code_fail_clearly(doveadm):
+    doveadm.mode = 500
+    assert await client(doveadm.url).kick(Target("alice")) == Kicked(Outcome.FAILED, reason="HTTP 500")
+    doveadm.mode = "usage"
+    kicked = await client(doveadm.url).kick(Target("alice"))
     assert kicked == Kicked(Outcome.FAILED, reason="kick: exitCode, exit code 64 (usage error)")
 
 
@@ -100,10 +93,10 @@ async def test_nobody_listening_is_unreachable_at_once():
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_name_doveadm_reads_as_a_pattern_is_never_sent(server):
-    kicked = await client(server.url).kick(Target("*"))
+async def test_a_name_doveadm_reads_as_a_pattern_is_never_sent(doveadm):
+    kicked = await client(doveadm.url).kick(Target("*"))
     assert kicked.outcome is Outcome.FAILED and "wildcards" in kicked.reason
-    assert server.seen == []
+    assert doveadm.seen == []
 
 
 def test_from_config_reads_the_key_file_at_start(tmp_path):

@@ -6,6 +6,7 @@ every form's CSRF token."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 
@@ -13,44 +14,37 @@ from bearerbridge.storage.models import Client
 from bearerbridge.storage.schema import token_uses
 
 from ..fakes import (
+    CODE_GRANTS,
+    PASSWORD,
     Bridge,
     Http,
+    NewUser,
     cheap_password_hash,
+    code_grant,
     form_of,
-    login_and_consent,
-    redirect_params,
-    sqlite_store,
-    tokens_of,
+    sqlite_bridge,
 )
 from ..support import authorize_url, pkce_pair
 
 CB = "https://mail.example/cb"
-PASSWORD = "correct horse battery"
+# The clients and users of /account's tests (tests/web/test_account_mail.py's too).
+CLIENTS = (
+    Client("mail", "Mail App", (CB,), "imap smtp", CODE_GRANTS, public=False, website="https://mail.example/"),
+    Client("chat", "Chat App", (CB,), "xmpp", CODE_GRANTS, public=False),
+    Client("imapd", "IMAP server", (), "imap", ("client_credentials",), public=False, resource_server=True),
+)
+ALICE = NewUser("alice", "alice@example.org")
 
 
 @pytest.fixture
-def bridge(tmp_path) -> Bridge:
-    store = sqlite_store(tmp_path / "x.db")
-    with store.transaction():
-        code = ("authorization_code", "refresh_token")
-        store.add_client(Client("mail", "Mail App", (CB,), "imap smtp", code, public=False,
-                                website="https://mail.example/"), "mail-secret")
-        store.add_client(Client("chat", "Chat App", (CB,), "xmpp", code, public=False), "chat-secret")
-        store.add_client(Client("imapd", "IMAP server", (), "imap", ("client_credentials",), public=False,
-                                resource_server=True), "imapd-secret")
-        store.add_user("alice", "alice@example.org", cheap_password_hash(PASSWORD))
-        store.add_user("bob", None, cheap_password_hash(PASSWORD))
-    yield Bridge.over(store)
-    store.engine.dispose()
+def bridge(tmp_path) -> Iterator[Bridge]:
+    with sqlite_bridge(tmp_path / "x.db", CLIENTS, [ALICE, NewUser("bob")]) as bridge:
+        yield bridge
 
 
 def granted(bridge: Bridge, browser: Http, client_id: str, scope: str, username: str = "alice") -> dict:
     """`browser` approves `client_id` for `scope`; the tokens the app got."""
-    verifier, challenge = pkce_pair()
-    answer = login_and_consent(browser, authorize_url("", client_id, CB, challenge, scope), username, PASSWORD)
-    return tokens_of(bridge.browser().post("/token", data={
-        "grant_type": "authorization_code", "code": redirect_params(answer)["code"], "redirect_uri": CB,
-        "code_verifier": verifier, "client_id": client_id, "client_secret": f"{client_id}-secret"}))
+    return code_grant(bridge, browser, client_id, CB, scope, username)
 
 
 def account(browser: Http) -> str:

@@ -14,45 +14,28 @@ import pytest_twisted
 from twisted.internet import reactor, task
 
 from bearerbridge.config import Config, DovecotSettings
-from bearerbridge.storage.models import Client
 from bearerbridge.storage.schema import token_uses
 
-from ..doveadm.fake import KEY, FakeDoveadm
-from ..fakes import Answer, Bridge, Http, cheap_password_hash, form_of, sqlite_store
+from ..doveadm.fake import KEY
+from ..fakes import Answer, Bridge, Http, form_of, sqlite_bridge
 from ..support import free_port
-from .test_account import CB, PASSWORD, active, granted, signed_in_browser
+from .test_account import ALICE, CLIENTS, active, granted, signed_in_browser
 
 TIMEOUT = 0.5  # seconds: [dovecot] timeout here
 
 
-@pytest_twisted.async_yield_fixture
-async def doveadm():
-    fake = FakeDoveadm()
-    fake.url = fake.start()
-    yield fake
-    await fake.stop()
-
-
 def bridge_over(tmp_path, url: str, key: bytes = KEY) -> Bridge:
-    store = sqlite_store(tmp_path / "x.db")
-    with store.transaction():
-        code = ("authorization_code", "refresh_token")
-        store.add_client(Client("mail", "Mail App", (CB,), "imap smtp", code, public=False), "mail-secret")
-        store.add_client(Client("chat", "Chat App", (CB,), "xmpp", code, public=False), "chat-secret")
-        store.add_client(Client("imapd", "IMAP server", (), "imap", ("client_credentials",), public=False,
-                                resource_server=True), "imapd-secret")
-        store.add_user("alice", "alice@example.org", cheap_password_hash(PASSWORD))
+    """/account's clients and alice, with [dovecot] asking the doveadm API at `url` with `key`."""
     key_file = tmp_path / "doveadm.key"
     key_file.write_bytes(key + b"\n")
     dovecot = DovecotSettings(doveadm_url=url, doveadm_key_file=str(key_file), timeout=TIMEOUT)
-    return Bridge.over(store, dataclasses.replace(Config(), dovecot=dovecot))
+    return sqlite_bridge(tmp_path / "x.db", CLIENTS, [ALICE], dataclasses.replace(Config(), dovecot=dovecot))
 
 
 @pytest.fixture
-def bridge(tmp_path, doveadm):
-    made = bridge_over(tmp_path, doveadm.url)
-    yield made
-    made.store.engine.dispose()
+def bridge(tmp_path, doveadm):  # doveadm: tests/conftest.py's fake doveadm HTTP API
+    with bridge_over(tmp_path, doveadm.url) as made:
+        yield made
 
 
 def used_from(bridge: Bridge, access_token: str, **addresses: str | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 
 import pytest
 from joserfc import jwt
@@ -15,43 +16,33 @@ from bearerbridge import keys
 from bearerbridge.config import Config
 from bearerbridge.storage.models import Client
 
-from ..fakes import Bridge, cheap_password_hash, login_and_consent, redirect_params, sqlite_store, tokens_of
-from ..support import authorize_url, pkce_pair
+from ..fakes import CODE_GRANTS, Bridge, NewUser, code_grant, sqlite_bridge, tokens_of
 
 ISSUER = "http://127.0.0.1:8080"
 CB = "https://app.example/cb"
-PASSWORD = "correct horse battery"
+CLIENTS = (
+    Client("jwt", "JWT App", (CB,), "openid email imap", CODE_GRANTS, public=False, access_token_format="jwt"),
+    Client("plain", "Plain App", (CB,), "imap", CODE_GRANTS, public=False),
+    Client("cron", "Cron", (), "imap", ("client_credentials",), public=False, access_token_format="jwt"),
+    Client("imapd", "IMAP server", (), "imap", ("client_credentials",), public=False, resource_server=True),
+)
 
 
 def bridge_with(tmp_path, **tokens: str) -> Bridge:
-    store = sqlite_store(tmp_path / "x.db")
-    with store.transaction():
-        code = ("authorization_code", "refresh_token")
-        store.add_client(Client("jwt", "JWT App", (CB,), "openid email imap", code, public=False,
-                                access_token_format="jwt"), "jwt-secret")
-        store.add_client(Client("plain", "Plain App", (CB,), "imap", code, public=False), "plain-secret")
-        store.add_client(Client("cron", "Cron", (), "imap", ("client_credentials",), public=False,
-                                access_token_format="jwt"), "cron-secret")
-        store.add_client(Client("imapd", "IMAP server", (), "imap", ("client_credentials",), public=False,
-                                resource_server=True), "imapd-secret")
-        store.add_user("alice", "alice@example.org", cheap_password_hash(PASSWORD))
+    """CLIENTS and alice, with `tokens` as settings of [tokens]."""
     config = Config()
-    return Bridge.over(store, dataclasses.replace(config, tokens=dataclasses.replace(config.tokens, **tokens)))
+    config = dataclasses.replace(config, tokens=dataclasses.replace(config.tokens, **tokens))
+    return sqlite_bridge(tmp_path / "x.db", CLIENTS, [NewUser("alice", "alice@example.org")], config)
 
 
 @pytest.fixture
-def bridge(tmp_path):
-    bridge = bridge_with(tmp_path)
-    yield bridge
-    bridge.store.engine.dispose()
+def bridge(tmp_path) -> Iterator[Bridge]:
+    with bridge_with(tmp_path) as bridge:
+        yield bridge
 
 
-def code_grant(bridge: Bridge, client_id: str = "jwt", scope: str = "openid email imap") -> dict:
-    verifier, challenge = pkce_pair()
-    answer = login_and_consent(bridge.browser(), authorize_url("", client_id, CB, challenge, scope), "alice", PASSWORD)
-    return tokens_of(bridge.browser().post("/token", data={
-        "grant_type": "authorization_code", "code": redirect_params(answer)["code"], "redirect_uri": CB,
-        "code_verifier": verifier, "client_id": client_id, "client_secret": f"{client_id}-secret"}))
+def granted(bridge: Bridge, client_id: str = "jwt", scope: str = "openid email imap") -> dict:
+    return code_grant(bridge, bridge.browser(), client_id, CB, scope)
 
 
 def checked(bridge: Bridge, token: str) -> tuple[dict, dict]:
@@ -68,7 +59,7 @@ def introspected(bridge: Bridge, token: str) -> dict:
 
 
 def test_a_client_registered_for_jwt_gets_rfc9068_access_tokens(bridge):
-    tokens = code_grant(bridge)
+    tokens = granted(bridge)
     header, claims = checked(bridge, tokens["access_token"])
     assert (header["typ"], header["alg"]) == ("at+jwt", "ES256") and header["kid"]
     with bridge.store.transaction():
@@ -82,11 +73,11 @@ def test_a_client_registered_for_jwt_gets_rfc9068_access_tokens(bridge):
         "grant_type": "refresh_token", "refresh_token": tokens["refresh_token"], "client_id": "jwt",
         "client_secret": "jwt-secret"}))
     assert checked(bridge, refreshed["access_token"])[1]["jti"] != claims["jti"]
-    assert "." not in code_grant(bridge, "plain", "imap")["access_token"]  # the server's default: opaque
+    assert "." not in granted(bridge, "plain", "imap")["access_token"]  # the server's default: opaque
 
 
 def test_a_jwt_is_looked_up_everywhere_so_its_revocation_counts_here(bridge):
-    tokens = code_grant(bridge)
+    tokens = granted(bridge)
     access = tokens["access_token"]
     assert introspected(bridge, access)["active"] is True
     assert bridge.browser().get("/userinfo", headers={"Authorization": f"Bearer {access}"}).code == 200
@@ -105,6 +96,6 @@ def test_a_client_credentials_jwt_names_the_client_as_its_subject(bridge):
 
 def test_the_header_type_algorithm_and_audience_follow_the_config(tmp_path):
     bridge = bridge_with(tmp_path, format="jwt", jwt_type="JWT", jwt_algorithm="RS256", jwt_audience="imap.example")
-    header, claims = checked(bridge, code_grant(bridge, "plain", "imap")["access_token"])
+    header, claims = checked(bridge, granted(bridge, "plain", "imap")["access_token"])
     assert (header["typ"], header["alg"], claims["aud"]) == ("JWT", "RS256", "imap.example")
     bridge.store.engine.dispose()

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
@@ -23,13 +24,15 @@ from bearerbridge.oauth import device
 from bearerbridge.storage.models import Client, SignIn
 
 from ..fakes import (
+    CODE_GRANTS,
+    PASSWORD,
     Bridge,
     Http,
-    cheap_password_hash,
+    NewUser,
+    code_grant,
     form_of,
-    login_and_consent,
     redirect_params,
-    sqlite_store,
+    sqlite_bridge,
     tokens_of,
 )
 from ..support import authorize_url, pkce_pair
@@ -37,37 +40,25 @@ from ..support import authorize_url, pkce_pair
 ISSUER = "http://127.0.0.1:8080"
 CB = "https://rp.example/cb"
 AFTER_LOGOUT = "https://rp.example/bye"
-PASSWORD = "correct horse battery"
 OPENID = "openid profile email"
 
 
 @pytest.fixture
-def bridge(tmp_path) -> Bridge:
-    store = sqlite_store(tmp_path / "x.db")
-    with store.transaction():
-        code = ("authorization_code", "refresh_token")
-        store.add_client(Client("rp", "Relying Party", (CB,), f"{OPENID} imap", code, public=False,
-                                post_logout_redirect_uris=(AFTER_LOGOUT,)), "rp-secret")
-        store.add_client(Client("rsa", "RSA Party", (CB,), OPENID, code, public=False, id_token_alg="RS256"),
-                         "rsa-secret")
-        store.add_client(Client("tv", "TV", (), f"{OPENID} imap", (device.GRANT_TYPE,), public=True), None)
-        store.add_user("alice", "alice@example.org", cheap_password_hash(PASSWORD), display_name="Alice Liddell")
-        store.add_user("bob", None, cheap_password_hash(PASSWORD))
-    yield Bridge.over(store)
-    store.engine.dispose()
+def bridge(tmp_path) -> Iterator[Bridge]:
+    with sqlite_bridge(tmp_path / "x.db", [
+        Client("rp", "Relying Party", (CB,), f"{OPENID} imap", CODE_GRANTS, public=False,
+               post_logout_redirect_uris=(AFTER_LOGOUT,)),
+        Client("rsa", "RSA Party", (CB,), OPENID, CODE_GRANTS, public=False, id_token_alg="RS256"),
+        Client("tv", "TV", (), f"{OPENID} imap", (device.GRANT_TYPE,), public=True),
+    ], [NewUser("alice", "alice@example.org", display_name="Alice Liddell"), NewUser("bob")]) as bridge:
+        yield bridge
 
 
 def grant(bridge: Bridge, browser: Http | None = None, client_id: str = "rp", scope: str = OPENID,
           username: str = "alice", **extra: str) -> tuple[Http, dict]:
     """A browser that signed in (unless already) and approved a code grant; the token response."""
     browser = browser or bridge.browser()
-    verifier, challenge = pkce_pair()
-    answer = login_and_consent(browser, authorize_url("", client_id, CB, challenge, scope, **extra), username,
-                               PASSWORD)
-    code = redirect_params(answer)["code"]
-    return browser, tokens_of(bridge.browser().post("/token", data={
-        "grant_type": "authorization_code", "code": code, "redirect_uri": CB, "code_verifier": verifier,
-        "client_id": client_id, "client_secret": f"{client_id}-secret"}))
+    return browser, code_grant(bridge, browser, client_id, CB, scope, username, **extra)
 
 
 def verified(bridge: Bridge, id_token: str, audience: str = "rp") -> tuple[dict, dict]:
@@ -151,15 +142,11 @@ def test_a_client_registered_for_rs256_gets_rs256_and_each_user_their_own_stable
 
 
 def test_the_acr_configured_is_in_every_id_token(tmp_path):
-    store = sqlite_store(tmp_path / "x.db")
-    with store.transaction():
-        store.add_client(Client("rp", "RP", (CB,), OPENID, ("authorization_code",), public=False), "rp-secret")
-        store.add_user("alice", None, cheap_password_hash(PASSWORD))
     config = dataclasses.replace(Config(), openid=OpenIdSettings(acr="urn:mace:incommon:iap:silver"))
-    bridge = Bridge.over(store, config)
-    _, tokens = grant(bridge)
-    assert verified(bridge, tokens["id_token"])[1]["acr"] == "urn:mace:incommon:iap:silver"
-    store.engine.dispose()
+    rp = Client("rp", "RP", (CB,), OPENID, ("authorization_code",), public=False)
+    with sqlite_bridge(tmp_path / "x.db", [rp], [NewUser("alice")], config) as bridge:
+        _, tokens = grant(bridge)
+        assert verified(bridge, tokens["id_token"])[1]["acr"] == "urn:mace:incommon:iap:silver"
 
 
 def test_a_nonce_a_client_used_with_a_live_code_is_refused_as_a_replay(bridge):
@@ -262,12 +249,7 @@ def test_a_session_older_than_max_age_gives_an_id_token_with_the_new_auth_time(b
     browser, first = grant(bridge)
     with bridge.store.transaction():
         bridge.store._db.exec_driver_sql("UPDATE sessions SET created_at = created_at - 600")
-    verifier, challenge = pkce_pair()
-    answer = login_and_consent(browser, authorize_url("", "rp", CB, challenge, OPENID, max_age="60"), "alice",
-                               PASSWORD)
-    tokens = tokens_of(bridge.browser().post("/token", data={
-        "grant_type": "authorization_code", "code": redirect_params(answer)["code"], "redirect_uri": CB,
-        "code_verifier": verifier, "client_id": "rp", "client_secret": "rp-secret"}))
+    _, tokens = grant(bridge, browser, max_age="60")  # the session is older: signing in again
     assert verified(bridge, tokens["id_token"])[1]["auth_time"] >= verified(bridge, first["id_token"])[1]["auth_time"]
     assert time.time() - verified(bridge, tokens["id_token"])[1]["auth_time"] < 60
 

@@ -5,37 +5,40 @@ up counts for the session it was set up in."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 
 from bearerbridge import config as configuration
 from bearerbridge.config import ConfigError, parse
-from bearerbridge.oauth import device
-from bearerbridge.storage.models import SECOND_FACTORS, Client, SignIn, User
+from bearerbridge.storage.models import SECOND_FACTORS, SignIn, User
 
-from ..fakes import Bridge, cheap_password_hash, form_of, redirect_params, sqlite_store
+from ..fakes import Bridge, NewUser, form_of, redirect_params, sqlite_bridge
 from ..support import authorize_url, pkce_pair
-from .test_two_factor import CB, PASSWORD, account_browser, codes_of, enrol, password_at_authorize, second_step
+from .test_two_factor import (
+    ALICE,
+    CB,
+    CLIENTS,
+    account_browser,
+    codes_of,
+    enrol,
+    password_at_authorize,
+    password_on,
+    second_step,
+)
 
 
 def bridge_requiring(tmp_path, rule: str) -> Bridge:
-    store = sqlite_store(tmp_path / "x.db")
-    with store.transaction():
-        store.add_client(Client("rp", "Relying Party", (CB,), "openid profile imap",
-                                ("authorization_code", "refresh_token"), public=False), "rp-secret")
-        store.add_client(Client("tv", "TV", (), "imap", (device.GRANT_TYPE,), public=True), None)
-        store.add_user("alice", "alice@example.org", cheap_password_hash(PASSWORD))
-        store.add_user("root", None, cheap_password_hash(PASSWORD), is_admin=True)
+    """test_two_factor's clients, alice and an admin, root, under `require_second_factor = rule`."""
     config = configuration.Config()
     config = dataclasses.replace(config, server=dataclasses.replace(config.server, require_second_factor=rule))
-    return Bridge.over(store, config)
+    return sqlite_bridge(tmp_path / "x.db", CLIENTS, [ALICE, NewUser("root", is_admin=True)], config)
 
 
 @pytest.fixture
-def everyone(tmp_path):
-    bridge = bridge_requiring(tmp_path, "everyone")
-    yield bridge
-    bridge.store.engine.dispose()
+def everyone(tmp_path) -> Iterator[Bridge]:
+    with bridge_requiring(tmp_path, "everyone") as bridge:
+        yield bridge
 
 
 def test_the_rule_reads_the_sign_ins_methods():
@@ -85,8 +88,7 @@ def test_admins_only_spares_other_users_and_holds_admins_at_admin(tmp_path):
     _, page = password_at_authorize(bridge, bridge.browser())
     assert page.code == 200 and form_of(page)[1]["step"] == "consent"  # alice is no admin
     admin = bridge.browser()
-    action, fields = form_of(admin.get("/admin"))
-    assert admin.post(action, data={**fields, "username": "root", "password": PASSWORD}).code in (302, 303)
+    assert password_on(admin, "/admin", "root").code in (302, 303)
     held = admin.get("/admin")
     assert held.code == 403 and 'id="second-factor-required"' in held.body.decode()
     bridge.store.engine.dispose()

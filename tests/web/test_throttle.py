@@ -4,6 +4,7 @@ client authentication at /token (counted in memory), on a Clock so that held ans
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 from twisted.internet import defer
@@ -14,19 +15,20 @@ from bearerbridge.throttle import ThrottleRules
 from bearerbridge.web.sessions import PasswordLogin
 
 from ..fakes import (
+    PASSWORD,
     Bridge,
     Http,
+    NewUser,
     SyncPool,
-    cheap_password_hash,
     form_of,
     login_and_consent,
     redirect_params,
+    sqlite_bridge,
     sqlite_store,
 )
 from ..support import authorize_url, pkce_pair
 
 CB = "https://app.example/cb"
-PASSWORD = "correct horse battery"
 # No delay before the fifth failure; the account blocked at 5, the address at 8.
 SIGN_IN = ThrottleRules(free_failures=4, first_delay=1.0, max_delay=4.0, account_block_after=5,
                         address_block_after=8, block=300, forget_after=900)
@@ -35,16 +37,13 @@ CLIENTS = ThrottleRules(free_failures=2, first_delay=1.0, max_delay=4.0, account
 
 
 @pytest.fixture
-def bridge(tmp_path) -> Bridge:
-    store = sqlite_store(tmp_path / "x.db")
-    with store.transaction():
-        store.add_client(Client("web", "Web App", (CB,), "imap", ("authorization_code",), public=False), "web-secret")
-        store.add_client(Client("svc", "Service", (), "imap", ("client_credentials",), public=False), "svc-secret")
-        for name in ("alice", "bob", "carol"):
-            store.add_user(name, None, cheap_password_hash(PASSWORD))
+def bridge(tmp_path) -> Iterator[Bridge]:
     config = configuration.Config(throttle=configuration.ThrottleSettings(sign_in=SIGN_IN, clients=CLIENTS))
-    yield Bridge.over(store, config)
-    store.engine.dispose()
+    with sqlite_bridge(tmp_path / "x.db", [
+        Client("web", "Web App", (CB,), "imap", ("authorization_code",), public=False),
+        Client("svc", "Service", (), "imap", ("client_credentials",), public=False),
+    ], [NewUser(name) for name in ("alice", "bob", "carol")], config) as bridge:
+        yield bridge
 
 
 def signed_in(answers: list) -> bool:

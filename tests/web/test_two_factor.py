@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 
 import pyotp
 import pytest
@@ -17,33 +18,39 @@ from bearerbridge import crypto
 from bearerbridge.oauth import device
 from bearerbridge.storage.models import Client
 from bearerbridge.storage.schema import totp_secrets
-from bearerbridge.throttle import ThrottleRules
 from bearerbridge.web import second_factor
 
-from ..fakes import Answer, Bridge, Http, cheap_password_hash, form_of, redirect_params, sqlite_store, tokens_of
+from ..fakes import (
+    CODE_GRANTS,
+    PASSWORD,
+    Answer,
+    Bridge,
+    Http,
+    NewUser,
+    form_of,
+    redirect_params,
+    sqlite_bridge,
+    tokens_of,
+)
 from ..support import authorize_url, pkce_pair
 from .test_openid import verified
+from .test_throttle import SIGN_IN  # no delay before the fifth failure; the account blocked at 5, the address at 8
 
 CB = "https://rp.example/cb"
-PASSWORD = "correct horse battery"
 PAGE = "/account/two-factor"
-# As in test_throttle: no delay before the fifth failure; the account blocked at 5, the address at 8.
-SIGN_IN = ThrottleRules(free_failures=4, first_delay=1.0, max_delay=4.0, account_block_after=5,
-                        address_block_after=8, block=300, forget_after=900)
+# A relying party and a device (tests/web/test_second_factor_required.py's too).
+CLIENTS = (
+    Client("rp", "Relying Party", (CB,), "openid profile imap", CODE_GRANTS, public=False),
+    Client("tv", "TV", (), "imap", (device.GRANT_TYPE,), public=True),
+)
+ALICE = NewUser("alice", "alice@example.org")
 
 
 @pytest.fixture
-def bridge(tmp_path) -> Bridge:
-    store = sqlite_store(tmp_path / "x.db")
-    with store.transaction():
-        store.add_client(Client("rp", "Relying Party", (CB,), "openid profile imap",
-                                ("authorization_code", "refresh_token"), public=False), "rp-secret")
-        store.add_client(Client("tv", "TV", (), "imap", (device.GRANT_TYPE,), public=True), None)
-        store.add_user("alice", "alice@example.org", cheap_password_hash(PASSWORD))
-        store.add_user("bob", None, cheap_password_hash(PASSWORD))
+def bridge(tmp_path) -> Iterator[Bridge]:
     config = configuration.Config(throttle=configuration.ThrottleSettings(sign_in=SIGN_IN))
-    yield Bridge.over(store, config)
-    store.engine.dispose()
+    with sqlite_bridge(tmp_path / "x.db", CLIENTS, [ALICE, NewUser("bob")], config) as bridge:
+        yield bridge
 
 
 def text(answer: Answer) -> str:
@@ -59,10 +66,15 @@ def codes_of(secret: str) -> dict[int, str]:
     return {offset: pyotp.TOTP(secret).at(now + 30 * offset) for offset in (-1, 0, 1)}
 
 
+def password_on(browser: Http, path: str, username: str = "alice") -> Answer:
+    """Post the right password in the sign-in form of `path`; the page it got."""
+    action, fields = form_of(browser.get(path))
+    return browser.post(action, data={**fields, "username": username, "password": PASSWORD})
+
+
 def account_browser(bridge: Bridge, username: str = "alice") -> Http:
     browser = bridge.browser()
-    action, fields = form_of(browser.get("/account"))
-    assert browser.post(action, data={**fields, "username": username, "password": PASSWORD}).code == 303
+    assert password_on(browser, "/account", username).code == 303
     return browser
 
 
@@ -85,8 +97,7 @@ def password_at_authorize(bridge: Bridge, browser: Http, username: str = "alice"
     """Open a code grant's /authorize and post the right password; the URL and the page it got."""
     _, challenge = pkce_pair()
     path = authorize_url("", "rp", CB, challenge, "openid imap", nonce="n-1")
-    action, fields = form_of(browser.get(path))
-    return path, browser.post(action, data={**fields, "username": username, "password": PASSWORD})
+    return path, password_on(browser, path, username)
 
 
 def second_step(browser: Http, page: Answer, code: str = "", recovery_code: str = "") -> Answer:
@@ -160,8 +171,7 @@ def test_amr_in_the_id_token_of_a_code_grant_is_pwd_and_otp(bridge):
     browser = bridge.browser()
     verifier, challenge = pkce_pair()
     path = authorize_url("", "rp", CB, challenge, "openid imap", nonce="n-1")
-    action, fields = form_of(browser.get(path))
-    asked = browser.post(action, data={**fields, "username": "alice", "password": PASSWORD})
+    asked = password_on(browser, path)
     consent = second_step(browser, asked, codes_of(secret)[1])
     action, fields = form_of(consent)
     code = redirect_params(browser.post(action, data={**fields, "decision": "approve"}))["code"]
@@ -285,8 +295,7 @@ def test_wrong_codes_are_throttled_like_wrong_passwords(bridge):
 def test_the_device_page_asks_for_the_code_before_the_device_code(bridge):
     secret, _ = enrol(bridge, account_browser(bridge))
     browser = bridge.browser()
-    action, fields = form_of(browser.get("/device"))
-    asked = browser.post(action, data={**fields, "username": "alice", "password": PASSWORD})
+    asked = password_on(browser, "/device")
     assert asked.code == 200 and "A device" in text(asked) and not has_session(asked)
     page = second_step(browser, asked, codes_of(secret)[0])
     assert page.code == 200 and form_of(page)[1]["step"] == "code" and has_session(page)
@@ -299,8 +308,7 @@ def test_the_device_page_asks_for_the_code_before_the_device_code(bridge):
 def test_signing_in_to_the_account_page_asks_for_the_code(bridge):
     secret, _ = enrol(bridge, account_browser(bridge))
     browser = bridge.browser()
-    action, fields = form_of(browser.get("/account"))
-    asked = browser.post(action, data={**fields, "username": "alice", "password": PASSWORD})
+    asked = password_on(browser, "/account")
     assert asked.code == 200 and 'id="second-factor-user">alice<' in text(asked) and not has_session(asked)
     assert "Sign in to see" in text(browser.get("/account"))
     done = second_step(browser, asked, codes_of(secret)[0])
@@ -373,8 +381,7 @@ def test_the_code_form_needs_its_csrf_token(bridge, where):
     if where == "authorize":
         _, asked = password_at_authorize(bridge, browser)
     else:
-        action, fields = form_of(browser.get("/device" if where == "device" else "/account"))
-        asked = browser.post(action, data={**fields, "username": "alice", "password": PASSWORD})
+        asked = password_on(browser, "/device" if where == "device" else "/account")
     action, fields = form_of(asked)
     code = codes_of(secret)[0]
     for csrf in (None, "forged", form_of(bridge.browser().get("/account"))[1]["csrf"]):
