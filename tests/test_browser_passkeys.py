@@ -19,6 +19,7 @@ from selenium.webdriver.common.virtual_authenticator import Protocol, Transport,
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
+from . import chromium
 from .support import Service, authorize_url, exchange_code, free_port, pkce_pair
 from .test_browser import WAIT, Callback
 
@@ -26,14 +27,8 @@ SHOTS = Path(os.environ.get("PASSKEY_SHOTS", "/tmp/passkey-shots"))
 
 
 def photograph(browser, name: str) -> None:
-    """The whole page at a desktop's width and a phone's, the window as tall as the page."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    for width in (1280, 390):
-        browser.set_window_size(width, 800)
-        height = browser.execute_script("return document.documentElement.scrollHeight")
-        browser.set_window_size(width, max(800, height + 140))
-        assert browser.save_screenshot(str(SHOTS / f"{name}-{width}.png"))
-    browser.set_window_size(1024, 768)
+    """The whole page at a desktop's width and a phone's into SHOTS."""
+    chromium.photograph(browser, SHOTS, name)
 
 
 @pytest.fixture
@@ -83,9 +78,7 @@ def test_add_a_passkey_then_sign_in_with_and_without_a_password(localhost_servic
     browser.get(service.url + "/account")
     wait.until(EC.element_to_be_clickable((By.ID, "sign-in")))
     assert browser.find_element(By.ID, "passkey-sign-in").is_displayed()  # the script found WebAuthn
-    browser.find_element(By.ID, "username").send_keys(username)
-    browser.find_element(By.ID, "password").send_keys(password)
-    browser.find_element(By.ID, "sign-in").click()
+    chromium.sign_in(browser, username, password, WAIT)
     wait.until(EC.element_to_be_clickable((By.ID, "passkeys-link"))).click()
     wait.until(EC.element_to_be_clickable((By.ID, "add-passkey")))
     assert browser.find_element(By.ID, "no-passkeys")
@@ -108,9 +101,7 @@ def test_add_a_passkey_then_sign_in_with_and_without_a_password(localhost_servic
 
         def password_then_passkey(wait):
             photograph(browser, "login")
-            browser.find_element(By.ID, "username").send_keys(username)
-            browser.find_element(By.ID, "password").send_keys(password)
-            browser.find_element(By.ID, "sign-in").click()
+            chromium.sign_in(browser, username, password, WAIT)
             wait.until(EC.element_to_be_clickable((By.ID, "use-passkey")))
             assert "use your passkey" in browser.find_element(By.TAG_NAME, "main").text
             photograph(browser, "second-step")

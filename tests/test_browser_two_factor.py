@@ -15,6 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
+from . import chromium
 from .support import authorize_url, pkce_pair
 from .test_browser import WAIT
 
@@ -22,14 +23,9 @@ SHOTS = Path(os.environ.get("TWO_FACTOR_SHOTS", "/tmp/2fa-shots"))
 
 
 def photograph(browser, name: str) -> None:
-    """The whole page at a desktop's width and a phone's, the window as tall as the page."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    for width in (1280, 390):
-        browser.set_window_size(width, 800)
-        height = browser.execute_script("return document.documentElement.scrollHeight")
-        browser.set_window_size(width, max(800, height + 140))  # the window's frame takes some
-        assert browser.save_screenshot(str(SHOTS / f"{name}-{width}.png"))
-    browser.set_window_size(1024, 768)
+    """The whole page at a desktop's width and a phone's into SHOTS (read at each call:
+    tests/test_browser_admin.py points it at its own directory)."""
+    chromium.photograph(browser, SHOTS, name)
 
 
 def code_of_step(secret: str, offset: int) -> str:
@@ -44,10 +40,7 @@ def test_enrol_then_sign_in_with_a_code_in_chromium(service, browser):
     username, password = service.user()
     wait = WebDriverWait(browser, WAIT)
     browser.get(service.url + "/account/two-factor")  # without a session: /account's sign-in
-    wait.until(EC.element_to_be_clickable((By.ID, "sign-in")))
-    browser.find_element(By.ID, "username").send_keys(username)
-    browser.find_element(By.ID, "password").send_keys(password)
-    browser.find_element(By.ID, "sign-in").click()
+    chromium.sign_in(browser, username, password, WAIT)
     wait.until(EC.element_to_be_clickable((By.ID, "two-factor-link"))).click()
     wait.until(EC.element_to_be_clickable((By.ID, "begin"))).click()
 
@@ -77,10 +70,7 @@ def test_enrol_then_sign_in_with_a_code_in_chromium(service, browser):
     client = service.client("--redirect-uri", "https://app.example/cb", "--scope", "imap")
     _, challenge = pkce_pair()
     browser.get(authorize_url(service.url, client["client_id"], "https://app.example/cb", challenge, "imap"))
-    wait.until(EC.element_to_be_clickable((By.ID, "sign-in")))
-    browser.find_element(By.ID, "username").send_keys(username)
-    browser.find_element(By.ID, "password").send_keys(password)
-    browser.find_element(By.ID, "sign-in").click()
+    chromium.sign_in(browser, username, password, WAIT)
     wait.until(EC.element_to_be_clickable((By.ID, "verify")))
     assert browser.switch_to.active_element == browser.find_element(By.ID, "code")  # what is left to type
     assert client["name"] in browser.find_element(By.TAG_NAME, "main").text
