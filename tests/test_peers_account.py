@@ -18,7 +18,6 @@ skips without them locally and fails under CI=true.
 from __future__ import annotations
 
 import os
-import secrets
 import smtplib
 import time
 from dataclasses import dataclass
@@ -26,10 +25,19 @@ from pathlib import Path
 
 import pytest
 
-from .peers import Dovecot, Postfix, log_since, log_size, start_dovecot, start_postfix, wait_for_sasl
-from .support import Service, exchange_code, free_port, get_code, missing, require_peer, wait_for
+from .peer_setup import (
+    DoveadmApi,
+    MailPeers,
+    StartedPeers,
+    logs_printed,
+    peer_directories,
+    require_peers_as_root,
+    start_dovecot_asking,
+)
+from .peers import start_postfix, wait_for_sasl
+from .support import Service, exchange_code, free_port, get_code, wait_for
 from .test_peers_mail import SMTP_OK, smtp_auth, xoauth2
-from .test_peers_revoke import close, doveadm_conf, ended_by_dovecot, listening, logged_in, refused
+from .test_peers_revoke import close, ended_by_dovecot, logged_in, refused
 
 pytestmark = pytest.mark.peer
 
@@ -41,68 +49,40 @@ WIDTHS = (1280, 390)  # px: a desktop and a phone
 
 
 @dataclass
-class Mail:
-    service: Service
-    postfix: Postfix
-    dovecot: Dovecot
+class Mail(MailPeers):
     app: dict  # a confidential client asking for imap and smtp
-
-    def logs(self) -> dict[str, Path]:
-        return {"bearerbridge": self.service.directory / "twistd.log", "postfix": self.postfix.log_path,
-                "dovecot": self.dovecot.log_path}
 
 
 @pytest.fixture(scope="module")
 def mail(tmp_path_factory) -> Mail:
-    require_peer("/usr/sbin/postfix")
-    require_peer("/usr/sbin/dovecot")
-    if os.geteuid() != 0:
-        missing("the Postfix and Dovecot peers run as root (as CI does)")
+    require_peers_as_root("/usr/sbin/postfix", "/usr/sbin/dovecot")
     top = tmp_path_factory.mktemp("account")
-    directories = {name: top / name for name in ("bearerbridge", "postfix", "dovecot")}
-    for directory in directories.values():
-        directory.mkdir()
-    key_file = top / "doveadm-api.key"
-    key_file.write_bytes(secrets.token_hex(32).encode())  # no newline: Dovecot's `<file` would keep it
-    key_file.chmod(0o600)
-    doveadm_port, sasl_port = free_port(), free_port()
-    service = Service.start(directories["bearerbridge"], extra=f"""
+    directories = peer_directories(top, "bearerbridge", "postfix", "dovecot")
+    doveadm, sasl_port = DoveadmApi.keyed(top), free_port()
+    with StartedPeers() as started:
+        service = started(Service.start(directories["bearerbridge"], extra=f"""
 [sasl]
 listen = ["tcp:{sasl_port}:interface=127.0.0.1"]
 [sasl.services]
 smtp = "smtp"
 imap = "imap"
-[dovecot]
-doveadm_url = "http://127.0.0.1:{doveadm_port}/doveadm/v1"
-doveadm_key_file = "{key_file}"
-""")
-    started: list = [service]
-    try:
+""" + doveadm.bearerbridge_conf()))
         wait_for_sasl(service, sasl_port)
         # Relayed mail is discarded (logged as sent): the test needs Postfix to accept it, not the
         # Internet to receive it.
-        postfix = start_postfix(directories["postfix"], f"inet:127.0.0.1:{sasl_port}",
-                                overrides={"default_transport": "discard:bearerbridge test"})
-        started.append(postfix)
-        resource_server = service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
-        dovecot = start_dovecot(directories["dovecot"], service.url, resource_server["client_id"],
-                                resource_server["client_secret"], extra_conf=doveadm_conf(key_file, doveadm_port))
-        started.append(dovecot)
-        wait_for(lambda: listening(doveadm_port), timeout=WAIT, what="Dovecot's doveadm HTTP listener")
+        postfix = started(start_postfix(directories["postfix"], f"inet:127.0.0.1:{sasl_port}",
+                                        overrides={"default_transport": "discard:bearerbridge test"}))
+        dovecot = started(start_dovecot_asking(service, directories["dovecot"], extra_conf=doveadm.dovecot_conf()))
+        doveadm.wait_until_listening(WAIT)
         app = service.client("--name", "Mail App", "--redirect-uri", REDIRECT_URI, "--scope", "imap smtp")
         yield Mail(service, postfix, dovecot, app)
-    finally:
-        for peer in reversed(started):
-            peer.stop()
 
 
 @pytest.fixture(autouse=True)
 def peer_logs(mail):
     """Print what each program logged during the test; pytest shows it only when the test fails."""
-    offsets = {name: log_size(path) for name, path in mail.logs().items()}
-    yield
-    for name, path in mail.logs().items():
-        print(f"----- {name} ({path}) during the test -----\n{log_since(path, offsets[name])}")
+    with logs_printed(mail.logs()):
+        yield
 
 
 def send_one_message(mail: Mail, user: str, token: str) -> None:
@@ -151,6 +131,8 @@ def test_the_user_sees_imap_and_smtp_use_revokes_and_the_live_imap_session_ends(
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from .chromium import sign_in
+
     user, password = mail.service.user()
     code, verifier = get_code(mail.service, mail.app, user, password, scope="imap smtp")
     answer = exchange_code(mail.service, mail.app, code, verifier, REDIRECT_URI)
@@ -163,11 +145,8 @@ def test_the_user_sees_imap_and_smtp_use_revokes_and_the_live_imap_session_ends(
         send_one_message(mail, user, token)
 
         browser.get(f"{mail.service.url}/account")
+        sign_in(browser, user, password, WAIT)
         wait = WebDriverWait(browser, WAIT)
-        wait.until(EC.element_to_be_clickable((By.ID, "sign-in")))
-        browser.find_element(By.ID, "username").send_keys(user)
-        browser.find_element(By.ID, "password").send_keys(password)
-        browser.find_element(By.ID, "sign-in").click()
         client_id = mail.app["client_id"]
         wait.until(EC.presence_of_element_located((By.ID, f"app-{client_id}")))
         assert "Mail App" in browser.find_element(By.ID, f"app-{client_id}").text

@@ -10,7 +10,6 @@ root; skips without them locally and fails under CI=true.
 
 from __future__ import annotations
 
-import os
 import re
 import smtplib
 import sqlite3
@@ -22,9 +21,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from .peers import Postfix, log_since, log_size, start_postfix, wait_for_sasl
+from .peer_setup import StartedPeers, logs_printed, require_peers_as_root
+from .peers import Postfix, start_postfix, wait_for_sasl
 from .peers_web import DAV_EXT_MODULE, NGINX, Nginx, start_nginx
-from .support import Service, form_fields, free_port, missing, require_peer
+from .support import Service, form_fields, free_port, require_peer
 
 pytestmark = pytest.mark.peer
 
@@ -47,45 +47,33 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Stack:
-    require_peer("/usr/sbin/postfix")
     require_peer("nginx", NGINX)
-    require_peer(str(DAV_EXT_MODULE))
-    require_peer("curl")
-    if os.geteuid() != 0:
-        missing("the Postfix peer runs as root (as CI does)")
+    require_peers_as_root("/usr/sbin/postfix", str(DAV_EXT_MODULE), "curl")
     top = tmp_path_factory.mktemp("app-passwords")
     for name in ("bearerbridge", "postfix", "nginx"):
         (top / name).mkdir()
     sasl_port = free_port()
-    service = Service.start(top / "bearerbridge", extra=f"""
+    with StartedPeers() as started:
+        service = started(Service.start(top / "bearerbridge", extra=f"""
 [sasl]
 listen = ["tcp:{sasl_port}:interface=127.0.0.1"]
 plain = ["smtp"]
 cache_ttl = {CACHE_TTL}
 [[forward_auth.rules]]
 basic = true
-""")
-    started: list = [service]
-    try:
+"""))
         wait_for_sasl(service, sasl_port)
-        postfix = start_postfix(top / "postfix", f"inet:127.0.0.1:{sasl_port}")
-        started.append(postfix)
-        nginx = start_nginx(top / "nginx", service.url)
-        started.append(nginx)
+        postfix = started(start_postfix(top / "postfix", f"inet:127.0.0.1:{sasl_port}"))
+        nginx = started(start_nginx(top / "nginx", service.url))
         user, password = service.user()
         yield Stack(service, postfix, nginx, user, password)
-    finally:
-        for peer in reversed(started):
-            peer.stop()
 
 
 @pytest.fixture(autouse=True)
 def peer_logs(stack):
     """Print what each program logged during the test; pytest shows it only when the test fails."""
-    offsets = {name: log_size(path) for name, path in stack.logs().items()}
-    yield
-    for name, path in stack.logs().items():
-        print(f"----- {name} ({path}) during the test -----\n{log_since(path, offsets[name])}")
+    with logs_printed(stack.logs()):
+        yield
 
 
 # -- the user's page, as a browser drives it --------------------------------------------------

@@ -30,17 +30,17 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from .peers import (
-    CONF,
-    Dovecot,
-    Postfix,
-    log_since,
-    log_size,
-    start_dovecot,
-    start_postfix,
-    wait_for_sasl,
+from .peer_setup import (
+    MailPeers,
+    StartedPeers,
+    logs_printed,
+    new_resource_server,
+    peer_directories,
+    require_peers_as_root,
+    start_dovecot_asking,
 )
-from .support import Service, free_port, introspect, missing, require_peer
+from .peers import CONF, start_postfix, wait_for_sasl
+from .support import Service, free_port, introspect, require_peer
 from .test_peers_mail import IMAP_OK, SMTP_OK, imap_auth, oauthbearer, smtp_auth
 from .test_peers_webdav import HELPER, helper_device_login, require_helper, run_bounded
 
@@ -58,16 +58,9 @@ KDEXOAUTH2 = Path("/usr/lib/x86_64-linux-gnu/sasl2/libkdexoauth2.so")
 
 
 @dataclass
-class Stack:
-    service: Service
-    postfix: Postfix
-    dovecot: Dovecot
-    resource_server: dict  # a confidential client that may introspect
+class Stack(MailPeers):
+    resource_server: dict  # a confidential client that may introspect (Dovecot's)
     app: dict  # a public client for `bearerbridge-token login --device`
-
-    def logs(self) -> dict[str, Path]:
-        return {"bearerbridge": self.service.directory / "twistd.log", "postfix": self.postfix.log_path,
-                "dovecot": self.dovecot.log_path}
 
 
 def no_process_left(directory: Path) -> None:
@@ -78,17 +71,13 @@ def no_process_left(directory: Path) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Stack:
-    require_peer("/usr/sbin/postfix")
-    require_peer("/usr/sbin/dovecot")
+    require_peers_as_root("/usr/sbin/postfix", "/usr/sbin/dovecot")
     require_helper()
-    if os.geteuid() != 0:
-        missing("the Postfix and Dovecot peers run as root (as CI does)")
     top = tmp_path_factory.mktemp("clients")
-    directories = {name: top / name for name in ("bearerbridge", "postfix", "dovecot")}
-    for directory in directories.values():
-        directory.mkdir()
+    directories = peer_directories(top, "bearerbridge", "postfix", "dovecot")
     sasl_port = free_port()
-    service = Service.start(directories["bearerbridge"], extra=f"""
+    with StartedPeers() as started:
+        service = started(Service.start(directories["bearerbridge"], extra=f"""
 [sasl]
 listen = ["tcp:{sasl_port}:interface=127.0.0.1"]
 identity = ["username", "email"]
@@ -96,30 +85,22 @@ cache_ttl = 1
 [sasl.services]
 smtp = "smtp"
 imap = "imap"
-""")
-    started: list = [service]
-    try:
+"""))
         wait_for_sasl(service, sasl_port)
-        started.append(start_postfix(directories["postfix"], f"inet:127.0.0.1:{sasl_port}"))
-        resource_server = service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
-        started.append(start_dovecot(directories["dovecot"], service.url,
-                                     resource_server["client_id"], resource_server["client_secret"]))
+        postfix = started(start_postfix(directories["postfix"], f"inet:127.0.0.1:{sasl_port}"))
+        resource_server = new_resource_server(service)
+        dovecot = started(start_dovecot_asking(service, directories["dovecot"], resource_server))
         app = service.client("--public", "--grant", "device_code", "--grant", "refresh_token",
                              "--scope", "imap smtp")
-        yield Stack(service, started[1], started[2], resource_server, app)
-    finally:
-        for peer in reversed(started):
-            peer.stop()
+        yield Stack(service, postfix, dovecot, resource_server, app)
     no_process_left(top)
 
 
 @pytest.fixture(autouse=True)
 def peer_logs(stack):
     """Print what each program logged during the test; pytest shows it only when the test fails."""
-    offsets = {name: log_size(path) for name, path in stack.logs().items()}
-    yield
-    for name, path in stack.logs().items():
-        print(f"----- {name} ({path}) during the test -----\n{log_since(path, offsets[name])}")
+    with logs_printed(stack.logs()):
+        yield
 
 
 @dataclass

@@ -11,19 +11,25 @@ from __future__ import annotations
 
 import imaplib
 import json
-import os
 import smtplib
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import requests
 
-from .peers import Dovecot, Postfix, log_since, log_size, start_dovecot, start_postfix, wait_for_sasl
-from .support import Service, exchange_code, free_port, get_code, missing, require_peer
+from .peer_setup import (
+    MailPeers,
+    StartedPeers,
+    logs_printed,
+    peer_directories,
+    require_peers_as_root,
+    start_dovecot_asking,
+)
+from .peers import Dovecot, start_postfix, wait_for_sasl
+from .support import Service, exchange_code, free_port, get_code
 
 pytestmark = pytest.mark.peer
 
@@ -40,10 +46,7 @@ IMAP_REFUSED = "[AUTHENTICATIONFAILED] Authentication failed."
 
 
 @dataclass
-class Mail:
-    service: Service
-    postfix: Postfix
-    dovecot: Dovecot
+class Mail(MailPeers):
     app: dict  # a confidential client asking for imap and smtp
     user: str
     password: str
@@ -52,24 +55,15 @@ class Mail:
     def issue(self, scope: str, *extra: str) -> str:
         return self.service.issue(self.user, self.app["client_id"], scope, *extra)
 
-    def logs(self) -> dict[str, Path]:
-        return {"bearerbridge": self.service.directory / "twistd.log", "postfix": self.postfix.log_path,
-                "dovecot": self.dovecot.log_path}
-
 
 @pytest.fixture(scope="module")
 def mail(tmp_path_factory) -> Mail:
-    require_peer("/usr/sbin/postfix")
-    require_peer("/usr/sbin/dovecot")
-    if os.geteuid() != 0:
-        missing("the Postfix and Dovecot peers run as root (as CI does)")
-    top = tmp_path_factory.mktemp("mail")
-    directories = {name: top / name for name in ("bearerbridge", "postfix", "dovecot")}
-    for directory in directories.values():
-        directory.mkdir()
+    require_peers_as_root("/usr/sbin/postfix", "/usr/sbin/dovecot")
+    directories = peer_directories(tmp_path_factory.mktemp("mail"), "bearerbridge", "postfix", "dovecot")
     sasl_port = free_port()
     socket_path = directories["bearerbridge"] / "auth"
-    service = Service.start(directories["bearerbridge"], extra=f"""
+    with StartedPeers() as started:
+        service = started(Service.start(directories["bearerbridge"], extra=f"""
 [sasl]
 listen = ["unix:{socket_path}:mode=666", "tcp:{sasl_port}:interface=127.0.0.1"]
 identity = ["username", "email"]
@@ -78,37 +72,26 @@ cache_ttl = 1
 smtp = "smtp"
 imap = "imap"
 xmpp = "xmpp"
-""")
-    started: list = [service]
-    try:
+"""))
         wait_for_sasl(service, sasl_port)  # /healthz answering says only that the reactor runs
         # The UNIX socket listener speaks the same protocol (Postfix here uses the TCP one).
         with socket.socket(socket.AF_UNIX) as unix:
             unix.settimeout(WAIT)
             unix.connect(str(socket_path))
             assert unix.recv(4096).startswith(b"VERSION\t1\t2\nMECH\tOAUTHBEARER\tplaintext\n")
-        postfix = start_postfix(directories["postfix"], f"inet:127.0.0.1:{sasl_port}")
-        started.append(postfix)
-        resource_server = service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
-        dovecot = start_dovecot(directories["dovecot"], service.url,
-                                resource_server["client_id"], resource_server["client_secret"])
-        started.append(dovecot)
+        postfix = started(start_postfix(directories["postfix"], f"inet:127.0.0.1:{sasl_port}"))
+        dovecot = started(start_dovecot_asking(service, directories["dovecot"]))
         email = f"{service.unique('mailer')}@example.org"
         user, password = service.user(email=email)
         app = service.client("--redirect-uri", REDIRECT_URI, "--scope", "imap smtp")
         yield Mail(service, postfix, dovecot, app, user, password, email)
-    finally:
-        for peer in reversed(started):
-            peer.stop()
 
 
 @pytest.fixture(autouse=True)
 def peer_logs(mail):
     """Print what each program logged during the test; pytest shows it only when the test fails."""
-    offsets = {name: log_size(path) for name, path in mail.logs().items()}
-    yield
-    for name, path in mail.logs().items():
-        print(f"----- {name} ({path}) during the test -----\n{log_since(path, offsets[name])}")
+    with logs_printed(mail.logs()):
+        yield
 
 
 # -- the clients' side ------------------------------------------------------------------------
@@ -307,9 +290,7 @@ def test_dovecot_refuses_a_token_without_the_imap_scope(mail):
 def test_dovecot_service_header_alone_keeps_an_smtp_token_out(mail, tmp_path):
     """With Dovecot's own `scope` check off, bearerbridge still refuses: send_auth_headers tells
     it the service (X-Dovecot-Auth-Service: imap), and [sasl.services] imap needs `imap`."""
-    resource_server = mail.service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
-    dovecot = start_dovecot(tmp_path, mail.service.url, resource_server["client_id"],
-                            resource_server["client_secret"], overrides={"scope": ""})
+    dovecot = start_dovecot_asking(mail.service, tmp_path, overrides={"scope": ""})
     try:
         expect_imap_refusals(mail, mail.issue("smtp"), dovecot)
         attempt = imap_auth(dovecot.port, "OAUTHBEARER", oauthbearer(mail.user, mail.issue("imap")))

@@ -20,8 +20,6 @@ import base64
 import contextlib
 import imaplib
 import json
-import os
-import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -35,14 +33,21 @@ from bearerbridge.config import DovecotSettings, SaslSettings
 from bearerbridge.doveadm.client import Doveadm
 from bearerbridge.doveadm.protocol import Kicked, Outcome, Target
 
-from .peers import CONF, Dovecot, PeerError, log_since, log_size, start_dovecot
-from .support import Service, _Forms, exchange_code, free_port, get_code, missing, require_peer, wait_for
+from .peer_setup import (
+    DoveadmApi,
+    StartedPeers,
+    logs_printed,
+    peer_directories,
+    require_peers_as_root,
+    start_dovecot_asking,
+)
+from .peers import Dovecot
+from .support import Service, _Forms, exchange_code, get_code
 
 pytestmark = pytest.mark.peer
 
 WAIT = 10  # seconds: the bound on every IMAP exchange and page
 REDIRECT_URI = "https://app.example/cb"
-DOVEADM_SNIPPET = CONF / "dovecot" / "doveadm-http.conf"
 BYE = b"* BYE Server shutting down.\r\n"  # what Dovecot's kicked imap process says as it goes
 
 
@@ -51,8 +56,7 @@ class Mail:
     service: Service
     dovecot: Dovecot
     app: dict  # a confidential client asking for imap and smtp
-    doveadm_url: str
-    key: bytes
+    doveadm: DoveadmApi
 
     def logs(self) -> dict[str, Path]:
         return {"bearerbridge": self.service.directory / "twistd.log", "dovecot": self.dovecot.log_path}
@@ -62,62 +66,25 @@ class Mail:
         return [e for e in map(json.loads, lines) if e["event"] == event]
 
 
-def doveadm_conf(key_file: Path, port: int) -> str:
-    """conf/dovecot/doveadm-http.conf with only the key file's path and the port replaced."""
-    text = DOVEADM_SNIPPET.read_text()
-    for old, new in (("</etc/dovecot/doveadm-api.key", f"<{key_file}"), ("port = 8081", f"port = {port}")):
-        if text.count(old) != 1:
-            raise PeerError(f"{DOVEADM_SNIPPET} no longer has {old!r} once")
-        text = text.replace(old, new)
-    return text
-
-
-def listening(port: int) -> bool:
-    with socket.create_connection(("127.0.0.1", port), 1):
-        return True
-
-
 @pytest.fixture(scope="module")
 def mail(tmp_path_factory) -> Mail:
-    require_peer("/usr/sbin/dovecot")
-    if os.geteuid() != 0:
-        missing("the Dovecot peer runs as root (as CI does)")
+    require_peers_as_root("/usr/sbin/dovecot")
     top = tmp_path_factory.mktemp("revoke")
-    directories = {name: top / name for name in ("bearerbridge", "dovecot")}
-    for directory in directories.values():
-        directory.mkdir()
-    key = secrets.token_hex(32).encode()
-    key_file = top / "doveadm-api.key"
-    key_file.write_bytes(key)  # no newline: Dovecot's `<file` would keep it in the key
-    key_file.chmod(0o600)
-    doveadm_port = free_port()
-    doveadm_url = f"http://127.0.0.1:{doveadm_port}/doveadm/v1"
-    service = Service.start(directories["bearerbridge"], extra=f"""
-[dovecot]
-doveadm_url = "{doveadm_url}"
-doveadm_key_file = "{key_file}"
-""")
-    started: list = [service]
-    try:
-        resource_server = service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
-        dovecot = start_dovecot(directories["dovecot"], service.url, resource_server["client_id"],
-                                resource_server["client_secret"], extra_conf=doveadm_conf(key_file, doveadm_port))
-        started.append(dovecot)
-        wait_for(lambda: listening(doveadm_port), timeout=WAIT, what="Dovecot's doveadm HTTP listener")
+    directories = peer_directories(top, "bearerbridge", "dovecot")
+    doveadm = DoveadmApi.keyed(top)
+    with StartedPeers() as started:
+        service = started(Service.start(directories["bearerbridge"], extra=doveadm.bearerbridge_conf()))
+        dovecot = started(start_dovecot_asking(service, directories["dovecot"], extra_conf=doveadm.dovecot_conf()))
+        doveadm.wait_until_listening(WAIT)
         app = service.client("--name", "Mail App", "--redirect-uri", REDIRECT_URI, "--scope", "imap smtp")
-        yield Mail(service, dovecot, app, doveadm_url, key)
-    finally:
-        for peer in reversed(started):
-            peer.stop()
+        yield Mail(service, dovecot, app, doveadm)
 
 
 @pytest.fixture(autouse=True)
 def peer_logs(mail):
     """Print what each program logged during the test; pytest shows it only when the test fails."""
-    offsets = {name: log_size(path) for name, path in mail.logs().items()}
-    yield
-    for name, path in mail.logs().items():
-        print(f"----- {name} ({path}) during the test -----\n{log_since(path, offsets[name])}")
+    with logs_printed(mail.logs()):
+        yield
 
 
 # -- the mail client's side -----------------------------------------------------------------
@@ -177,8 +144,8 @@ def granted(mail: Mail, user: str, password: str) -> str:
 
 def kicked_sessions(mail: Mail, user: str) -> list[dict]:
     """Dovecot's `who` of the user, asked as bearerbridge asks (one connection an object)."""
-    answer = requests.post(mail.doveadm_url, json=[["who", {"mask": [user], "separate-connections": True}, "w"]],
-                           headers={"Authorization": "X-Dovecot-API " + base64.b64encode(mail.key).decode()},
+    answer = requests.post(mail.doveadm.url, json=[["who", {"mask": [user], "separate-connections": True}, "w"]],
+                           headers={"Authorization": "X-Dovecot-API " + base64.b64encode(mail.doveadm.key).decode()},
                            timeout=WAIT)
     return answer.json()[0][1]
 
@@ -235,15 +202,14 @@ def test_revoking_in_chromium_ends_the_live_imap_session(mail, browser):
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from .chromium import sign_in
+
     user, password = mail.service.user()
     token = granted(mail, user, password)
     live = logged_in(mail.dovecot.port, user, token)
     browser.get(f"{mail.service.url}/account")
+    sign_in(browser, user, password, WAIT)
     wait = WebDriverWait(browser, WAIT)
-    wait.until(EC.element_to_be_clickable((By.ID, "sign-in")))
-    browser.find_element(By.ID, "username").send_keys(user)
-    browser.find_element(By.ID, "password").send_keys(password)
-    browser.find_element(By.ID, "sign-in").click()
     revoke = f"revoke-{mail.app['client_id']}"
     wait.until(EC.element_to_be_clickable((By.ID, revoke)))
     assert "Mail App" in browser.find_element(By.ID, f"app-{mail.app['client_id']}").text
@@ -259,8 +225,8 @@ def test_revoking_in_chromium_ends_the_live_imap_session(mail, browser):
 # -- the doveadm client against the real API ----------------------------------------------------
 
 def client(mail: Mail, key: bytes | None = None) -> Doveadm:
-    return Doveadm(DovecotSettings(doveadm_url=mail.doveadm_url, doveadm_key_file="-"), SaslSettings(),
-                   key or mail.key)
+    return Doveadm(DovecotSettings(doveadm_url=mail.doveadm.url, doveadm_key_file="-"), SaslSettings(),
+                   key or mail.doveadm.key)
 
 
 @pytest_twisted.ensureDeferred
