@@ -50,6 +50,17 @@ def new_secret() -> str:
     return secret
 
 
+# An app password is typed by people, into printers and phones: lower-case letters without i, l
+# and o (read as 1, 1 and 0), 24 of them in groups of four, about 108 random bits.
+APP_PASSWORD_LETTERS = "abcdefghjkmnpqrstuvwxyz"
+
+
+def new_app_password() -> str:
+    """A fresh app password, e.g. "hxvk-rmtd-waqe-pzbn-cfsu-jgye"."""
+    letters = "".join(secrets.choice(APP_PASSWORD_LETTERS) for _ in range(24))
+    return "-".join(letters[i:i + 4] for i in range(0, 24, 4))
+
+
 def hash_password(password: str) -> str:
     return _passwords.hash(password)
 

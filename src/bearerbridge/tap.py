@@ -179,8 +179,9 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     top.putChild(b"logout", Logout(pages, issuer, sessions, pool, server))
     top.putChild(b"account", account := Account(pages, issuer, sessions, login, pool, audit, config.scopes,
                                                 Doveadm.from_config(config)))
-    account.putChild(b"app-passwords", AppPasswordsPage(pages, issuer, sessions, pool, audit,
-                                                        config.app_password_services))
+    account.putChild(b"app-passwords", AppPasswordsPage(pages, issuer, sessions, login, pool, audit,
+                                                        config.app_password_services,
+                                                        config.server.require_second_factor))
     account.putChild(b"two-factor", TwoFactorPage(pages, issuer, config.server.site_name, sessions, login, pool, audit))
     account.putChild(b"passkeys", PasskeysPage(pages, issuer, sessions, login, passkeys, pool, audit))
     top.putChild(b"admin", Admin(pages, issuer, sessions, login, pool, audit, ClientRules.of(config),

@@ -36,9 +36,13 @@ NONE_MATCHED = '["error",{"type":"exitCode", "exitCode":68},"kick0"]'
 USAGE = '["error",{"type":"exitCode", "exitCode":64},"kick0"]'
 
 
-def app(scope: str = "imap smtp", **uses: str | None) -> ConnectedApp:
+def app(scope: str = "imap smtp", also_seen_from: tuple[tuple[str, str | None], ...] = (), **uses: str | None
+        ) -> ConnectedApp:
+    """A grant last used at each service of `uses` from its address, and by another of its token
+    families (another instance of the app) at `also_seen_from`'s."""
     return ConnectedApp("mail", "Mail App", None, set(scope.split()), 1,
-                        {service: Use(service, 2, address) for service, address in uses.items()})
+                        {service: Use(service, 2, address) for service, address in uses.items()},
+                        set(uses.items()) | set(also_seen_from))
 
 
 # -- whose sessions ---------------------------------------------------------------------------
@@ -46,6 +50,12 @@ def app(scope: str = "imap smtp", **uses: str | None) -> ConnectedApp:
 def test_a_grant_last_used_from_two_addresses_ends_the_sessions_from_those_two_only():
     target = target_for(ALICE, app(imap="192.0.2.7", pop3="2001:db8::5", smtp="198.51.100.1"), DOVECOT, SASL)
     assert target == Target("alice", ("192.0.2.7/32", "2001:db8::5/128"))  # smtp is Postfix's, not Dovecot's
+
+
+def test_every_instance_of_the_app_is_reached_not_only_the_last_one_used():
+    target = target_for(ALICE, app(imap="192.0.2.7", also_seen_from=(("imap", "198.51.100.2"),)), DOVECOT, SASL)
+    assert target is not None and sorted(target.networks) == ["192.0.2.7/32", "198.51.100.2/32"]
+    assert target_for(ALICE, app(imap="192.0.2.7", also_seen_from=(("imap", None),)), DOVECOT, SASL) == Target("alice")
 
 
 def test_a_use_without_an_address_or_none_at_all_ends_every_session_of_the_user():

@@ -12,7 +12,7 @@ from alembic.migration import MigrationContext
 
 from bearerbridge.crypto import Keyring
 from bearerbridge.storage import migrations
-from bearerbridge.storage.models import Client
+from bearerbridge.storage.models import Client, SignIn
 from bearerbridge.storage.recent import RecentReads
 from bearerbridge.storage.schema import metadata
 from bearerbridge.storage.store import SqlStore, StoreError, make_engine
@@ -222,6 +222,31 @@ def test_sessions_end_at_logout_password_change_disable_and_expiry(store):
         assert store.session(live) is None
         store.set_disabled("alice", False)
         assert store.find_access_token("access").revoked  # enabling brings no token back
+
+
+def test_disabling_revokes_app_passwords_too(store):
+    with store.transaction():
+        alice = store.add_user("alice", None, "hash")
+        _, secret = store.create_app_password(alice.id, "Printer", ["smtp"], None)
+        store.set_disabled("alice", True)
+        store.set_disabled("alice", False)
+        assert store.find_app_password(store.keyring.digest(secret)).revoked  # enabling brings none back
+
+
+def test_revoking_a_grant_ends_what_would_become_its_tokens(store):
+    with store.transaction():
+        alice, bob = store.add_user("alice", None, "hash"), store.add_user("bob", None, "hash")
+        make_client(store)
+        for user, code in ((alice, "alice-code"), (alice, "used-code"), (bob, "bob-code")):
+            store.save_code(code, "app", user.id, "https://app.example/cb", "imap", None, None, int(time.time()) + 60)
+        assert store.use_code(store.find_code("used-code").code_digest)
+        store.save_device_code("device", "WDJB-MJHT", "app", "imap", int(time.time()) + 600, 5)
+        store.decide_device_code("WDJB-MJHT", SignIn(alice, int(time.time()), ("pwd",)), True)
+        store.revoke_grant(alice.id, "app")
+        assert store.find_code("alice-code") is None
+        assert store.find_code("used-code").used  # kept: its replay is still caught
+        assert store.find_code("bob-code") is not None
+        assert store.find_device_code("device").approved is False
 
 
 def test_a_refresh_token_keeps_its_own_scope_when_the_access_token_has_less(store):

@@ -98,3 +98,18 @@ def test_uses_of_grants_with_no_token_left_are_purged(store):
         store._db.execute(tokens.update().where(tokens.c.family == dead).values(expires_at=0))
         store.purge_expired()
     assert rows(store) == {(live, "imap"): (1, None)}
+
+
+def test_a_connected_app_shows_its_latest_use_and_knows_every_instances_address(store):
+    with store.transaction():
+        alice = store.add_user("alice", None, "hash")
+        store.add_client(Client("mail", "Mail", ("https://mail.example/cb",), "imap", ("authorization_code",),
+                                public=True), None)
+        for access in ("laptop", "phone"):  # two instances of the app, each its own grant's family
+            store.save_token(access, None, "mail", alice.id, "imap", 3600, None)
+        laptop, phone = (store.find_access_token(a).family for a in ("laptop", "phone"))
+    record(store, {(laptop, "imap"): (100, "192.0.2.1"), (phone, "imap"): (200, "198.51.100.2")})
+    with store.transaction():
+        [app] = store.connected_apps(alice.id)
+    assert app.uses["imap"].at == 200 and app.uses["imap"].address == "198.51.100.2"
+    assert app.seen_from == {("imap", "192.0.2.1"), ("imap", "198.51.100.2")}

@@ -449,4 +449,4 @@ def test_an_admin_with_two_factor_sign_in_gives_the_code_before_the_admin_pages(
     done = browser.post(action, data={**fields, "code": codes_of(secret)[0]})
     assert done.code == 303 and done.header("Location") == "/admin/clients/new"
     assert 'id="client-form"' in body(browser, "/admin/clients/new")
-    assert bridge.audit.of("sign_in")[-1]["amr"] == ["pwd", "otp"]
+    assert bridge.audit.of("sign_in")[-1]["amr"] == ["pwd", "otp", "mfa"]

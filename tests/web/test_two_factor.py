@@ -1,7 +1,7 @@
 """Two-factor sign-in in process, over the whole HTTP tree and a real SQLite store: enrolment on
 /account/two-factor (the QR code, the key, a first code, the recovery codes shown once), the
 second step of a sign-in at /authorize, /device and /account (a code from pyotp, a wrong or
-replayed code refused, a recovery code working once, amr ["pwd", "otp"] in the ID token), what
+replayed code refused, a recovery code working once, amr ["pwd", "otp", "mfa"] in the ID token), what
 the second step cannot be made to skip, its throttle, and every new form's CSRF token."""
 
 from __future__ import annotations
@@ -163,10 +163,10 @@ def test_after_the_password_a_code_from_the_app_starts_the_session_and_the_grant
     action, fields = form_of(consent)
     assert fields["step"] == "consent"
     assert redirect_params(browser.post(action, data={**fields, "decision": "approve"}))["code"]
-    assert bridge.audit.of("sign_in")[-1] == {"user": "alice", "address": "127.0.0.1", "amr": ["pwd", "otp"]}
+    assert bridge.audit.of("sign_in")[-1] == {"user": "alice", "address": "127.0.0.1", "amr": ["pwd", "otp", "mfa"]}
 
 
-def test_amr_in_the_id_token_of_a_code_grant_is_pwd_and_otp(bridge):
+def test_amr_in_the_id_token_of_a_code_grant_is_pwd_otp_and_mfa(bridge):
     secret, _ = enrol(bridge, account_browser(bridge))
     browser = bridge.browser()
     verifier, challenge = pkce_pair()
@@ -179,7 +179,7 @@ def test_amr_in_the_id_token_of_a_code_grant_is_pwd_and_otp(bridge):
         "grant_type": "authorization_code", "code": code, "redirect_uri": CB, "code_verifier": verifier,
         "client_id": "rp", "client_secret": "rp-secret"}))
     _, claims = verified(bridge, tokens["id_token"])
-    assert claims["amr"] == ["pwd", "otp"] and claims["nonce"] == "n-1"
+    assert claims["amr"] == ["pwd", "otp", "mfa"] and claims["nonce"] == "n-1"
 
 
 def test_a_wrong_code_and_a_replayed_code_are_refused(bridge):
@@ -302,7 +302,7 @@ def test_the_device_page_asks_for_the_code_before_the_device_code(bridge):
     with bridge.store.transaction():
         sessions = bridge.store.browser_sessions(bridge.store.get_user_by_name("alice").id)
     # the enrolling one (the code it set up counts for it) and this one
-    assert sorted(s.amr for s in sessions) == [("pwd", "otp"), ("pwd", "otp")]
+    assert sorted(s.amr for s in sessions) == [("pwd", "otp", "mfa"), ("pwd", "otp", "mfa")]
 
 
 def test_signing_in_to_the_account_page_asks_for_the_code(bridge):

@@ -19,7 +19,7 @@ from bearerbridge.config import Config, ForwardAuthRule, ForwardAuthSettings
 from bearerbridge.metrics import Metrics
 from bearerbridge.storage.models import Client
 from bearerbridge.uses import UseRecorder
-from bearerbridge.web.forward import forwarded_address, rule_service
+from bearerbridge.web.forward import forwarded_address
 
 from ..fakes import Bridge, sqlite_store
 from ..test_uses import family_of, written
@@ -93,9 +93,9 @@ def test_forward_auth_refused_notes_nothing(bridge):
 
 
 def test_a_rules_service_is_its_host_else_its_read_scopes_name():
-    assert rule_service(RULES[0]) == "files.example"
-    assert rule_service(RULES[1]) == "webdav"
-    assert rule_service(ForwardAuthRule(read_scope="calendar")) == "calendar"
+    assert RULES[0].service == "files.example"
+    assert RULES[1].service == "webdav"
+    assert ForwardAuthRule(read_scope="calendar").service == "calendar"
 
 
 def test_the_forwarded_address_is_the_clients_from_a_trusted_proxy_and_none_without_one():

@@ -99,17 +99,18 @@ def networks(addresses: Iterable[str]) -> tuple[str, ...]:
 def target_for(user: User, app: ConnectedApp | None, dovecot: DovecotSettings, sasl: SaslSettings) -> Target | None:
     """Whose Dovecot sessions revoking `app`'s grant must end; None when it could have opened none:
     no use at `[dovecot] services` and no scope one of them needs. The sessions from the
-    addresses of its last uses there when `narrow_by_address` and every such use has one; else
-    all of the user's (a grant never seen at Dovecot may still have logged in moments ago)."""
+    addresses of the last uses there of every token family of the grant (each app instance
+    signed in) when `narrow_by_address` and every such use has one; else all of the user's (a
+    grant never seen at Dovecot may still have logged in moments ago)."""
     if app is None:
         return None
-    uses = [use for use in app.uses.values() if use.service in dovecot.services]
+    addresses = [address for service, address in app.seen_from if service in dovecot.services]
     scopes = {sasl.services.get(service, service) for service in dovecot.services}
-    if not uses and not app.scope & scopes:
+    if not addresses and not app.scope & scopes:
         return None
     name = dovecot_name(user, dovecot.username or sasl.usernames.get("imap", "username"), sasl.realm)
-    if dovecot.narrow_by_address and uses and all(use.address for use in uses):
-        narrowed = networks(use.address for use in uses if use.address)
+    if dovecot.narrow_by_address and addresses and all(addresses):
+        narrowed = networks(address for address in addresses if address)
         if narrowed:
             return Target(name, narrowed)
     return Target(name)

@@ -32,6 +32,9 @@ class ConnectedApp:
     scope: set[str] = field(default_factory=set)
     granted_at: int = 0
     uses: dict[str, Use] = field(default_factory=dict)  # by service, the latest
+    # Every (service, address) of the last uses of each token family of the grant: each app
+    # instance signed in has its own family, and revoking must reach them all.
+    seen_from: set[tuple[str, str | None]] = field(default_factory=set)
 
 
 def connected_apps(db: Connection, user_id: int, now: int) -> list[ConnectedApp]:
@@ -57,8 +60,11 @@ def connected_apps(db: Connection, user_id: int, now: int) -> list[ConnectedApp]
     for use in db.execute(sa.select(families.c.client_id, token_uses).join(
             token_uses, token_uses.c.family == families.c.family)):
         used = apps.get(use.client_id)
-        known = used.uses.get(use.service) if used else None
-        if used is not None and (known is None or use.last_used_at > known.at):
+        if used is None:
+            continue
+        used.seen_from.add((use.service, use.address))
+        known = used.uses.get(use.service)
+        if known is None or use.last_used_at > known.at:
             used.uses[use.service] = Use(use.service, use.last_used_at, use.address)
     return sorted(apps.values(), key=lambda a: (-a.granted_at, a.name))
 

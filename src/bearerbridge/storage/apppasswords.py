@@ -110,6 +110,12 @@ def revoke(db: Connection, user_id: int, app_id: int) -> AppPassword | None:
     return _record(row)
 
 
+def revoke_all(db: Connection, user_id: int) -> int:
+    """Revoke every app password of the user (when the user is disabled); how many."""
+    return db.execute(app_passwords.update().where(app_passwords.c.user_id == user_id,
+                                                   app_passwords.c.revoked.is_(False)).values(revoked=True)).rowcount
+
+
 @dataclass(frozen=True)
 class FirstUse:
     """An app password used for the first time: where, and by whom (for the audit log)."""

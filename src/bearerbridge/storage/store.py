@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row, make_url
 
-from bearerbridge.crypto import Keyring, new_secret
+from bearerbridge.crypto import Keyring, new_app_password, new_secret
 from bearerbridge.keys import KeySealer, SigningKey
 from bearerbridge.passkeys import NewPasskey, StoredPasskey
 from bearerbridge.storage import account, admin, passkeys, signing, strikes, twofactor, uses
@@ -220,11 +220,13 @@ class SqlStore:
         return self.end_sessions(self._update_user(username, password_hash=password_hash))
 
     def set_disabled(self, username: str, disabled: bool) -> tuple[int, int]:
-        """Disable (or enable) a user. Disabling ends the user's sessions and revokes every
-        token, so that enabling the user again brings none of them back: (sessions, tokens)."""
+        """Disable (or enable) a user. Disabling ends the user's sessions and revokes every token
+        and app password, so that enabling the user again brings none of them back: (sessions,
+        tokens)."""
         user_id = self._update_user(username, disabled=disabled)
         if not disabled:
             return 0, 0
+        apps.revoke_all(self._db, user_id)
         return self.end_sessions(user_id), self.revoke_for_user(user_id)
 
     def _update_user(self, username: str, **values: Any) -> int:
@@ -468,13 +470,16 @@ class SqlStore:
             users.c.disabled.is_(False))).first()
         return None if row is None else SignIn(self._user(row), row.auth_time, tuple(row.amr.split()))
 
-    def add_to_session(self, session_id: str, method: str) -> None:
-        """Note that this session has now also proven `method` (RFC 8176), e.g. "otp" when its user
-        set up two-factor sign-in with a code of it: what `[server] require_second_factor` asks."""
+    def add_to_session(self, session_id: str, methods: Sequence[str]) -> None:
+        """Note that this session has now also proven `methods` (RFC 8176), e.g. "otp" and "mfa"
+        when its user set up two-factor sign-in with a code: what `[server] require_second_factor` asks."""
         digest = self.keyring.digest(session_id)
         amr = self._db.execute(sa.select(sessions.c.amr).where(sessions.c.id_digest == digest)).scalar()
-        if amr is not None and method not in amr.split():
-            self._db.execute(sessions.update().where(sessions.c.id_digest == digest).values(amr=f"{amr} {method}"))
+        if amr is None:
+            return
+        proven = amr.split()
+        proven += [method for method in methods if method not in proven]
+        self._db.execute(sessions.update().where(sessions.c.id_digest == digest).values(amr=" ".join(proven)))
 
     def end_session(self, session_id: str) -> None:
         self._db.execute(sessions.delete().where(sessions.c.id_digest == self.keyring.digest(session_id)))
@@ -492,6 +497,13 @@ class SqlStore:
         """End a user's grant to a client: revoke every token of it and forget the consent, so the
         next authorization asks again; (tokens revoked, consents forgotten)."""
         revoked = self._revoke(sa.and_(tokens.c.user_id == user_id, tokens.c.client_id == client_id))
+        # And what would become tokens: a code not yet exchanged (a used one stays, to catch its
+        # replay), a device code approved but not yet polled for.
+        self._db.execute(auth_codes.delete().where(auth_codes.c.user_id == user_id, auth_codes.c.client_id == client_id,
+                                                   auth_codes.c.used.is_(False)))
+        self._db.execute(device_codes.update().where(device_codes.c.user_id == user_id,
+                                                     device_codes.c.client_id == client_id,
+                                                     device_codes.c.used.is_(False)).values(approved=False))
         return revoked, account.revoke_grant(self._db, user_id, client_id)
 
     # -- app passwords (storage/apppasswords.py; web/app_passwords.py, sasl/validator.py) ----------
@@ -500,7 +512,7 @@ class SqlStore:
                             ) -> tuple[int, str]:
         """A new app password of the user for `services`: (its id, the secret, to be shown once;
         only its keyed digest is kept)."""
-        secret = new_secret()
+        secret = new_app_password()
         return apps.create(self._db, self.keyring.digest(secret), user_id, name, services, _now(),
                            expires_at), secret
 

@@ -9,6 +9,7 @@ POST with a CSRF token bound to this browser and session; the page works without
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +25,7 @@ from bearerbridge.guard import Blocked, Recorder
 from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.second_factor import SecondFactorAsked, second_factor_page
-from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn
+from bearerbridge.web.sessions import SIGN_IN_STEPS, PasswordLogin, Sessions, SignedIn
 from bearerbridge.web.site import (
     BadRequest,
     NotFound,
@@ -38,6 +39,12 @@ from bearerbridge.web.site import (
 
 PASSWORD_MIN_LENGTH = 8
 PATH = "/account"
+RECENT_SIGN_IN = 15 * 60  # seconds after a sign-in in which the pages that add ways in ask nothing more
+
+
+def recent(sign_in: SignIn) -> bool:
+    """Whether the user signed in (or confirmed it was them) within RECENT_SIGN_IN."""
+    return time.time() - sign_in.auth_time < RECENT_SIGN_IN
 
 
 def when(seconds: int | None) -> str:
@@ -82,14 +89,25 @@ async def proof_refused(login: PasswordLogin, request: Request, user: User, proo
 
 
 class AccountSubpage(PageResource):
-    """A page below /account for a signed-in user: GET shows it (`_view`), POST takes its forms
-    (`_act`), each with a CSRF token bound to this browser and session (`_binding`); without a
-    session, both send the browser to /account to sign in."""
+    """A page below /account where a signed-in user adds or removes ways in (passkeys, app
+    passwords, two-factor sign-in): GET shows it (`_view`), POST takes its forms (`_act`), each
+    with a CSRF token bound to this browser and session (`_binding`); without a session, both send
+    the browser to /account to sign in.
 
-    def __init__(self, pages: Pages, issuer: str, sessions: Sessions, pool: StorePool, audit: Recorder) -> None:
+    Only a recent sign-in, within RECENT_SIGN_IN, sees the page or takes its `adding_steps`:
+    otherwise the user first confirms it is them (the password, or a current code from their app),
+    which starts this browser a new session. A session cookie copied, or a browser left signed in,
+    is then not enough to add a way in that outlives the session, such as a passkey or an app
+    password. Taking a way in away (a Revoke button on /account, say) needs no recent sign-in."""
+
+    adding_steps: frozenset[str] = frozenset()  # the forms' steps that add a way in
+
+    def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
+                 audit: Recorder) -> None:
         super().__init__(pages)
         self._issuer = issuer
         self._sessions = sessions
+        self._login = login
         self._pool = pool
         self._audit = audit
 
@@ -107,19 +125,50 @@ class AccountSubpage(PageResource):
         raise NotImplementedError
 
     async def _act(self, request: Request, sign_in: SignIn, form: Mapping[str, str]) -> Reply:
-        """One of the page's forms, its CSRF token checked."""
+        """One of the page's forms, its CSRF token checked, from a recent sign-in."""
         raise NotImplementedError
 
     def _get(self, sign_in: SignIn | None, request: Request) -> Reply | defer.Deferred[Reply]:
-        return self._view(request, sign_in.user) if sign_in else to_account()
+        if sign_in is None:
+            return to_account()
+        if not recent(sign_in):
+            return self._confirm_page(request, sign_in.user)
+        return self._view(request, sign_in.user)
 
     def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
         form = snapshot(request, self._issuer).form
         if not self._sessions.csrf_ok(request, form, self._binding(request)):
             return self.pages.form_expired()
         return self._sessions.sign_in(request).addCallback(
-            lambda sign_in: defer.Deferred.fromCoroutine(self._act(request, sign_in, form)) if sign_in
+            lambda sign_in: defer.Deferred.fromCoroutine(self._signed_in_post(request, sign_in, form)) if sign_in
             else to_account())
+
+    async def _signed_in_post(self, request: Request, sign_in: SignIn, form: Mapping[str, str]) -> Reply:
+        if form.get("step") == "confirm_identity":
+            return await self._confirm(request, sign_in, form.get("proof", ""))
+        if form.get("step") in self.adding_steps and not recent(sign_in):
+            return self._confirm_page(request, sign_in.user, 403, error=(
+                "It is a while since you signed in: confirm it is you, then do that again."))
+        return await self._act(request, sign_in, form)
+
+    def _confirm_page(self, request: Request, user: User, status: int = 200, error: str = "") -> Reply:
+        return self.pages.render(status, "confirm_identity.html", user=user, action=request.path.decode("latin-1"),
+                                 csrf=self._sessions.csrf_token(request, self._binding(request)), error=error,
+                                 minutes=RECENT_SIGN_IN // 60)
+
+    async def _confirm(self, request: Request, sign_in: SignIn, proof: str) -> Reply:
+        """The password or a current code proves it is the user: this browser signs in afresh (a
+        new session, the old one ended), and goes back to the page as GET."""
+        refused = await proof_refused(self._login, request, sign_in.user, proof)
+        if refused:
+            return self._confirm_page(request, sign_in.user, refused[0], refused[1])
+        old = self._sessions.session_id(request)
+        await self._sessions.start(request, sign_in.user, sign_in.amr)
+        if old is not None:
+            await self._pool.run(self._pool.store.end_session, old)
+        self._audit.record("identity_confirmed", user=sign_in.user.username, address=client_address(request),
+                           page=request.path.decode("latin-1"))
+        return Reply(303, b"", {b"Location": request.path})
 
 
 def to_account() -> Reply:
@@ -199,7 +248,7 @@ class Account(PageResource):
 
     def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
         form = snapshot(request, self._issuer).form
-        if form.get("step") in ("login", "second_factor"):
+        if form.get("step") in SIGN_IN_STEPS:
             if not self._sessions.csrf_ok(request, form, "account-login"):
                 return self.pages.form_expired()
             return self._login(request, form).addCallback(self._signed_in, request)
@@ -294,8 +343,8 @@ class Account(PageResource):
         # Every session ended with the old password, this one too: this browser gets a new one.
         signed_in = await self._sessions.start(request, sign_in.user, sign_in.amr)
         return await self._shown(signed_in.sign_in, request, notice=(
-            f"Password changed. Every other browser signed in as you ({ended - 1} session(s)) was signed out; "
-            "apps you connected keep their access."))
+            f"Password changed. Every other browser signed in as you ({max(ended - 1, 0)} session(s)) was signed "
+            "out; apps you connected keep their access."))
 
     async def _shown(self, sign_in: SignIn, request: Request, status: int = 200, notice: str = "",
                      error: str = "") -> Reply:

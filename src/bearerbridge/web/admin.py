@@ -36,7 +36,7 @@ from bearerbridge.web.admin_base import Act
 from bearerbridge.web.admin_clients import ClientPages
 from bearerbridge.web.admin_users import UserPages
 from bearerbridge.web.second_factor import SecondFactorAsked, second_factor_page
-from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn
+from bearerbridge.web.sessions import SIGN_IN_STEPS, PasswordLogin, Sessions, SignedIn
 from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, client_address, retry_after, snapshot
 
 ID = "{id}"  # in a route: any one segment, handed to the page as `Act.args`
@@ -98,7 +98,7 @@ class Admin(PageResource):
     async def _through(self, sign_in: SignIn | None, request: Request, form: Mapping[str, str]) -> Reply:
         """Who may pass: no one signed in gets the sign-in form; anyone but an admin 403."""
         if sign_in is None:
-            if request.method == b"POST" and form.get("step") in ("login", "second_factor"):
+            if request.method == b"POST" and form.get("step") in SIGN_IN_STEPS:
                 return await self._signing_in(request, form)
             return self._login_page(request)
         admin, address = sign_in.user, client_address(request)

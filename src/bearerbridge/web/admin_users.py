@@ -18,7 +18,7 @@ from bearerbridge.storage.store import SqlStore, StoreError
 from bearerbridge.web.account import PASSWORD_MIN_LENGTH, when
 from bearerbridge.web.admin_base import Act, Section
 from bearerbridge.web.sessions import PasswordLogin
-from bearerbridge.web.site import BadRequest, Pages, Reply
+from bearerbridge.web.site import BadRequest, Pages, Reply, row_id
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class UserPages(Section):
 
 def _user_id(arg: str) -> int:
     """A user's id from the path; a path naming none is not found (id 0 is no one's)."""
-    return int(arg) if arg.isascii() and arg.isdigit() and len(arg) < 10 else 0
+    return row_id(arg) or 0
 
 
 def _found(store: SqlStore, user_id: int) -> Found | None:

@@ -25,8 +25,8 @@ from bearerbridge.storage.apppasswords import Listed
 from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.account import AccountSubpage, account_binding, when
-from bearerbridge.web.sessions import Sessions
-from bearerbridge.web.site import BadRequest, Pages, Reply, client_address
+from bearerbridge.web.sessions import PasswordLogin, Sessions
+from bearerbridge.web.site import BadRequest, Pages, Reply, client_address, row_id
 
 PATH = "/account/app-passwords"
 NAME_MAX = 100
@@ -39,7 +39,8 @@ def listed_for_page(found: list[Listed]) -> list[dict[str, Any]]:
     """App passwords as /account and this page show them."""
     return [{"id": item.password.id, "name": item.password.name, "services": sorted(item.password.services),
              "created": when(item.password.created_at),
-             "expires": when(item.password.expires_at) if item.password.expires_at else "when revoked",
+             "expires": f"expires {when(item.password.expires_at)}" if item.password.expires_at
+             else "no expiry: it works until revoked",
              "uses": [(use.service, when(use.at), use.address)
                       for use in sorted(item.uses.values(), key=lambda u: u.service)]}
             for item in found]
@@ -48,10 +49,13 @@ def listed_for_page(found: list[Listed]) -> list[dict[str, Any]]:
 class AppPasswordsPage(AccountSubpage):
     """/account/app-passwords (GET shows it, POST makes or revokes one); without a session, /account."""
 
-    def __init__(self, pages: Pages, issuer: str, sessions: Sessions, pool: StorePool, audit: Recorder,
-                 services: tuple[str, ...]) -> None:
-        super().__init__(pages, issuer, sessions, pool, audit)
+    def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
+                 audit: Recorder, services: tuple[str, ...], require_second_factor: str = "none") -> None:
+        super().__init__(pages, issuer, sessions, login, pool, audit)
         self._services = services  # those an app password may be made for (Config.app_password_services)
+        self._require_second_factor = require_second_factor
+
+    adding_steps = frozenset({"create"})
 
     def _binding(self, request: Request) -> str:
         return account_binding(self._sessions, request)  # /account's Revoke buttons post here
@@ -76,6 +80,12 @@ class AppPasswordsPage(AccountSubpage):
 
     async def _act(self, request: Request, sign_in: SignIn, form: Mapping[str, str]) -> Reply:
         match form.get("step"):
+            case "create" if sign_in.lacks_second_factor(self._require_second_factor):
+                # An app password outlives the session: one made from a password-only sign-in
+                # would open mail with no second factor ever used.
+                return await self._show(request, sign_in.user, 403, asked=form, error=(
+                    "This site asks for a second factor before you make app passwords: set up two-factor "
+                    "sign-in or a passkey first (a passkey counts once you sign in with it)."))
             case "create":
                 return await self._create(request, sign_in.user, form, client_address(request))
             case "revoke":
@@ -104,10 +114,11 @@ class AppPasswordsPage(AccountSubpage):
         made = {"name": name, "secret": secret, "services": services, "username": user.username}
         return await self._show(request, user, made=made)
 
-    async def _revoke(self, request: Request, user: User, app_id: str, address: str | None) -> Reply:
-        if not app_id.isdigit():
+    async def _revoke(self, request: Request, user: User, typed_id: str, address: str | None) -> Reply:
+        app_id = row_id(typed_id)
+        if app_id is None:
             raise BadRequest("id must be an app password's number")
-        revoked = await self._pool.run(self._pool.store.revoke_app_password, user.id, int(app_id))
+        revoked = await self._pool.run(self._pool.store.revoke_app_password, user.id, app_id)
         if revoked is None:
             return await self._show(request, user, 400, error="That app password was revoked already.")
         self._audit.record("app_password_revoked", user=user.username, family=revoked.family, name=revoked.name,

@@ -15,7 +15,7 @@ from bearerbridge.storage.models import SignIn
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.authorize import SignInAndConsent
 from bearerbridge.web.second_factor import SecondFactorAsked, second_factor_page
-from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn
+from bearerbridge.web.sessions import SIGN_IN_STEPS, PasswordLogin, Sessions, SignedIn
 from bearerbridge.web.site import Pages, Reply, client_address, parse_query, retry_after, snapshot
 
 
@@ -66,7 +66,7 @@ class DevicePage(SignInAndConsent):
 
     def _post(self, request: Request) -> Reply | defer.Deferred[Reply]:
         form = snapshot(request, self._issuer).form
-        if form.get("step") in ("login", "second_factor"):
+        if form.get("step") in SIGN_IN_STEPS:
             if not self._sessions.csrf_ok(request, form, f"device-login|{request.uri.decode('latin-1')}"):
                 return self.pages.form_expired()
             return self._login(request, form).addCallback(self._signed_in, request)

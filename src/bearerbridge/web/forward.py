@@ -175,13 +175,6 @@ def credentials(request: Request, rule: ForwardAuthRule) -> tuple[str | None, st
     return (user or None), (password or None)
 
 
-def rule_service(rule: ForwardAuthRule) -> str:
-    """The service a rule guards, as a grant's uses are noted at it (uses.py): its host when it
-    names one, else its read scope up to a colon ("webdav" for the default rule's webdav:read).
-    Never anything a request names, so that a token cannot make up services."""
-    return rule.service  # config.ForwardAuthRule.service: app passwords name services the same way
-
-
 def forwarded_address(request: Request) -> str | None:
     """The address of the client the proxy asks about: X-Forwarded-For as `client_address` trusts
     it; None when the proxy sends none (its own address says nothing of the client)."""
@@ -243,7 +236,7 @@ class ForwardAuth(AsyncResource):
         self._record(asked.method, asked.host, asked.path, verdict.username, scope, verdict.accepted, verdict.reason)
         if verdict.accepted and verdict.username:
             if verdict.family is not None and self._uses is not None:
-                self._uses.note(verdict.family, rule_service(rule), forwarded_address(request))
+                self._uses.note(verdict.family, rule.service, forwarded_address(request))
             return Reply(200, b"", {self._settings.user_header.encode(): verdict.username.encode()})
         if verdict.unavailable is not None:
             return Reply(503, b"", {})

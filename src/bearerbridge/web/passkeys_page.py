@@ -36,9 +36,10 @@ class PasskeysPage(AccountSubpage):
 
     def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, passkeys: Passkeys,
                  pool: StorePool, audit: Recorder) -> None:
-        super().__init__(pages, issuer, sessions, pool, audit)
-        self._login = login
+        super().__init__(pages, issuer, sessions, login, pool, audit)
         self._passkeys = passkeys
+
+    adding_steps = frozenset({"register"})
 
     def _binding(self, request: Request) -> str:
         return f"passkeys|{self._sessions.session_id(request) or ''}"
@@ -66,19 +67,25 @@ class PasskeysPage(AccountSubpage):
             case "register":
                 return await self._register(request, user, form, address)
             case "rename":
-                name = passkeys.display_name(form.get("name", ""), "")
-                if not await self._pool.run(store.rename_passkey, user.id, form.get("credential_id", ""), name):
+                name, credential_id = passkeys.display_name(form.get("name", ""), ""), form.get("credential_id", "")
+                old = await self._pool.run(store.passkey, credential_id)
+                if old is None or old.user_id != user.id:
                     return await self._show(request, user, 404, error="That passkey is not one of yours.")
+                await self._pool.run(store.rename_passkey, user.id, credential_id, name)
+                self._audit.record("passkey_renamed", user=user.username, address=address, name=old.name,
+                                   new_name=name)
                 return await self._show(request, user, notice=f"Renamed to “{name}”.")
             case "remove":
                 refused = await proof_refused(self._login, request, user, form.get("proof", ""))
                 if refused:
                     return await self._show(request, user, refused[0], error=refused[1])
-                removed = await self._pool.run(store.remove_passkeys, user.id, [form.get("credential_id", "")])
-                if not removed:
+                found = await self._pool.run(store.passkey, form.get("credential_id", ""))
+                if found is None or found.user_id != user.id:
                     return await self._show(request, user, 404, error="That passkey is not one of yours.")
-                self._audit.record("passkey_removed", user=user.username, address=address)
-                return await self._show(request, user, notice="Passkey removed: it no longer signs you in.")
+                await self._pool.run(store.remove_passkeys, user.id, [found.credential_id])
+                self._audit.record("passkey_removed", user=user.username, address=address, name=found.name)
+                return await self._show(request, user, notice=f"Passkey “{found.name}” removed: it no longer signs "
+                                                              "you in.")
         raise BadRequest("step must be register, rename or remove")
 
     async def _register(self, request: Request, user: User, form: Mapping[str, str], address: str | None) -> Reply:

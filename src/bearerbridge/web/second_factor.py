@@ -12,7 +12,7 @@ code, and guesses are counted: a wrong code is a failure at the sign-in door (`D
 per user (a count of its own, "second factor of NAME", which a right password does not clear)
 and per address, as wrong passwords are. A code is accepted once (storage/twofactor.py).
 
-Both a TOTP code and a recovery code sign in with `amr` ["pwd", "otp"] (RFC 8176 §2): a
+Both a TOTP code and a recovery code sign in with `amr` ["pwd", "otp", "mfa"] (RFC 8176 §2): a
 recovery code is a one-time password too (each works once; NIST SP 800-63B calls such codes
 look-up secrets, "something you have", like the phone), and RFC 8176 registers no closer
 value; the audit log tells the two apart (`recovery_code_used`).
@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # sessions.py makes the one SecondFactor of its PasswordLogin
     from bearerbridge.web.sessions import Sessions
 
 PENDING_TTL = 600  # seconds from the right password to the code
-AMR = ("pwd", "otp")  # RFC 8176: a password, then a one-time password
+AMR = ("pwd", "otp", "mfa")  # RFC 8176: a password, then a one-time password: two factors
 
 
 @dataclass(frozen=True)

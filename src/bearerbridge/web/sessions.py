@@ -161,6 +161,11 @@ def _csrf_purpose(browser: str, binding: str) -> str:
     return "csrf " + json.dumps([browser, binding])
 
 
+# The sign-in forms' steps that PasswordLogin takes: the password, the second factor after it, a
+# passkey alone. Every page with a sign-in form hands it these.
+SIGN_IN_STEPS = frozenset({"login", "second_factor", "passkey"})
+
+
 class PasswordLogin:
     """The login form's check, shared by /authorize, /device and /account: throttled per user name
     and per address (`guard.DatabaseDoor`), with at most `checks_at_once` argon2 verifications
@@ -198,10 +203,12 @@ class PasswordLogin:
             keys, lambda: self._check(request, username, form.get("password", ""), address)))
 
     def verify(self, request: Request, username: str, password: str) -> defer.Deferred[User | Blocked | None]:
-        """Check a signed-in user's password again (to change it), under the same throttle as a
-        sign-in, starting no session."""
+        """Check a signed-in user's password again (to change it, to confirm it is them), under the
+        same throttle as a sign-in, starting no session; as at sign-in, a browser that has signed in
+        as them before is held back only by its address's count, not by the user's."""
         address = client_address(request)
-        keys = self._door.keys(username, address)
+        known = self._sessions.known_browser(request, username)
+        keys = self._door.keys(None if known else username, address)
         return defer.Deferred.fromCoroutine(self._door.attempt(
             keys, lambda: self._verified(username, password, address)))
 

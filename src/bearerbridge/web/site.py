@@ -57,6 +57,13 @@ SECURITY_HEADERS = {
 JSON_HEADERS = {b"Content-Type": b"application/json", b"Cache-Control": b"no-store", b"Pragma": b"no-cache"}
 
 
+def row_id(text: str) -> int | None:
+    """The id of a database row as an address or a form names it; None if it names none. Only
+    a few ASCII digits: str.isdigit() also takes "²", which int() refuses, and numbers no
+    integer column holds."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else None
+
+
 class BadRequest(Exception):
     """Hostile or malformed HTTP input, answered with invalid_request."""
 

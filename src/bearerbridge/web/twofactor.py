@@ -24,6 +24,7 @@ from bearerbridge.guard import Recorder
 from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.account import AccountSubpage, proof_refused, when
+from bearerbridge.web.second_factor import AMR
 from bearerbridge.web.sessions import PasswordLogin, Sessions
 from bearerbridge.web.site import BadRequest, Pages, Reply, client_address
 
@@ -35,9 +36,10 @@ class TwoFactorPage(AccountSubpage):
 
     def __init__(self, pages: Pages, issuer: str, site_name: str, sessions: Sessions, login: PasswordLogin,
                  pool: StorePool, audit: Recorder) -> None:
-        super().__init__(pages, issuer, sessions, pool, audit)
+        super().__init__(pages, issuer, sessions, login, pool, audit)
         self._site_name = site_name  # the issuer an authenticator app lists the codes under
-        self._login = login
+
+    adding_steps = frozenset({"begin", "confirm", "new_codes"})
 
     def _binding(self, request: Request) -> str:
         return f"two-factor|{self._sessions.session_id(request) or ''}"
@@ -85,7 +87,7 @@ class TwoFactorPage(AccountSubpage):
                         "That code is not the one your app shows now. Check that the app added the key "
                         "above, wait for a new code, and type it."))
                 self._audit.record("two_factor_enabled", user=user.username, method="totp", address=address)
-                await self._counts_for_this_session(request, "otp")
+                await self._counts_for_this_session(request)
                 self._audit.record("recovery_codes_made", user=user.username, count=len(codes), address=address)
                 return await self._show(request, user, notice="Two-factor sign-in is on.", codes=codes)
             case "new_codes" | "disable" as step:
@@ -96,11 +98,12 @@ class TwoFactorPage(AccountSubpage):
                               else self._disable(request, user, address))
         raise BadRequest("step must be begin, confirm, new_codes or disable")
 
-    async def _counts_for_this_session(self, request: Request, method: str) -> None:
-        """A code just proven counts for the session it was set up in (`[server] require_second_factor`)."""
+    async def _counts_for_this_session(self, request: Request) -> None:
+        """A code just proven counts for the session it was set up in, as if it had signed in with
+        it (`[server] require_second_factor`)."""
         session_id = self._sessions.session_id(request)
         if session_id is not None:
-            await self._pool.run(self._pool.store.add_to_session, session_id, method)
+            await self._pool.run(self._pool.store.add_to_session, session_id, AMR)
 
     async def _new_codes(self, request: Request, user: User, address: str | None) -> Reply:
         codes = otp.new_recovery_codes()
