@@ -3,8 +3,11 @@ internal, resident keys, user verification) against a real `twistd bearerbridge`
 http://localhost:PORT (Chromium refuses WebAuthn on http://127.0.0.1: the RP ID must be a host
 name). Add a passkey on /account/passkeys, sign out, sign in at /authorize with the password and
 then the passkey, and again with the passkey alone; each time a real code grant, whose ID token's
-amr says what was used. The pages are photographed at 1280 and 390 px into /tmp/passkey-shots/
-(or $PASSKEY_SHOTS)."""
+amr says what was used. Then the passkey alone on every other sign-in page: /account (the account
+page), /admin (the admin's home; 403 once they are no admin), /device (a device grant approved and
+its token polled). Last, the passkey removed on /account/passkeys (with the password) but still in
+the authenticator: signing in with it is refused, 401, and starts no session. The pages are
+photographed at 1280 and 390 px into /tmp/passkey-shots/ (or $PASSKEY_SHOTS)."""
 
 from __future__ import annotations
 
@@ -14,16 +17,19 @@ import os
 from pathlib import Path
 
 import pytest
+import requests
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.virtual_authenticator import Protocol, Transport, VirtualAuthenticatorOptions
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 from . import chromium
-from .support import Service, authorize_url, exchange_code, free_port, pkce_pair
+from .support import Service, authorize_url, exchange_code, free_port, introspect, pkce_pair
 from .test_browser import WAIT, Callback
 
 SHOTS = Path(os.environ.get("PASSKEY_SHOTS", "/tmp/passkey-shots"))
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
 
 def photograph(browser, name: str) -> None:
@@ -66,7 +72,35 @@ def code_grant(browser, service, client, callback, sign_in) -> dict:
     return claims(answer.json()["id_token"])
 
 
-def test_add_a_passkey_then_sign_in_with_and_without_a_password(localhost_service, browser):
+def sign_out(browser, service) -> None:
+    """Forget the browser's cookies for the service (they are per host: load one of its pages first)."""
+    browser.get(service.url + "/healthz")
+    browser.delete_all_cookies()
+
+
+def sign_in_with_passkey(browser, url: str) -> None:
+    """Open `url`, a sign-in page, and click "Sign in with a passkey" (the authenticator answers)."""
+    browser.get(url)
+    WebDriverWait(browser, WAIT).until(EC.element_to_be_clickable((By.ID, "passkey-sign-in"))).click()
+
+
+def shown(browser, element_id: str) -> str:
+    """The text of the element with this id once it is visible; failing with the page shown instead."""
+    try:
+        return WebDriverWait(browser, WAIT).until(EC.visibility_of_element_located((By.ID, element_id))).text
+    except TimeoutException:
+        pass  # failed below, out of the handler: the page says more than Selenium's timeout
+    main = browser.find_elements(By.TAG_NAME, "main")
+    pytest.fail(f"no #{element_id} within {WAIT} s on {browser.current_url} (HTTP {status(browser)}): "
+                f"{(main[0].text if main else browser.page_source)[:300]!r}")
+
+
+def status(browser) -> int:
+    """The HTTP status of the page shown (of the POST, after a form was posted)."""
+    return browser.execute_script("return performance.getEntriesByType('navigation')[0].responseStatus")
+
+
+def test_add_a_passkey_then_sign_in_with_it_on_every_sign_in_page_until_it_is_removed(localhost_service, browser):
     service = localhost_service
     username, password = service.user()
     authenticator = VirtualAuthenticatorOptions(
@@ -124,3 +158,71 @@ def test_add_a_passkey_then_sign_in_with_and_without_a_password(localhost_servic
     used = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".passkey-used"))).text
     assert used != "never" and used.endswith("UTC"), used
     photograph(browser, "passkeys-used")
+
+    the_passkey_alone_signs_in_on_the_other_pages(browser, service, username)
+    a_removed_passkey_is_refused(browser, service, password)
+
+
+def the_passkey_alone_signs_in_on_the_other_pages(browser, service, username: str) -> None:
+    """/account, /admin (as an admin, then as no admin: 403) and /device, each signed out first."""
+    sign_out(browser, service)
+    sign_in_with_passkey(browser, service.url + "/account")
+    assert shown(browser, "account-user") == username
+
+    service.cli("user", "admin", username, "--admin")  # already, as the first user; said here
+    sign_out(browser, service)
+    sign_in_with_passkey(browser, service.url + "/admin")
+    assert shown(browser, "admin-user") == username
+    service.cli("user", "admin", username, "--no-admin")
+    sign_out(browser, service)
+    sign_in_with_passkey(browser, service.url + "/admin")
+    assert "Only an admin may see this page." in shown(browser, "forbidden")
+    assert status(browser) == 403
+
+    tv = service.client("--public", "--grant", "device_code", "--scope", "imap")
+    started = requests.post(f"{service.url}/device_authorization", data={"client_id": tv["client_id"],
+                                                                         "scope": "imap"}, timeout=10)
+    assert started.status_code == 200, started.text
+    started = started.json()
+    sign_out(browser, service)
+    sign_in_with_passkey(browser, started["verification_uri_complete"])
+    shown(browser, "user_code")  # the code page, as the one signed in
+    assert browser.find_element(By.ID, "user_code").get_attribute("value") == started["user_code"]
+    browser.find_element(By.ID, "continue").click()
+    shown(browser, "approve")
+    browser.find_element(By.ID, "approve").click()
+    shown(browser, "device-approved")
+    tokens = requests.post(f"{service.url}/token", data={"grant_type": DEVICE_GRANT, "client_id": tv["client_id"],
+                                                          "device_code": started["device_code"]}, timeout=10)
+    assert tokens.status_code == 200, tokens.text
+    resource_server = service.client("--grant", "client_credentials", "--scope", "imap", "--resource-server")
+    assert introspect(service, resource_server, tokens.json()["access_token"])["username"] == username
+
+
+def a_removed_passkey_is_refused(browser, service, password: str) -> None:
+    """Remove the passkey on /account/passkeys (the password confirms it), keep it in the
+    authenticator, and sign in with it: refused (401, the sign-in form again), and no session."""
+    wait = WebDriverWait(browser, WAIT)
+    browser.get(service.url + "/account/passkeys")  # the session of /device's sign-in, a recent one
+    remove = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "details.remove")))
+    remove.find_element(By.TAG_NAME, "summary").click()
+    remove.find_element(By.CSS_SELECTOR, ".remove-proof").send_keys(password)
+    remove.find_element(By.CSS_SELECTOR, ".remove-passkey").click()
+    assert "Test laptop" in shown(browser, "notice")
+    assert browser.find_element(By.ID, "no-passkeys")
+    assert len(browser.get_credentials()) == 1  # the authenticator still has it
+
+    sign_out(browser, service)
+    sign_in_with_passkey(browser, service.url + "/account")
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "main p.error"))
+    assert status(browser) == 401
+    assert browser.find_element(By.CSS_SELECTOR, "main p.error").is_displayed()
+    assert browser.find_element(By.ID, "sign-in").is_displayed() and not browser.find_elements(By.ID, "account-user")
+    photograph(browser, "passkey-refused")
+    refused = [json.loads(line) for line in (service.directory / "var" / "audit.log").read_text().splitlines()]
+    refused = [e for e in refused if e["event"] == "sign_in_failed" and e.get("reason") == "passkey"]
+    assert [e.get("detail") for e in refused] == ["unknown passkey"], refused
+
+    browser.get(service.url + "/account")
+    wait.until(EC.element_to_be_clickable((By.ID, "sign-in")))
+    assert not browser.find_elements(By.ID, "account-user")
