@@ -41,6 +41,7 @@ from bearerbridge.web.app_passwords import AppPasswordsPage
 from bearerbridge.web.authorize import Authorize, Logout
 from bearerbridge.web.device import DevicePage
 from bearerbridge.web.forward import ForwardAuth
+from bearerbridge.web.mail_kick import MailKick
 from bearerbridge.web.monitoring import Health, MetricsResource
 from bearerbridge.web.oidc import Jwks, UserInfo
 from bearerbridge.web.passkeys import Passkeys
@@ -177,15 +178,15 @@ def http_root(config: configuration.Config, pool: StorePool, metrics: Metrics, v
     top = SecuredRoot(https=config.https, pages=pages)
     top.putChild(b"authorize", Authorize(pages, issuer, sessions, login, pool, server, metrics))
     top.putChild(b"logout", Logout(pages, issuer, sessions, pool, server))
-    top.putChild(b"account", account := Account(pages, issuer, sessions, login, pool, audit, config.scopes,
-                                                Doveadm.from_config(config)))
+    mail = MailKick(Doveadm.from_config(config), audit)  # revoking ends live Dovecot sessions, if configured
+    top.putChild(b"account", account := Account(pages, issuer, sessions, login, pool, audit, config.scopes, mail))
     account.putChild(b"app-passwords", AppPasswordsPage(pages, issuer, sessions, login, pool, audit,
                                                         config.app_password_services,
-                                                        config.server.require_second_factor))
+                                                        config.server.require_second_factor, mail))
     account.putChild(b"two-factor", TwoFactorPage(pages, issuer, config.server.site_name, sessions, login, pool, audit))
     account.putChild(b"passkeys", PasskeysPage(pages, issuer, sessions, login, passkeys, pool, audit))
     top.putChild(b"admin", Admin(pages, issuer, sessions, login, pool, audit, ClientRules.of(config),
-                                 config.server.require_second_factor))
+                                 config.server.require_second_factor, mail))
     top.putChild(b"device", DevicePage(pages, issuer, sessions, login, pool, server, metrics, sign_in))
     top.putChild(b"token", TokenEndpoint(issuer, pool, server, metrics, clients))
     top.putChild(b"introspect", IntrospectionResource(issuer, pool, server, pool.store.recent, config.sasl,

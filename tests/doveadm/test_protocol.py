@@ -12,7 +12,9 @@ from bearerbridge.config import DovecotSettings, SaslSettings
 from bearerbridge.doveadm.protocol import (
     Kicked,
     Outcome,
+    Reach,
     Target,
+    all_sessions,
     dovecot_name,
     networks,
     read_answer,
@@ -22,6 +24,7 @@ from bearerbridge.doveadm.protocol import (
     unusable,
 )
 from bearerbridge.storage.account import ConnectedApp, Use
+from bearerbridge.storage.apppasswords import AppPassword
 from bearerbridge.storage.models import User
 
 ALICE = User(1, "alice", "Alice@Example.org")
@@ -36,51 +39,89 @@ NONE_MATCHED = '["error",{"type":"exitCode", "exitCode":68},"kick0"]'
 USAGE = '["error",{"type":"exitCode", "exitCode":64},"kick0"]'
 
 
-def app(scope: str = "imap smtp", also_seen_from: tuple[tuple[str, str | None], ...] = (), **uses: str | None
-        ) -> ConnectedApp:
+def grant(scope: str = "imap smtp", also_seen_from: tuple[tuple[str, str | None], ...] = (), **uses: str | None
+          ) -> Reach:
     """A grant last used at each service of `uses` from its address, and by another of its token
     families (another instance of the app) at `also_seen_from`'s."""
-    return ConnectedApp("mail", "Mail App", None, set(scope.split()), 1,
-                        {service: Use(service, 2, address) for service, address in uses.items()},
-                        set(uses.items()) | set(also_seen_from))
+    return Reach.of_grant(ConnectedApp("mail", "Mail App", None, set(scope.split()), 1,
+                                       {service: Use(service, 2, address) for service, address in uses.items()},
+                                       set(uses.items()) | set(also_seen_from)))
+
+
+def app_password(services: str, **uses: str | None) -> Reach:
+    """An app password made for `services`, last used at each service of `uses` from its address."""
+    password = AppPassword(7, 1, "alice", None, "Thunderbird", frozenset(services.split()), 1, None, False)
+    return Reach.of_app_password(password, [Use(service, 2, address) for service, address in uses.items()])
 
 
 # -- whose sessions ---------------------------------------------------------------------------
 
 def test_a_grant_last_used_from_two_addresses_ends_the_sessions_from_those_two_only():
-    target = target_for(ALICE, app(imap="192.0.2.7", pop3="2001:db8::5", smtp="198.51.100.1"), DOVECOT, SASL)
+    target = target_for(ALICE, grant(imap="192.0.2.7", pop3="2001:db8::5", smtp="198.51.100.1"), DOVECOT, SASL)
     assert target == Target("alice", ("192.0.2.7/32", "2001:db8::5/128"))  # smtp is Postfix's, not Dovecot's
 
 
 def test_every_instance_of_the_app_is_reached_not_only_the_last_one_used():
-    target = target_for(ALICE, app(imap="192.0.2.7", also_seen_from=(("imap", "198.51.100.2"),)), DOVECOT, SASL)
+    target = target_for(ALICE, grant(imap="192.0.2.7", also_seen_from=(("imap", "198.51.100.2"),)), DOVECOT, SASL)
     assert target is not None and sorted(target.networks) == ["192.0.2.7/32", "198.51.100.2/32"]
-    assert target_for(ALICE, app(imap="192.0.2.7", also_seen_from=(("imap", None),)), DOVECOT, SASL) == Target("alice")
+    unknown = grant(imap="192.0.2.7", also_seen_from=(("imap", None),))
+    assert target_for(ALICE, unknown, DOVECOT, SASL) == Target("alice")
 
 
 def test_a_use_without_an_address_or_none_at_all_ends_every_session_of_the_user():
-    assert target_for(ALICE, app(imap=None), DOVECOT, SASL) == Target("alice")  # introspection: no address
-    assert target_for(ALICE, app(imap="192.0.2.7", pop3=None), DOVECOT, SASL) == Target("alice")
-    assert target_for(ALICE, app("imap"), DOVECOT, SASL) == Target("alice")  # may have logged in moments ago
+    assert target_for(ALICE, grant(imap=None), DOVECOT, SASL) == Target("alice")  # introspection: no address
+    assert target_for(ALICE, grant(imap="192.0.2.7", pop3=None), DOVECOT, SASL) == Target("alice")
+    assert target_for(ALICE, grant("imap"), DOVECOT, SASL) == Target("alice")  # may have logged in moments ago
 
 
 def test_narrowing_can_be_turned_off():
     settings = DovecotSettings(narrow_by_address=False)
-    assert target_for(ALICE, app(imap="192.0.2.7"), settings, SASL) == Target("alice")
+    assert target_for(ALICE, grant(imap="192.0.2.7"), settings, SASL) == Target("alice")
 
 
 def test_a_grant_that_could_open_no_dovecot_session_asks_dovecot_nothing():
-    assert target_for(ALICE, app("smtp xmpp openid", smtp="192.0.2.7"), DOVECOT, SASL) is None
+    assert target_for(ALICE, grant("smtp xmpp openid", smtp="192.0.2.7"), DOVECOT, SASL) is None
     assert target_for(ALICE, None, DOVECOT, SASL) is None
     # A use seen at Dovecot counts even when the grant's scope no longer names it.
-    assert target_for(ALICE, app("smtp", imap="192.0.2.7"), DOVECOT, SASL) == Target("alice", ("192.0.2.7/32",))
+    assert target_for(ALICE, grant("smtp", imap="192.0.2.7"), DOVECOT, SASL) == Target("alice", ("192.0.2.7/32",))
+
+
+def test_an_app_password_used_at_imap_ends_the_sessions_from_where_it_was_used_there():
+    target = target_for(ALICE, app_password("imap smtp", imap="192.0.2.7", smtp="198.51.100.1"), DOVECOT, SASL)
+    assert target == Target("alice", ("192.0.2.7/32",))  # smtp is Postfix's, not Dovecot's
+    assert target_for(ALICE, app_password("pop3", pop3="2001:db8::5"), DOVECOT, SASL) == Target(
+        "alice", ("2001:db8::5/128",))
+
+
+def test_an_app_password_for_imap_never_used_there_or_used_without_an_address_ends_every_session():
+    assert target_for(ALICE, app_password("imap"), DOVECOT, SASL) == Target("alice")  # may have logged in just now
+    assert target_for(ALICE, app_password("imap smtp", smtp="198.51.100.1"), DOVECOT, SASL) == Target("alice")
+    assert target_for(ALICE, app_password("imap", imap=None), DOVECOT, SASL) == Target("alice")
+    settings = DovecotSettings(narrow_by_address=False)
+    assert target_for(ALICE, app_password("imap", imap="192.0.2.7"), settings, SASL) == Target("alice")
+
+
+def test_an_app_password_that_could_open_no_dovecot_service_asks_dovecot_nothing():
+    assert target_for(ALICE, app_password("smtp webdav", smtp="198.51.100.1"), DOVECOT, SASL) is None
+    assert target_for(ALICE, app_password("smtp"), DOVECOT, SASL) is None
+    # Its services are service names, not scopes: [sasl.services] does not rename them.
+    sasl = SaslSettings(services={"imap": "mail:read"})
+    assert target_for(ALICE, app_password("imap"), DOVECOT, sasl) == Target("alice")
+    # A use seen at Dovecot counts even when the services it was made for no longer name it.
+    assert target_for(ALICE, app_password("smtp", imap="192.0.2.7"), DOVECOT, SASL) == Target(
+        "alice", ("192.0.2.7/32",))
+
+
+def test_all_sessions_is_the_whole_user_named_as_dovecot_knows_them():
+    assert all_sessions(ALICE, DOVECOT, SASL) == Target("alice")
+    assert all_sessions(ALICE, DovecotSettings(username="email"), SASL) == Target("Alice@Example.org")
 
 
 def test_the_scope_a_service_needs_comes_from_sasl_services():
     sasl = SaslSettings(services={"imap": "mail:read", "smtp": "smtp"})
-    assert target_for(ALICE, app("mail:read"), DOVECOT, sasl) == Target("alice")
-    assert target_for(ALICE, app("imap"), DOVECOT, sasl) is None
-    assert target_for(ALICE, app("pop3"), DOVECOT, sasl) == Target("alice")  # pop3 unlisted: its own name
+    assert target_for(ALICE, grant("mail:read"), DOVECOT, sasl) == Target("alice")
+    assert target_for(ALICE, grant("imap"), DOVECOT, sasl) is None
+    assert target_for(ALICE, grant("pop3"), DOVECOT, sasl) == Target("alice")  # pop3 unlisted: its own name
 
 
 @pytest.mark.parametrize("dovecot, usernames, realm, expected", [
@@ -92,7 +133,7 @@ def test_the_scope_a_service_needs_comes_from_sasl_services():
 ])
 def test_the_user_is_named_as_dovecot_knows_them(dovecot, usernames, realm, expected):
     settings = DovecotSettings(username=dovecot)
-    assert target_for(ALICE, app("imap"), settings, SaslSettings(usernames=usernames, realm=realm)).user == expected
+    assert target_for(ALICE, grant("imap"), settings, SaslSettings(usernames=usernames, realm=realm)).user == expected
 
 
 def test_a_user_without_an_email_is_named_by_username_as_the_sasl_authority_does():

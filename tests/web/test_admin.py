@@ -1,24 +1,40 @@
 """/admin in process, over the whole HTTP tree and a real SQLite store: only a signed-in admin gets
 past its gate (403 for anyone else, on every address, GET and POST), every form needs its CSRF
 token, a client registered there completes a real code grant, rotating a secret refuses the old
-one, deleting asks first, users are added, disabled, reset and signed out; each change an `admin`
-audit event with the admin as the actor and where they were."""
+one, deleting asks first, users are added, disabled (their live Dovecot sessions ended, whatever
+Dovecot answers), reset and signed out; each change an `admin` audit event with the admin as the
+actor and where they were."""
 
 from __future__ import annotations
 
 import html
 import json
+import time
 from html.parser import HTMLParser
 
 import pyotp
 import pytest
+import pytest_twisted
 
 from bearerbridge.storage.models import Client
 from bearerbridge.storage.schema import recovery_codes, totp_secrets
 from bearerbridge.web.admin import ID
 
-from ..fakes import Bridge, Http, cheap_password_hash, form_of, login_and_consent, redirect_params, sqlite_store
-from ..support import authorize_url, pkce_pair
+from ..doveadm.fake import KEY
+from ..fakes import (
+    Answer,
+    Bridge,
+    Http,
+    NewUser,
+    cheap_password_hash,
+    form_of,
+    login_and_consent,
+    redirect_params,
+    sqlite_store,
+)
+from ..support import authorize_url, free_port, pkce_pair
+from .test_account import ALICE, active, granted, signed_in_browser
+from .test_account_mail import TIMEOUT, answered, bridge_over, used_from
 from .test_two_factor import codes_of
 
 CB = "https://app.example/cb"
@@ -450,3 +466,92 @@ def test_an_admin_with_two_factor_sign_in_gives_the_code_before_the_admin_pages(
     assert done.code == 303 and done.header("Location") == "/admin/clients/new"
     assert 'id="client-form"' in body(browser, "/admin/clients/new")
     assert bridge.audit.of("sign_in")[-1]["amr"] == ["pwd", "otp", "mfa"]
+
+
+# -- disabling a user ends their live mail sessions (web/mail_kick.py) --------------------------------
+
+@pytest.fixture
+def mail_bridge(tmp_path, doveadm) -> Bridge:  # doveadm: tests/conftest.py's fake doveadm HTTP API
+    """/account's clients, root (an admin) and alice, with [dovecot] asking the fake doveadm API."""
+    with bridge_over(tmp_path, doveadm.url, users=(NewUser("root", is_admin=True), ALICE)) as made:
+        yield made
+
+
+async def disable(bridge: Bridge, admin: Http, username: str = "alice") -> Answer:
+    """POST the user page's Disable button; the page, once Dovecot has answered (or the timeout passed)."""
+    return await answered(admin, f"/admin/users/{user_id(bridge, username)}", {"csrf": csrf_of(admin),
+                                                                               "step": "disable"})
+
+
+def disabled_notice(answer: Answer) -> str:
+    assert answer.code == 200, answer.body
+    return html.unescape(text_of(answer.body.decode(), "notice"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_disabling_a_user_ends_every_live_mail_session_of_theirs(mail_bridge, doveadm):
+    alice = signed_in_browser(mail_bridge)
+    tokens = granted(mail_bridge, alice, "mail", "imap")
+    used_from(mail_bridge, tokens["access_token"], imap="192.0.2.7")  # no narrowing: every session ends
+    doveadm.sessions = 3
+    admin = signed_in(mail_bridge)
+    said = disabled_notice(await disable(mail_bridge, admin))
+    assert said == ("Disabled alice: 1 browser session(s) ended and 1 token(s) revoked. Ended 3 live mail "
+                    "session(s) of alice. Enabling them again brings none of these back.")
+    [seen] = doveadm.seen
+    assert seen.commands == [["who", {"mask": ["alice"], "separate-connections": True}, "who0"],
+                             ["kick", {"mask": ["alice"]}, "kick0"]]
+    assert not active(mail_bridge, tokens["access_token"])
+    [kick] = mail_bridge.audit.of("mail_kick")
+    assert kick == {"user": "alice", "actor": "root", "address": ADDRESS, "by": "admin", "mail_user": "alice",
+                    "outcome": "ended", "ended": 3}
+    assert [e["user"] for e in admin_events(mail_bridge, "user disable")] == ["alice"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_disabling_a_user_with_no_mail_session_open_says_so_and_enabling_or_refusing_asks_dovecot_nothing(
+        mail_bridge, doveadm):
+    doveadm.mode = "none"
+    admin = signed_in(mail_bridge)
+    said = disabled_notice(await disable(mail_bridge, admin))
+    assert said == ("Disabled alice: 0 browser session(s) ended and 0 token(s) revoked. alice had no mail session "
+                    "open. Enabling them again brings none of these back.")
+    assert [kick["outcome"] for kick in mail_bridge.audit.of("mail_kick")] == ["none_open"]
+    path = f"/admin/users/{user_id(mail_bridge, 'alice')}"
+    assert "Enabled alice" in (await answered(admin, path, {"csrf": csrf_of(admin), "step": "enable"})).body.decode()
+    myself = await disable(mail_bridge, admin, "root")
+    assert myself.code == 400 and "cannot disable yourself" in myself.body.decode()
+    assert len(doveadm.seen) == 1 and len(mail_bridge.audit.of("mail_kick")) == 1
+
+
+@pytest.mark.parametrize("case, outcome, reason", [
+    ("wrong key", "refused", "HTTP 401: Dovecot refused the API key (doveadm_key_file)"),
+    ("silent", "unreachable", f"no answer within {TIMEOUT} s"),
+    ("nobody listening", "unreachable", "cannot connect: ConnectionRefusedError"),
+    ("usage error", "failed", "kick: exitCode, exit code 64 (usage error)"),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_user_disabled_when_dovecot_cannot_end_their_sessions_stays_disabled_and_the_page_says_so(
+        tmp_path, doveadm, case, outcome, reason):
+    url = f"http://127.0.0.1:{free_port()}/doveadm/v1" if case == "nobody listening" else doveadm.url
+    doveadm.mode = {"silent": "silent", "usage error": "usage"}.get(case, "kick")
+    with bridge_over(tmp_path, url, b"wrong-key" if case == "wrong key" else KEY,
+                     users=(NewUser("root", is_admin=True), ALICE)) as bridge:
+        alice = signed_in_browser(bridge)
+        tokens = granted(bridge, alice, "mail", "imap")
+        admin = signed_in(bridge)
+        started = time.monotonic()
+        said = disabled_notice(await disable(bridge, admin))
+        assert time.monotonic() - started < TIMEOUT + 1
+        why = "failed" if outcome == "failed" else "could not be reached"
+        assert said == (f"Disabled alice: 1 browser session(s) ended and 1 token(s) revoked. The mail server {why} "
+                        "to end live sessions: a mail app already connected stays connected until it disconnects, "
+                        "and cannot log in again. Enabling them again brings none of these back.")
+        with bridge.store.transaction():
+            assert bridge.store.get_user_by_name("alice").disabled
+        assert not active(bridge, tokens["access_token"])
+        assert "Sign in to" in alice.get("/account").body.decode()
+        [kick] = bridge.audit.of("mail_kick")
+        assert (kick["outcome"], kick["reason"], kick["ended"], kick["user"], kick["actor"]) == (
+            outcome, reason, 0, "alice", "root")
+        assert admin_events(bridge, "user disable")

@@ -1,4 +1,5 @@
-"""The doveadm HTTP API client: one POST per revocation, bounded by `[dovecot] timeout`.
+"""The doveadm HTTP API client: one POST per revocation or disabled user, bounded by `[dovecot]
+timeout`.
 
 It never fails: a wrong key, a Dovecot that is down or silent, or an answer it cannot read is an
 `Outcome`, logged (never the key) for the caller to audit and show. The revocation it follows is
@@ -27,21 +28,22 @@ from bearerbridge import config as configuration
 from bearerbridge.doveadm.protocol import (
     Kicked,
     Outcome,
+    Reach,
     Target,
+    all_sessions,
     read_answer,
     request_body,
     request_headers,
     target_for,
     unusable,
 )
-from bearerbridge.storage.account import ConnectedApp
 from bearerbridge.storage.models import User
 
 log = Logger()
 
 
 class Doveadm:
-    """Ends the live Dovecot sessions of a revoked grant's user (`doveadm kick`)."""
+    """Ends a user's live Dovecot sessions (`doveadm kick`) when a way into their mail is revoked."""
 
     def __init__(self, settings: configuration.DovecotSettings, sasl: configuration.SaslSettings, key: bytes,
                  reactor: Any = None) -> None:
@@ -65,9 +67,14 @@ class Doveadm:
             return None
         return cls(config.dovecot, config.sasl, configuration.doveadm_key(config.dovecot), reactor)
 
-    def target(self, user: User, app: ConnectedApp | None) -> Target | None:
-        """Whose sessions revoking `app` must end (`protocol.target_for`); None: nobody's."""
-        return target_for(user, app, self._settings, self._sasl)
+    def target(self, user: User, reach: Reach | None) -> Target | None:
+        """Whose sessions revoking a way in (a grant's or an app password's `Reach`) must end
+        (`protocol.target_for`); None: nobody's."""
+        return target_for(user, reach, self._settings, self._sasl)
+
+    def all_sessions(self, user: User) -> Target:
+        """Every session of the user, named as Dovecot knows them (`protocol.all_sessions`)."""
+        return all_sessions(user, self._settings, self._sasl)
 
     def kick(self, target: Target) -> defer.Deferred[Kicked]:
         """Ask Dovecot to end `target`'s sessions; fires with the outcome, within the timeout,

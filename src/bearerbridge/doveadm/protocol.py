@@ -1,17 +1,18 @@
 """`doveadm kick` over Dovecot's doveadm HTTP API, without I/O: whose sessions to end, the request,
 and what the answer means.
 
-Dovecot checks a token only when a client logs in, so revoking a grant leaves its open IMAP and
-POP3 connections working. `kick` ends them: it looks up the user's connections in Dovecot's
-anvil and sends SIGTERM to the processes serving them (the client reads `* BYE Server shutting
-down.`). Its `mask` takes at most one user mask and at most one IP network (more of either is
-EX_USAGE, 64): a connection is kicked when its user matches the mask (case-insensitive, `*` and
-`?` as wildcards) and, if a network is given, its client address (Dovecot's `rip`) lies in it
-(src/doveadm/doveadm-kick.c and doveadm-who.c, who_parse_args and who_line_filter_match, in
-2.3.19.1). Through the API a kick is always forced: a process also serving other users ends too
-(a non-default `client_limit` above 1). Several addresses therefore take one kick each, which
-one request carries: the API answers every command of a JSON array in order, by tag. Before each
-kick a `who` with the same mask counts the connections it ends.
+Dovecot checks a token or a password only when a client logs in, so revoking a grant or an app
+password, or disabling a user, leaves their open IMAP and POP3 connections working. `kick` ends
+them: it looks up the user's connections in Dovecot's anvil and sends SIGTERM to the processes
+serving them (the client reads `* BYE Server shutting down.`). Its `mask` takes at most one user
+mask and at most one IP network (more of either is EX_USAGE, 64): a connection is kicked when
+its user matches the mask (case-insensitive, `*` and `?` as wildcards) and, if a network is
+given, its client address (Dovecot's `rip`) lies in it (src/doveadm/doveadm-kick.c and
+doveadm-who.c, who_parse_args and who_line_filter_match, in 2.3.19.1). Through the API a kick is
+always forced: a process also serving other users ends too (a non-default `client_limit` above
+1). Several addresses therefore take one kick each, which one request carries: the API answers
+every command of a JSON array in order, by tag. Before each kick a `who` with the same mask
+counts the connections it ends.
 
 Answers (ran on 2.3.19.1): 200 `[["doveadmResponse", [{"result": USER}], TAG]]` when something
 was kicked; 200 `[["error", {"type": "exitCode", "exitCode": 68}, TAG]]` when nothing matched
@@ -29,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bearerbridge.config import DovecotSettings, SaslSettings
-from bearerbridge.storage.account import ConnectedApp
+from bearerbridge.storage.account import ConnectedApp, Use
+from bearerbridge.storage.apppasswords import AppPassword
 from bearerbridge.storage.models import User
 
 NOT_FOUND = 68  # doveadm's exit code when no connection matched the mask (EX_NOTFOUND)
@@ -96,24 +98,54 @@ def networks(addresses: Iterable[str]) -> tuple[str, ...]:
     return tuple(str(n) for n in merged)
 
 
-def target_for(user: User, app: ConnectedApp | None, dovecot: DovecotSettings, sasl: SaslSettings) -> Target | None:
-    """Whose Dovecot sessions revoking `app`'s grant must end; None when it could have opened none:
-    no use at `[dovecot] services` and no scope one of them needs. The sessions from the
-    addresses of the last uses there of every token family of the grant (each app instance
-    signed in) when `narrow_by_address` and every such use has one; else all of the user's (a
-    grant never seen at Dovecot may still have logged in moments ago)."""
-    if app is None:
+@dataclass(frozen=True)
+class Reach:
+    """What a revoked way into mail could have done at Dovecot, as `target_for` weighs it: the
+    services it may open by name (an app password's), or the scopes it holds (a grant's; a service
+    needs the scope `[sasl.services]` names for it, else its own name), and every (service,
+    address) of its last uses (an address None when the use was recorded without one)."""
+
+    seen_from: frozenset[tuple[str, str | None]] = frozenset()
+    services: frozenset[str] = frozenset()
+    scope: frozenset[str] = frozenset()
+
+    @classmethod
+    def of_grant(cls, app: ConnectedApp) -> Reach:
+        """A grant: its scopes, and the last uses of every token family of it (each app instance
+        signed in has its own)."""
+        return cls(frozenset(app.seen_from), scope=frozenset(app.scope))
+
+    @classmethod
+    def of_app_password(cls, password: AppPassword, uses: Iterable[Use]) -> Reach:
+        """An app password: the services it was made for, and its last use at each (its
+        `token_uses` rows, family `app:<id>`)."""
+        return cls(frozenset((use.service, use.address) for use in uses), services=password.services)
+
+
+def target_for(user: User, reach: Reach | None, dovecot: DovecotSettings, sasl: SaslSettings) -> Target | None:
+    """Whose Dovecot sessions revoking a way in (`reach`) must end; None when it could have opened
+    none: no use at `[dovecot] services` and none of them among its services or scopes. The
+    sessions from the addresses of its last uses there when `narrow_by_address` and every such
+    use has one; else all of the user's (a way in never seen at Dovecot may still have logged in
+    moments ago)."""
+    if reach is None:
         return None
-    addresses = [address for service, address in app.seen_from if service in dovecot.services]
+    addresses = [address for service, address in reach.seen_from if service in dovecot.services]
     scopes = {sasl.services.get(service, service) for service in dovecot.services}
-    if not addresses and not app.scope & scopes:
+    if not addresses and not reach.services & set(dovecot.services) and not reach.scope & scopes:
         return None
-    name = dovecot_name(user, dovecot.username or sasl.usernames.get("imap", "username"), sasl.realm)
+    everyone = all_sessions(user, dovecot, sasl)
     if dovecot.narrow_by_address and addresses and all(addresses):
         narrowed = networks(address for address in addresses if address)
         if narrowed:
-            return Target(name, narrowed)
-    return Target(name)
+            return Target(everyone.user, narrowed)
+    return everyone
+
+
+def all_sessions(user: User, dovecot: DovecotSettings, sasl: SaslSettings) -> Target:
+    """Every Dovecot session of the user (when an admin disables them, say), named as Dovecot
+    knows them: `[dovecot] username`, else what `[sasl.usernames]` reports to imap."""
+    return Target(dovecot_name(user, dovecot.username or sasl.usernames.get("imap", "username"), sasl.realm))
 
 
 def unusable(name: str) -> str | None:

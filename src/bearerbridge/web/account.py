@@ -19,11 +19,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from bearerbridge import otp
-from bearerbridge.doveadm.client import Doveadm
-from bearerbridge.doveadm.protocol import Kicked, Outcome, Target
+from bearerbridge.doveadm.protocol import Reach, Target
 from bearerbridge.guard import Blocked, Recorder
 from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
+from bearerbridge.web.mail_kick import MailKick
 from bearerbridge.web.second_factor import SecondFactorAsked, second_factor_page
 from bearerbridge.web.sessions import SIGN_IN_STEPS, PasswordLogin, Sessions, SignedIn
 from bearerbridge.web.site import (
@@ -50,20 +50,6 @@ def recent(sign_in: SignIn) -> bool:
 def when(seconds: int | None) -> str:
     """A moment as the page shows it (UTC; the page has no script to learn the browser's zone)."""
     return "never" if not seconds else datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def mail_notice(kicked: Kicked, target: Target) -> str:
-    """What the page says of the live mail sessions (Dovecot's) a revocation ended."""
-    if kicked.outcome is Outcome.NONE_OPEN:
-        return "It had no mail session open."
-    if kicked.outcome is Outcome.ENDED and target.networks:
-        return f"Ended {kicked.ended} live mail session(s) open from where it was last used."
-    if kicked.outcome is Outcome.ENDED:
-        return (f"Ended {kicked.ended} live mail session(s) of yours; your other mail apps reconnect by "
-                "themselves.")
-    why = "could not be reached" if kicked.outcome in (Outcome.UNREACHABLE, Outcome.REFUSED) else "failed"
-    return (f"The mail server {why} to end live sessions: a mail app already connected stays connected until it "
-            "disconnects, and cannot log in again.")
 
 
 def account_binding(sessions: Sessions, request: Request) -> str:
@@ -183,7 +169,7 @@ class Account(PageResource):
     isLeaf = False
 
     def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
-                 audit: Recorder, scopes: Mapping[str, str], mail: Doveadm | None = None) -> None:
+                 audit: Recorder, scopes: Mapping[str, str], mail: MailKick | None = None) -> None:
         super().__init__(pages)
         self._issuer = issuer
         self._sessions = sessions
@@ -191,7 +177,7 @@ class Account(PageResource):
         self._pool = pool
         self._audit = audit
         self._scopes = scopes
-        self._mail = mail  # ends a revoked grant's live Dovecot sessions, if [dovecot] doveadm_url is set
+        self._mail = mail if mail is not None else MailKick(None, audit)  # a revoked grant's live Dovecot sessions
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return self if path == b"" else NotFound(self.pages)  # /account/ is /account
@@ -289,10 +275,11 @@ class Account(PageResource):
         """In the pool: revoke the grant (tokens revoked, consents forgotten), and whose live
         Dovecot sessions that must end, from the grant's scopes and last uses read just before."""
         store = self._pool.store
-        if self._mail is None:
+        if not self._mail.reaches_dovecot:
             return (*store.revoke_grant(user.id, client_id), None)
         app = next((app for app in store.connected_apps(user.id) if app.client_id == client_id), None)
-        return (*store.revoke_grant(user.id, client_id), self._mail.target(user, app))
+        target = self._mail.target(user, Reach.of_grant(app) if app else None)
+        return (*store.revoke_grant(user.id, client_id), target)
 
     def _revoked(self, outcome: tuple[int, int, Target | None], request: Request, sign_in: SignIn, client_id: str,
                  address: str | None) -> Reply | defer.Deferred[Reply]:
@@ -302,17 +289,12 @@ class Account(PageResource):
         self._audit.record("grant_revoked", user=sign_in.user.username, client_id=client_id, revoked=tokens,
                            address=address, by="user")
         notice = "Access revoked: the app's tokens no longer work, and it must ask you again before it gets any."
-        if target is None or self._mail is None:
+        if target is None:
             return self._show(sign_in, request, notice=notice)
-        return self._mail.kick(target).addCallback(self._kicked, request, sign_in, client_id, address, target, notice)
-
-    def _kicked(self, kicked: Kicked, request: Request, sign_in: SignIn, client_id: str, address: str | None,
-                target: Target, notice: str) -> Reply | defer.Deferred[Reply]:
-        """The revocation is done whatever Dovecot answered: audit the answer, and say it."""
-        self._audit.record("mail_kick", user=sign_in.user.username, client_id=client_id, mail_user=target.user,
-                           networks=list(target.networks) or None, outcome=kicked.outcome.value, ended=kicked.ended,
-                           reason=kicked.reason or None, address=address)
-        return self._show(sign_in, request, notice=f"{notice} {mail_notice(kicked, target)}")
+        # The revocation is done whatever Dovecot answers: the page says what became of the sessions.
+        ended = defer.Deferred.fromCoroutine(self._mail.end(target, user=sign_in.user.username, client_id=client_id,
+                                                            address=address))
+        return ended.addCallback(lambda said: self._show(sign_in, request, notice=f"{notice} {said}"))
 
     def _signed_out_others(self, ended: int, request: Request, sign_in: SignIn, address: str | None
                            ) -> Reply | defer.Deferred[Reply]:

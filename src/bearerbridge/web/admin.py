@@ -35,6 +35,7 @@ from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.admin_base import Act
 from bearerbridge.web.admin_clients import ClientPages
 from bearerbridge.web.admin_users import UserPages
+from bearerbridge.web.mail_kick import MailKick
 from bearerbridge.web.second_factor import SecondFactorAsked, second_factor_page
 from bearerbridge.web.sessions import SIGN_IN_STEPS, PasswordLogin, Sessions, SignedIn
 from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, client_address, retry_after, snapshot
@@ -60,7 +61,8 @@ class Admin(PageResource):
     """/admin and every address under it."""
 
     def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
-                 audit: Recorder, rules: ClientRules, require_second_factor: str = "none") -> None:
+                 audit: Recorder, rules: ClientRules, require_second_factor: str = "none",
+                 mail: MailKick | None = None) -> None:
         super().__init__(pages)
         self._issuer = issuer
         self._require_second_factor = require_second_factor
@@ -68,7 +70,7 @@ class Admin(PageResource):
         self._login = login
         self._audit = audit
         clients = ClientPages(pages, pool, audit, rules)
-        users = UserPages(pages, pool, audit, login, rules.scopes)
+        users = UserPages(pages, pool, audit, login, rules.scopes, mail)
         # The first route matching wins: `new` before ID.
         self.routes = (
             Route(b"GET", (), clients.overview),

@@ -1,7 +1,8 @@
 """The users' pages of /admin: add one (an admin or not), and for each user their grants (the
 apps they connected, as their own /account shows them), disabling or enabling them (disabling
-ends their sessions and revokes every token, as `bearerbridge user disable` does), resetting their
-second factor, and signing them out everywhere."""
+ends their sessions and revokes every token and app password, as `bearerbridge user disable` does,
+and here also ends their live Dovecot sessions: web/mail_kick.py), resetting their second factor,
+and signing them out everywhere."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from bearerbridge.storage.pool import StorePool
 from bearerbridge.storage.store import SqlStore, StoreError
 from bearerbridge.web.account import PASSWORD_MIN_LENGTH, when
 from bearerbridge.web.admin_base import Act, Section
+from bearerbridge.web.mail_kick import MailKick
 from bearerbridge.web.sessions import PasswordLogin
 from bearerbridge.web.site import BadRequest, Pages, Reply, row_id
 
@@ -33,10 +35,11 @@ class Found:
 
 class UserPages(Section):
     def __init__(self, pages: Pages, pool: StorePool, audit: Recorder, login: PasswordLogin,
-                 scopes: Mapping[str, str]) -> None:
+                 scopes: Mapping[str, str], mail: MailKick | None = None) -> None:
         super().__init__(pages, pool, audit)
         self._login = login
         self._scopes = scopes
+        self._mail = mail if mail is not None else MailKick(None, audit)  # a disabled user's live Dovecot sessions
 
     # -- adding ---------------------------------------------------------------------------------
 
@@ -97,8 +100,11 @@ class UserPages(Section):
             case "disable":
                 sessions, tokens = await self.pool.run(self.pool.store.set_disabled, user.username, True)
                 self.record(act, "user disable", user=user.username, sessions_ended=sessions, revoked=tokens)
+                # Their open IMAP and POP3 sessions, every one: the disabling stands whatever Dovecot answers.
+                said = await self._mail.end(self._mail.all_sessions(user), whose=user.username, user=user.username,
+                                            actor=act.admin.username, address=act.address, by="admin")
                 notice = (f"Disabled {user.username}: {sessions} browser session(s) ended and {tokens} token(s) "
-                          "revoked. Enabling them again brings none of these back.")
+                          f"revoked.{' ' + said if said else ''} Enabling them again brings none of these back.")
             case "enable":
                 await self.pool.run(self.pool.store.set_disabled, user.username, False)
                 self.record(act, "user enable", user=user.username)

@@ -7,8 +7,10 @@ expiry. It is shown once, here, and kept as a keyed digest; the SASL validator t
 PLAIN or Basic password of exactly those services (sasl/validator.py), also when the user has
 two-factor sign-in on. /account lists the live ones with their last use at each service, and its
 Revoke buttons post here: the forms of both pages carry the CSRF token bound to this browser and
-session for /account. Audit events: app_password_created, app_password_revoked (and, from the
-use recorder, app_password_first_use: uses.py).
+session for /account. Revoking one that could open a Dovecot service (IMAP, POP3) ends its live
+sessions there (web/mail_kick.py), narrowed to the addresses of its last uses when each has one.
+Audit events: app_password_created, app_password_revoked, mail_kick (and, from the use recorder,
+app_password_first_use: uses.py).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from typing import Any
 from twisted.internet import defer
 from twisted.web.server import Request
 
+from bearerbridge.doveadm.protocol import Reach, Target
 from bearerbridge.guard import Recorder
-from bearerbridge.storage.apppasswords import Listed
+from bearerbridge.storage.apppasswords import AppPassword, Listed
 from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.account import AccountSubpage, account_binding, when
+from bearerbridge.web.mail_kick import MailKick
 from bearerbridge.web.sessions import PasswordLogin, Sessions
 from bearerbridge.web.site import BadRequest, Pages, Reply, client_address, row_id
 
@@ -50,10 +54,12 @@ class AppPasswordsPage(AccountSubpage):
     """/account/app-passwords (GET shows it, POST makes or revokes one); without a session, /account."""
 
     def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
-                 audit: Recorder, services: tuple[str, ...], require_second_factor: str = "none") -> None:
+                 audit: Recorder, services: tuple[str, ...], require_second_factor: str = "none",
+                 mail: MailKick | None = None) -> None:
         super().__init__(pages, issuer, sessions, login, pool, audit)
         self._services = services  # those an app password may be made for (Config.app_password_services)
         self._require_second_factor = require_second_factor
+        self._mail = mail if mail is not None else MailKick(None, audit)  # a revoked one's live Dovecot sessions
 
     adding_steps = frozenset({"create"})
 
@@ -118,10 +124,26 @@ class AppPasswordsPage(AccountSubpage):
         app_id = row_id(typed_id)
         if app_id is None:
             raise BadRequest("id must be an app password's number")
-        revoked = await self._pool.run(self._pool.store.revoke_app_password, user.id, app_id)
+        revoked, target = await self._pool.run(self._revoked, user, app_id)
         if revoked is None:
             return await self._show(request, user, 400, error="That app password was revoked already.")
         self._audit.record("app_password_revoked", user=user.username, family=revoked.family, name=revoked.name,
                            address=address, by="user")
-        return await self._show(request, user, notice=f"App password “{revoked.name}” revoked: it no longer opens "
-                                                      "anything.")
+        notice = f"App password “{revoked.name}” revoked: it no longer opens anything."
+        # It may have opened IMAP with PLAIN: the revocation is done whatever Dovecot answers.
+        said = await self._mail.end(target, user=user.username, family=revoked.family, address=address, by="user")
+        return await self._show(request, user, notice=f"{notice} {said}" if said else notice)
+
+    def _revoked(self, user: User, app_id: int) -> tuple[AppPassword | None, Target | None]:
+        """In the pool: revoke the user's app password `app_id` (None if none of theirs was left to
+        revoke), and whose live Dovecot sessions that must end, from the services it was made for
+        and its last uses read just before. One expired meanwhile is no longer listed: its uses
+        unknown, all the user's sessions end if it could open Dovecot's."""
+        store = self._pool.store
+        listed = (next((item for item in store.app_passwords(user.id) if item.password.id == app_id), None)
+                  if self._mail.reaches_dovecot else None)
+        revoked = store.revoke_app_password(user.id, app_id)
+        if revoked is None:
+            return None, None
+        uses = listed.uses.values() if listed is not None else ()
+        return revoked, self._mail.target(user, Reach.of_app_password(revoked, uses))
