@@ -253,8 +253,9 @@ class PagesSettings:
 @dataclass(frozen=True)
 class DovecotSettings:
     # Dovecot's doveadm HTTP API (conf/dovecot/doveadm-http.conf), e.g.
-    # http://127.0.0.1:8081/doveadm/v1: revoking a grant on /account then ends the user's live
-    # Dovecot sessions with `doveadm kick` (doveadm/). http only on loopback. Empty: off.
+    # http://127.0.0.1:8081/doveadm/v1: revoking a grant or an app password on /account, and an
+    # admin disabling a user on /admin, then end the user's live Dovecot sessions with `doveadm
+    # kick` (doveadm/, web/mail_kick.py); the command line does not. http only on loopback. Empty: off.
     doveadm_url: str = ""
     # A file holding Dovecot's doveadm_api_key (white space around it ignored), read at start.
     doveadm_key_file: str = ""

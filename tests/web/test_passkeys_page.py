@@ -98,3 +98,15 @@ def test_another_users_passkey_is_not_yours_to_remove(bridge):
     assert refused.code == 404 and "not one of yours" in refused.body.decode()
     assert not bridge.audit.of("passkey_removed")
     assert passkeys_of(bridge, bob) == ["cred-bob"] and passkeys_of(bridge, alice) == ["cred-alice"]
+
+
+@pytest.mark.parametrize("page", ["/account", "/admin"])
+def test_a_refused_passkey_says_so_not_wrong_password(bridge, page):
+    browser = bridge.browser()
+    action, fields = form_of(browser.get(page))
+    refused = browser.post(action, data={"csrf": fields["csrf"], "step": "passkey", "challenge": "made-up",
+                                         "credential": "{}"})
+    assert refused.code == 401 and 'id="passkey-refused"' in refused.body.decode()
+    assert "Wrong username or password" not in refused.body.decode()
+    wrong = browser.post(action, data={**fields, "username": "alice", "password": "not it"})
+    assert wrong.code == 401 and "Wrong username or password" in wrong.body.decode()

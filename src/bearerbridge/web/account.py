@@ -25,7 +25,7 @@ from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.mail_kick import MailKick
 from bearerbridge.web.second_factor import SecondFactorAsked, second_factor_page
-from bearerbridge.web.sessions import SIGN_IN_STEPS, PasswordLogin, Sessions, SignedIn
+from bearerbridge.web.sessions import SIGN_IN_STEPS, PasswordLogin, Sessions, SignedIn, refused_sign_in
 from bearerbridge.web.site import (
     BadRequest,
     NotFound,
@@ -221,12 +221,14 @@ class Account(PageResource):
         sessions = [{"digest": s.id_digest, "started": when(s.created_at), "address": s.address,
                      "agent": s.user_agent, "amr": s.amr} for s in store.browser_sessions(user.id)]
         return {"apps": apps, "sessions": sessions, "two_factor": store.two_factor(user.id),
+                "passkey_count": len(store.passkeys(user.id)),
                 "app_passwords": listed_for_page(store.app_passwords(user.id))}
 
     def _login_page(self, request: Request, failed: bool, blocked: Blocked | None = None) -> Reply:
         csrf = self._sessions.csrf_token(request, "account-login")
         return self.pages.render(429 if blocked else 401 if failed else 200, "login.html", client_name=None,
-                                 failed=failed, action=PATH, csrf=csrf, passkey=self._login.passkey_form(request),
+                                 failed=refused_sign_in(request) if failed else None, action=PATH, csrf=csrf,
+                                 passkey=self._login.passkey_form(request),
                                  blocked_wait=blocked.in_words if blocked else None,
                                  headers=retry_after(blocked.retry_after if blocked else None))
 

@@ -37,7 +37,7 @@ from bearerbridge.web.admin_clients import ClientPages
 from bearerbridge.web.admin_users import UserPages
 from bearerbridge.web.mail_kick import MailKick
 from bearerbridge.web.second_factor import SecondFactorAsked, second_factor_page
-from bearerbridge.web.sessions import SIGN_IN_STEPS, PasswordLogin, Sessions, SignedIn
+from bearerbridge.web.sessions import SIGN_IN_STEPS, PasswordLogin, Sessions, SignedIn, refused_sign_in
 from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, client_address, retry_after, snapshot
 
 ID = "{id}"  # in a route: any one segment, handed to the page as `Act.args`
@@ -139,7 +139,8 @@ class Admin(PageResource):
 
     def _login_page(self, request: Request, failed: bool = False, blocked: Blocked | None = None) -> Reply:
         return self.pages.render(429 if blocked else 401 if failed else 200, "admin_login.html", client_name=None,
-                                 failed=failed, action=request.path.decode("latin-1"),
+                                 failed=refused_sign_in(request) if failed else None,
+                                 action=request.path.decode("latin-1"),
                                  csrf=self._sessions.csrf_token(request, "admin-login"),
                                  passkey=self._login.passkey_form(request),
                                  blocked_wait=blocked.in_words if blocked else None,

@@ -33,7 +33,7 @@ from bearerbridge.oauth.server import (
 )
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.second_factor import SecondFactorAsked, second_factor_page
-from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn
+from bearerbridge.web.sessions import PasswordLogin, Sessions, SignedIn, refused_sign_in
 from bearerbridge.web.site import BadRequest, PageResource, Pages, Reply, retry_after, snapshot
 
 log = Logger()
@@ -126,7 +126,8 @@ class Authorize(SignInAndConsent):
                     return second_factor_page(self.pages, held, action, csrf, client_name)
                 blocked = held
                 return self.pages.render(429 if blocked else 401 if failed else 200, "login.html",
-                                          client_name=client_name, failed=failed, action=action, csrf=csrf,
+                                          client_name=client_name, failed=refused_sign_in(request) if failed else None,
+                                          action=action, csrf=csrf,
                                           login_hint=login_hint, passkey=self._login.passkey_form(request),
                                           blocked_wait=blocked.in_words if blocked else None,
                                           headers=retry_after(blocked.retry_after if blocked else None))

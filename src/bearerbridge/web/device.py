@@ -15,7 +15,7 @@ from bearerbridge.storage.models import SignIn
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.authorize import SignInAndConsent
 from bearerbridge.web.second_factor import SecondFactorAsked, second_factor_page
-from bearerbridge.web.sessions import SIGN_IN_STEPS, PasswordLogin, Sessions, SignedIn
+from bearerbridge.web.sessions import SIGN_IN_STEPS, PasswordLogin, Sessions, SignedIn, refused_sign_in
 from bearerbridge.web.site import Pages, Reply, client_address, parse_query, retry_after, snapshot
 
 
@@ -54,7 +54,8 @@ class DevicePage(SignInAndConsent):
     def _login_page(self, request: Request, failed: bool, blocked: Blocked | None = None) -> Reply:
         csrf = self._sessions.csrf_token(request, f"device-login|{request.uri.decode('latin-1')}")
         return self.pages.render(429 if blocked else 401 if failed else 200, "login.html", client_name="A device",
-                                 failed=failed, action=request.uri.decode("latin-1"), csrf=csrf,
+                                 failed=refused_sign_in(request) if failed else None,
+                                 action=request.uri.decode("latin-1"), csrf=csrf,
                                  passkey=self._login.passkey_form(request),
                                  blocked_wait=blocked.in_words if blocked else None,
                                  headers=retry_after(blocked.retry_after if blocked else None))

@@ -8,7 +8,8 @@ answer back, checked by the `webauthn` library. Once a user has a passkey, signi
 password asks for it (or for a TOTP code, if that is on too) and the passkey alone signs in
 from the sign-in pages. Removing one asks for the password or a current code from the
 authenticator app, as turning TOTP off does. Every form is a POST with a CSRF token bound to
-this browser and session. Audit events: passkey_added, passkey_removed.
+this browser and session. Audit events: passkey_added, passkey_renamed, passkey_removed (each
+naming the passkey).
 """
 
 from __future__ import annotations
@@ -103,6 +104,6 @@ class PasskeysPage(AccountSubpage):
         if not await self._pool.run(store.add_passkey, user.id, handle, new, name):
             return await self._show(request, user, 400, error="That passkey is added already, or you have "
                                                               f"{passkeys.MAX_PASSKEYS} passkeys.")
-        self._audit.record("passkey_added", user=user.username, address=address, transports=new.transports)
+        self._audit.record("passkey_added", user=user.username, address=address, name=name, transports=new.transports)
         return await self._show(request, user, notice=f"Passkey “{name}” added. It signs you in without a "
                                                       "password, and after your password as a second factor.")

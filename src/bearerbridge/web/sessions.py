@@ -28,7 +28,7 @@ from bearerbridge.storage.models import SignIn, User
 from bearerbridge.storage.pool import StorePool
 from bearerbridge.web.passkeys import PasskeyForm, Passkeys
 from bearerbridge.web.second_factor import SecondFactor, SecondFactorAsked
-from bearerbridge.web.site import client_address
+from bearerbridge.web.site import client_address, posted_form
 
 SESSION_COOKIE = b"bb_session"
 CSRF_COOKIE = b"bb_csrf"
@@ -164,6 +164,12 @@ def _csrf_purpose(browser: str, binding: str) -> str:
 # The sign-in forms' steps that PasswordLogin takes: the password, the second factor after it, a
 # passkey alone. Every page with a sign-in form hands it these.
 SIGN_IN_STEPS = frozenset({"login", "second_factor", "passkey"})
+
+
+def refused_sign_in(request: Request) -> str:
+    """Which sign-in a refused form was, for the page to say: "passkey" (Sign in with a passkey)
+    or "password"."""
+    return "passkey" if posted_form(request).get("step") == ["passkey"] else "password"
 
 
 class PasswordLogin:

@@ -80,18 +80,23 @@ def parse_query(raw: bytes | str) -> dict[str, list[str]]:
         raise BadRequest("The parameters are malformed or too many") from None
 
 
+def posted_form(request: Request) -> dict[str, list[str]]:
+    """The fields of a form posted (application/x-www-form-urlencoded); none for anything else."""
+    content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if request.method != b"POST" or content_type != b"application/x-www-form-urlencoded":
+        return {}
+    assert request.content is not None  # twisted.web has read the body before rendering
+    request.content.seek(0)
+    body = request.content.read(MAX_BODY + 1)
+    if len(body) > MAX_BODY:
+        raise BadRequest("The request body is too large")
+    return parse_query(body)
+
+
 def snapshot(request: Request, issuer: str) -> HttpRequest:
     """Copy what authlib needs out of a twisted.web request (query and form kept apart)."""
     raw_query = urlsplit(request.uri).query
-    form: dict[str, list[str]] = {}
-    content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-    if request.method == b"POST" and content_type == b"application/x-www-form-urlencoded":
-        assert request.content is not None  # twisted.web has read the body before rendering
-        request.content.seek(0)
-        body = request.content.read(MAX_BODY + 1)
-        if len(body) > MAX_BODY:
-            raise BadRequest("The request body is too large")
-        form = parse_query(body)
+    form = posted_form(request)
     headers = {name.decode("latin-1"): b", ".join(values).decode("latin-1")
                for name, values in request.requestHeaders.getAllRawHeaders()}
     uri = issuer.rstrip("/") + request.uri.decode("latin-1")
