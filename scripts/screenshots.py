@@ -358,6 +358,7 @@ def story(service: Service, sasl_port: int, apps: AppSide, browser: Chrome, shoo
     element(browser, "passkey-sign-in")  # shown once the script found WebAuthn
     shoot("sign-in")
     sign_in_form(browser)
+    element(browser, "approve")  # signed in: else grant() below could race the sign-in's redirect
     tokens["thunderbird"] = grant(browser, service, apps, bird, "openid email imap smtp",
                                   lambda: shoot("consent", DESKTOP, PHONE))
     tokens["k9"] = grant(browser, service, apps, clients["k9"], "imap smtp")

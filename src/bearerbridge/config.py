@@ -395,13 +395,20 @@ class Config:
         return self.server.issuer.startswith("https://")
 
     @property
-    def app_password_services(self) -> tuple[str, ...]:
+    def app_password_services(self) -> dict[str, str]:
         """The services an app password may be made for: those taking PLAIN, and the forward-auth
-        rules taking Basic, that `[sasl] app_passwords` allows; in that order, each once."""
+        rules taking Basic, that `[sasl] app_passwords` allows; in that order, each once, with
+        what it opens in words (the descriptions of the scopes a token needs there: at a
+        forward-auth rule an app password reads and writes)."""
         sasl = self.sasl
-        found = [s for s in sasl.services if s in sasl.plain and sasl.app_passwords_at(s)]
-        found += [r.service for r in self.forward_auth.rules if r.basic and sasl.app_passwords_at(r.service)]
-        return tuple(dict.fromkeys(found))
+        found: list[tuple[str, tuple[str, ...]]] = [
+            (s, (sasl.services[s],)) for s in sasl.services if s in sasl.plain and sasl.app_passwords_at(s)]
+        found += [(r.service, (r.read_scope, r.write_scope)) for r in self.forward_auth.rules
+                  if r.basic and sasl.app_passwords_at(r.service)]
+        services: dict[str, str] = {}
+        for service, scopes in found:
+            services.setdefault(service, "; ".join(dict.fromkeys(self.scopes[s] for s in scopes if s in self.scopes)))
+        return services
 
 
 def _check_value(where: str, kind: Any, value: Any, minimum: int = 1) -> Any:

@@ -267,7 +267,7 @@ def test_the_operator_can_forbid_them_per_service(tmp_path):
     config = Config(sasl=SaslSettings(plain=("smtp", "imap"), app_passwords=("imap",)),
                     forward_auth=ForwardAuthSettings(rules=(ForwardAuthRule(basic=True),)))
     bridge = Bridge.over(store, config)
-    assert config.app_password_services == ("imap",)
+    assert list(config.app_password_services) == ["imap"]
     browser = signed_in(bridge)
     assert 'id="service-smtp"' not in browser.get("/account/app-passwords").body.decode()
     _, secret = make(browser, services=("imap",))
@@ -281,10 +281,11 @@ def test_the_operator_can_forbid_them_per_service(tmp_path):
 
 
 def test_the_config_names_only_services_taking_plain_or_basic():
-    assert Config().app_password_services == ()  # neither PLAIN nor Basic anywhere by default
+    assert Config().app_password_services == {}  # neither PLAIN nor Basic anywhere by default
     assert parse({"sasl": {"plain": ["smtp"], "app_passwords": ["smtp"]}}).sasl.app_passwords == ("smtp",)
     for names in (["imap"], ["webdav"], ["nope"]):
         with pytest.raises(ConfigError, match=r"\[sasl\] app_passwords"):
             parse({"sasl": {"plain": ["smtp"], "app_passwords": names}})
     basic_rule = {"forward_auth": {"rules": [{"basic": True}]}}
-    assert parse({**basic_rule, "sasl": {"app_passwords": ["webdav"]}}).app_password_services == ("webdav",)
+    assert parse({**basic_rule, "sasl": {"app_passwords": ["webdav"]}}).app_password_services == {
+        "webdav": "Read your files (WebDAV); Change and delete your files (WebDAV)"}

@@ -54,10 +54,10 @@ class AppPasswordsPage(AccountSubpage):
     """/account/app-passwords (GET shows it, POST makes or revokes one); without a session, /account."""
 
     def __init__(self, pages: Pages, issuer: str, sessions: Sessions, login: PasswordLogin, pool: StorePool,
-                 audit: Recorder, services: tuple[str, ...], require_second_factor: str = "none",
+                 audit: Recorder, services: Mapping[str, str], require_second_factor: str = "none",
                  mail: MailKick | None = None) -> None:
         super().__init__(pages, issuer, sessions, login, pool, audit)
-        self._services = services  # those an app password may be made for (Config.app_password_services)
+        self._services = services  # those an app password may be made for, in words (Config.app_password_services)
         self._require_second_factor = require_second_factor
         self._mail = mail if mail is not None else MailKick(None, audit)  # a revoked one's live Dovecot sessions
 
