@@ -28,7 +28,7 @@ class Found:
     """A user as their page shows them."""
 
     user: User
-    second_factor: bool
+    second_factor: str  # what they have, in words ("an authenticator app and 2 passkeys"); "" for none
     sessions: int
     apps: list[ConnectedApp]
 
@@ -136,5 +136,7 @@ def _found(store: SqlStore, user_id: int) -> Found | None:
     user = store.get_user(user_id)
     if user is None:
         return None
-    return Found(user, user_id in store.second_factor_users(), len(store.browser_sessions(user_id)),
-                 store.connected_apps(user_id))
+    totp, keys = store.second_factors(user_id)
+    held = (["an authenticator app"] if totp else []) + (
+        [f"{len(keys)} passkey{'' if len(keys) == 1 else 's'}"] if keys else [])
+    return Found(user, " and ".join(held), len(store.browser_sessions(user_id)), store.connected_apps(user_id))
