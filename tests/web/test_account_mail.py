@@ -38,6 +38,22 @@ def bridge_over(tmp_path, url: str, key: bytes = KEY, users: Iterable[NewUser] =
     return sqlite_bridge(tmp_path / "x.db", CLIENTS, users, Config(dovecot=dovecot, sasl=SASL))
 
 
+# How a kick fails: a case, Kicked.outcome and its reason. `failing_bridge` sets each up.
+DOVECOT_FAILURES = pytest.mark.parametrize("case, outcome, reason", [
+    ("wrong key", "refused", "HTTP 401: Dovecot refused the API key (doveadm_key_file)"),
+    ("silent", "unreachable", f"no answer within {TIMEOUT} s"),
+    ("nobody listening", "unreachable", "cannot connect: ConnectionRefusedError"),
+    ("usage error", "failed", "kick: exitCode, exit code 64 (usage error)"),
+])
+
+
+def failing_bridge(tmp_path, doveadm, case: str, users: Iterable[NewUser] = (ALICE,)) -> Bridge:
+    """`bridge_over` a doveadm API that fails as DOVECOT_FAILURES's `case` says."""
+    url = f"http://127.0.0.1:{free_port()}/doveadm/v1" if case == "nobody listening" else doveadm.url
+    doveadm.mode = {"silent": "silent", "usage error": "usage"}.get(case, "kick")
+    return bridge_over(tmp_path, url, b"wrong-key" if case == "wrong key" else KEY, users)
+
+
 @pytest.fixture
 def bridge(tmp_path, doveadm):  # doveadm: tests/conftest.py's fake doveadm HTTP API
     with bridge_over(tmp_path, doveadm.url) as made:
@@ -130,23 +146,22 @@ UNREACHED = ("The mail server could not be reached to end live sessions: a mail 
              "connected until it disconnects, and cannot log in again.")
 
 
-@pytest.mark.parametrize("case, outcome, reason", [
-    ("wrong key", "refused", "HTTP 401: Dovecot refused the API key (doveadm_key_file)"),
-    ("silent", "unreachable", f"no answer within {TIMEOUT} s"),
-    ("nobody listening", "unreachable", "cannot connect: ConnectionRefusedError"),
-])
+def not_ended(outcome: str) -> str:
+    """What the page says when a kick had `outcome` (one of DOVECOT_FAILURES's)."""
+    return UNREACHED if outcome != "failed" else UNREACHED.replace("could not be reached", "failed")
+
+
+@DOVECOT_FAILURES
 @pytest_twisted.ensureDeferred
 async def test_a_dovecot_that_cannot_be_reached_leaves_the_revocation_done_and_says_so(tmp_path, doveadm, case,
                                                                                          outcome, reason):
-    url = f"http://127.0.0.1:{free_port()}/doveadm/v1" if case == "nobody listening" else doveadm.url
-    doveadm.mode = "silent" if case == "silent" else "kick"
-    bridge = bridge_over(tmp_path, url, b"wrong-key" if case == "wrong key" else KEY)
+    bridge = failing_bridge(tmp_path, doveadm, case)
     browser = signed_in_browser(bridge)
     tokens = granted(bridge, browser, "mail", "imap")
     started = time.monotonic()
     answer = await revoke(browser, "mail")
     assert time.monotonic() - started < TIMEOUT + 1
-    assert notice(answer).endswith(UNREACHED)
+    assert notice(answer).endswith(not_ended(outcome))
     assert not active(bridge, tokens["access_token"])
     assert 'id="app-mail"' not in answer.body.decode()
     [kick] = bridge.audit.of("mail_kick")
@@ -235,18 +250,11 @@ async def test_an_app_password_revoked_already_asks_dovecot_nothing_again(bridge
     assert bridge.audit.of("mail_kick")[0]["outcome"] == "none_open"
 
 
-@pytest.mark.parametrize("case, outcome, reason", [
-    ("wrong key", "refused", "HTTP 401: Dovecot refused the API key (doveadm_key_file)"),
-    ("silent", "unreachable", f"no answer within {TIMEOUT} s"),
-    ("nobody listening", "unreachable", "cannot connect: ConnectionRefusedError"),
-    ("usage error", "failed", "kick: exitCode, exit code 64 (usage error)"),
-])
+@DOVECOT_FAILURES
 @pytest_twisted.ensureDeferred
 async def test_an_app_password_revoked_when_dovecot_cannot_end_its_sessions_stays_revoked_and_says_so(
         tmp_path, doveadm, case, outcome, reason):
-    url = f"http://127.0.0.1:{free_port()}/doveadm/v1" if case == "nobody listening" else doveadm.url
-    doveadm.mode = {"silent": "silent", "usage error": "usage"}.get(case, "kick")
-    with bridge_over(tmp_path, url, b"wrong-key" if case == "wrong key" else KEY) as bridge:
+    with failing_bridge(tmp_path, doveadm, case) as bridge:
         browser = signed_in_browser(bridge)
         app_id, _ = make_app_password(browser, "Thunderbird", ("imap",))
         family_used_from(bridge, family_of(app_id), imap="192.0.2.7")
@@ -255,7 +263,7 @@ async def test_an_app_password_revoked_when_dovecot_cannot_end_its_sessions_stay
         assert time.monotonic() - started < TIMEOUT + 1
         said = notice(answer)
         assert said.startswith("App password “Thunderbird” revoked: it no longer opens anything. The mail server ")
-        assert said.endswith(UNREACHED if outcome != "failed" else UNREACHED.replace("could not be reached", "failed"))
+        assert said.endswith(not_ended(outcome))
         assert live_app_passwords(bridge) == [] and f'id="app-password-{app_id}"' not in answer.body.decode()
         [kick] = bridge.audit.of("mail_kick")
         assert (kick["outcome"], kick["reason"], kick["ended"], kick["networks"]) == (outcome, reason, 0,

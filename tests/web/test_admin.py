@@ -20,7 +20,6 @@ from bearerbridge.storage.models import Client
 from bearerbridge.storage.schema import recovery_codes, totp_secrets
 from bearerbridge.web.admin import ID
 
-from ..doveadm.fake import KEY
 from ..fakes import (
     Answer,
     Bridge,
@@ -32,9 +31,17 @@ from ..fakes import (
     redirect_params,
     sqlite_store,
 )
-from ..support import authorize_url, free_port, pkce_pair
+from ..support import authorize_url, pkce_pair
 from .test_account import ALICE, active, granted, signed_in_browser
-from .test_account_mail import TIMEOUT, answered, bridge_over, used_from
+from .test_account_mail import (
+    DOVECOT_FAILURES,
+    TIMEOUT,
+    answered,
+    bridge_over,
+    failing_bridge,
+    not_ended,
+    used_from,
+)
 from .test_two_factor import codes_of
 
 CB = "https://app.example/cb"
@@ -524,29 +531,19 @@ async def test_disabling_a_user_with_no_mail_session_open_says_so_and_enabling_o
     assert len(doveadm.seen) == 1 and len(mail_bridge.audit.of("mail_kick")) == 1
 
 
-@pytest.mark.parametrize("case, outcome, reason", [
-    ("wrong key", "refused", "HTTP 401: Dovecot refused the API key (doveadm_key_file)"),
-    ("silent", "unreachable", f"no answer within {TIMEOUT} s"),
-    ("nobody listening", "unreachable", "cannot connect: ConnectionRefusedError"),
-    ("usage error", "failed", "kick: exitCode, exit code 64 (usage error)"),
-])
+@DOVECOT_FAILURES
 @pytest_twisted.ensureDeferred
 async def test_a_user_disabled_when_dovecot_cannot_end_their_sessions_stays_disabled_and_the_page_says_so(
         tmp_path, doveadm, case, outcome, reason):
-    url = f"http://127.0.0.1:{free_port()}/doveadm/v1" if case == "nobody listening" else doveadm.url
-    doveadm.mode = {"silent": "silent", "usage error": "usage"}.get(case, "kick")
-    with bridge_over(tmp_path, url, b"wrong-key" if case == "wrong key" else KEY,
-                     users=(NewUser("root", is_admin=True), ALICE)) as bridge:
+    with failing_bridge(tmp_path, doveadm, case, users=(NewUser("root", is_admin=True), ALICE)) as bridge:
         alice = signed_in_browser(bridge)
         tokens = granted(bridge, alice, "mail", "imap")
         admin = signed_in(bridge)
         started = time.monotonic()
         said = disabled_notice(await disable(bridge, admin))
         assert time.monotonic() - started < TIMEOUT + 1
-        why = "failed" if outcome == "failed" else "could not be reached"
-        assert said == (f"Disabled alice: 1 browser session(s) ended and 1 token(s) revoked. The mail server {why} "
-                        "to end live sessions: a mail app already connected stays connected until it disconnects, "
-                        "and cannot log in again. Enabling them again brings none of these back.")
+        assert said == (f"Disabled alice: 1 browser session(s) ended and 1 token(s) revoked. {not_ended(outcome)} "
+                        "Enabling them again brings none of these back.")
         with bridge.store.transaction():
             assert bridge.store.get_user_by_name("alice").disabled
         assert not active(bridge, tokens["access_token"])
