@@ -5,6 +5,8 @@ real authenticator: tests/test_browser_passkeys.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 
 import pyotp
@@ -16,6 +18,7 @@ from bearerbridge.passkeys import NewPasskey
 
 from ..fakes import Answer, Bridge, Http, cheap_password_hash, form_of, sqlite_store
 from ..support import form_fields
+from ..test_passkeys import RP
 
 PASSWORD = "correct horse battery"
 PAGE = "/account/passkeys"
@@ -101,12 +104,24 @@ def test_another_users_passkey_is_not_yours_to_remove(bridge):
 
 
 @pytest.mark.parametrize("page", ["/account", "/admin"])
-def test_a_refused_passkey_says_so_not_wrong_password(bridge, page):
+def test_a_refused_passkey_says_so_not_wrong_password(tmp_path, page):
+    store = sqlite_store(tmp_path / "rp.db")
+    with store.transaction():
+        store.add_user("alice", None, cheap_password_hash(PASSWORD))
+    config = configuration.Config()
+    bridge = Bridge.over(store, dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                                        issuer=RP.origin)))
     browser = bridge.browser()
-    action, fields = form_of(browser.get(page))
-    refused = browser.post(action, data={"csrf": fields["csrf"], "step": "passkey", "challenge": "made-up",
-                                         "credential": "{}"})
+    shown = browser.get(page)
+    action, fields = form_of(shown)
+    [passkey_form] = [form_fields("<form" + part)[1] for part in shown.body.decode().split("<form")[1:]
+                      if 'data-passkey="get"' in part]
+    made_up = json.dumps({"id": "AAAA", "rawId": "AAAA", "type": "public-key", "response": {
+        "clientDataJSON": "e30", "authenticatorData": "AAAA", "signature": "AAAA", "userHandle": "AAAA"}})
+    refused = browser.post(action, data={**passkey_form, "credential": made_up})
     assert refused.code == 401 and 'id="passkey-refused"' in refused.body.decode()
+    [failed] = bridge.audit.of("sign_in_failed")
+    assert failed["reason"] == "passkey" and failed["detail"] == "unknown passkey"
     assert "Wrong username or password" not in refused.body.decode()
     wrong = browser.post(action, data={**fields, "username": "alice", "password": "not it"})
     assert wrong.code == 401 and "Wrong username or password" in wrong.body.decode()

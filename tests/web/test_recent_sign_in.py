@@ -51,6 +51,11 @@ def session_count(bridge: Bridge) -> int:
         return bridge.store._db.execute(sa.select(sa.func.count()).select_from(sessions)).scalar()
 
 
+def session_digests(bridge: Bridge) -> set[str]:
+    with bridge.store.transaction():
+        return set(bridge.store._db.execute(sa.select(sessions.c.id_digest)).scalars())
+
+
 def make_app_password(browser: Http, csrf: str) -> Answer:
     return browser.post("/account/app-passwords", data={"csrf": csrf, "step": "create", "name": "Printer",
                                                         "expiry": "30", "service:smtp": "on"})
@@ -65,7 +70,9 @@ def confirm(browser: Http, page: str, proof: str) -> Answer:
 @pytest.mark.parametrize("page", PAGES)
 def test_a_fresh_sign_in_sees_the_page_an_old_one_confirms_first(bridge, page):
     browser = signed_in(bridge)
-    assert 'name="step" value="confirm_identity"' not in browser.get(page).body.decode()
+    fresh = browser.get(page)
+    assert fresh.code == 200 and 'name="step" value="confirm_identity"' not in fresh.body.decode()
+    assert 'id="back"' in fresh.body.decode()  # the page itself, not a way back to /account
     age_sessions(bridge, RECENT_SIGN_IN + 1)
     asked = browser.get(page)
     assert asked.code == 200 and 'id="confirm-identity"' in asked.body.decode()
@@ -83,9 +90,11 @@ def test_an_old_sign_in_cannot_make_an_app_password_until_it_confirms(bridge):
     for wrong in ("", "not the password", "123456"):
         assert confirm(browser, "/account/app-passwords", wrong).code == 400
     assert session_count(bridge) == 1
+    before = session_digests(bridge)
     confirmed = confirm(browser, "/account/app-passwords", PASSWORD)
     assert confirmed.code == 303 and confirmed.header("Location") == "/account/app-passwords"
-    assert session_count(bridge) == 1  # a new session in place of the old one
+    after = session_digests(bridge)
+    assert len(after) == 1 and not after & before  # a new session in place of the old one
     assert [e["page"] for e in bridge.audit.of("identity_confirmed")] == ["/account/app-passwords"]
     assert "confirm_identity" not in browser.get("/account/app-passwords").body.decode()
     made = make_app_password(browser, form_of(browser.get("/account"))[1]["csrf"])
@@ -124,19 +133,25 @@ def _listed(bridge: Bridge):
         return bridge.store.app_passwords(1)
 
 
-@pytest.mark.parametrize("rule", ["everyone", "admins"])
-def test_with_a_second_factor_required_a_password_only_sign_in_makes_no_app_password(tmp_path, rule):
+@pytest.mark.parametrize("rule, admin, refused", [
+    ("everyone", False, True),
+    ("admins", True, True),
+    ("admins", False, False),  # the rule is not alice's: her password alone makes one
+])
+def test_with_a_second_factor_required_a_password_only_sign_in_makes_no_app_password(tmp_path, rule, admin, refused):
     store = sqlite_store(tmp_path / "x.db")
     with store.transaction():
-        store.add_user("alice", None, cheap_password_hash(PASSWORD), is_admin=True)
+        store.add_user("root", None, None, is_admin=True)
+        alice = store.add_user("alice", None, cheap_password_hash(PASSWORD), is_admin=admin)
     config = configuration.Config(sasl=configuration.SaslSettings(plain=("smtp",)),
                                   server=configuration.ServerSettings(require_second_factor=rule))
     bridge = Bridge.over(store, config)
     browser = signed_in(bridge)
-    refused = make_app_password(browser, form_of(browser.get("/account"))[1]["csrf"])
-    assert refused.code == 403 and "second factor before you make app passwords" in refused.body.decode()
+    answer = make_app_password(browser, form_of(browser.get("/account"))[1]["csrf"])
+    said = "second factor before you make app passwords" in answer.body.decode()
+    assert (answer.code, said) == ((403, True) if refused else (200, False))
     with store.transaction():
-        assert store.app_passwords(1) == []
+        assert len(store.app_passwords(alice.id)) == (0 if refused else 1)
     store.engine.dispose()
 
 
